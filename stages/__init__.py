@@ -1,0 +1,1 @@
+"""The data flow, one module per step: dataset -> teacher -> soft targets -> cache -> loader -> losses -> student."""
