@@ -1,0 +1,96 @@
+"""Pure math of soft targets: temperature, top-k, log-partition, tail mass, fidelity.
+
+Everything here works on plain tensors and touches no files, so it is tested alone (tests/test_targets.py).
+
+Notation, per position: teacher logits z (vocabulary V), temperature T, log-partition
+``logZ = logsumexp(z / T)``, log-probabilities ``log p_i = z_i / T - logZ`` under the FULL-vocabulary
+softmax. The cache keeps the k largest ``log p_i`` with their ids and ``logZ``; the tail mass
+``tau = 1 - sum_topk p_i`` is what the cached ids miss. Because the log-probabilities are normalised over
+the whole vocabulary (not renormalised within the top-k), nothing is lost: the student's loss can treat
+the tail as one extra bucket, and ``z_i = T * (log p_i + logZ)`` recovers the raw top-k logits exactly,
+which is what re-tempering at another T needs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k ids and full-vocabulary log-probabilities at ``temperature``.
+
+    Args:
+        logits: [N, V] teacher logits (any float dtype; computed in fp32).
+        k: how many ids to keep, 1 <= k <= V.
+        temperature: T > 0.
+
+    Returns:
+        ids [N, k] int64 sorted by descending probability, logp [N, k] float32, logz [N] float32.
+    """
+    z = logits.float()
+    values, ids = torch.topk(z, k, dim=-1, sorted=True)
+    # logZ = max/T + log(sum(exp((z - max)/T))). The top-1 value is the row max, so the separate max pass
+    # that torch.logsumexp makes is saved; the in-place chain keeps one [N, V] temporary.
+    row_max = values[:, :1]
+    shifted = z - row_max
+    sum_exp = shifted.mul_(1.0 / temperature).exp_().sum(dim=-1)
+    logz = row_max.squeeze(-1) / temperature + sum_exp.log()
+    logp = values / temperature - logz.unsqueeze(-1)
+    return ids, logp, logz
+
+
+def tail_mass(logp: Tensor, vocab_size: int) -> Tensor:
+    """Probability mass outside the cached ids: ``1 - sum exp(logp)``, in [0, 1].
+
+    Computed as ``-expm1(logsumexp(logp))`` so a tiny tail keeps its relative precision. When the cache
+    holds the whole vocabulary (k == V) the tail is 0 by definition, not a rounding residue.
+
+    Args:
+        logp: [N, k] full-vocabulary log-probabilities.
+    Returns:
+        [N] float32.
+    """
+    if logp.shape[-1] >= vocab_size:
+        return torch.zeros(logp.shape[:-1], dtype=torch.float32, device=logp.device)
+    return (-torch.expm1(torch.logsumexp(logp.float(), dim=-1))).clamp_(0.0, 1.0)
+
+
+def entropy(logits: Tensor, temperature: float) -> Tensor:
+    """Entropy (nats) of softmax(logits / T) over the full vocabulary. logits [N, V] -> [N]."""
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logq.exp() * logq).sum(dim=-1)
+
+
+def reconstruct_log_probs(ids: Tensor, logp: Tensor, vocab_size: int) -> Tensor:
+    """The dense distribution a cache entry stands for: top-k exact, tail spread uniformly.
+
+    Args:
+        ids: [N, k] int64; logp: [N, k] full-vocabulary log-probabilities.
+    Returns:
+        [N, V] float32 log-probabilities (each row sums to 1). With k == V it equals the teacher's exactly.
+    """
+    n, k = logp.shape
+    tau = tail_mass(logp, vocab_size)
+    if k < vocab_size:
+        fill = torch.log(tau / (vocab_size - k)).unsqueeze(-1)
+    else:
+        fill = torch.full((n, 1), float("-inf"))
+    dense = fill.expand(n, vocab_size).clone()
+    dense.scatter_(1, ids.long(), logp.float())
+    return dense
+
+
+def cache_fidelity_kl(logits: Tensor, temperature: float, ids: Tensor, logp: Tensor) -> Tensor:
+    """KL(teacher dense at T || distribution reconstructed from the cache), per position, in nats.
+
+    This is the information the cache loses: 0 when k == V, small when the tail is small.
+    logits [N, V] -> [N].
+    """
+    vocab_size = logits.shape[-1]
+    log_teacher = torch.log_softmax(logits.float() / temperature, dim=-1)
+    log_cached = reconstruct_log_probs(ids, logp, vocab_size)
+    p = log_teacher.exp()
+    # Where the teacher gives an id zero mass the term is 0 whatever the cache says; xlogy-style guard.
+    terms = torch.where(p > 0, p * (log_teacher - log_cached), torch.zeros_like(p))
+    return terms.sum(dim=-1).clamp_min(0.0)

@@ -1,0 +1,253 @@
+"""An ONNX teacher under ONNX Runtime: load, inspect, expose hidden states, pick the provider, run.
+
+The kind of teacher follows from its logits output: rank 2 ``[batch, classes]`` is a classifier (one
+distribution per example); rank 3 ``[batch, seq, vocab]`` is a token-level teacher (one per position).
+
+Two ways to turn logits into cached targets:
+- ``torch``: ORT returns the full logits and ``stages.targets.topk_log_probs`` reduces them. Fastest on CPU
+  (benchmarks/cache_throughput.py measures both).
+- ``graph``: top-k and the log-partition are appended to a copy of the ONNX graph, so only ``[.., k]`` values,
+  ids and ``logZ`` leave the session. On CUDA that keeps the full logits on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from pipeline.errors import TeacherError
+
+CLASSIFIER = "classifier"
+TOKEN = "token"
+TOPK_IDS, TOPK_LOGP, TOPK_LOGZ = "kd_topk_ids", "kd_topk_logp", "kd_logz"
+_CUDA = "CUDAExecutionProvider"
+_CPU = "CPUExecutionProvider"
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    name: str
+    dtype: type  # numpy dtype the model declares
+    shape: tuple  # ints for fixed axes, strings or None for dynamic ones
+
+
+@dataclass
+class TeacherInfo:
+    path: str
+    sha256: str
+    inputs: list[TeacherInput]
+    logits_output: str
+    kind: str  # CLASSIFIER or TOKEN
+    num_classes: int | None  # vocabulary size for token teachers; None until known if the axis is dynamic
+    hidden: list[str] = field(default_factory=list)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"teacher model not found: {path}")
+    data = path.read_bytes()
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf raises DecodeError and friends; the type is not stable across versions
+        raise TeacherError(f"{path} is not an ONNX model ({type(exc).__name__}: {exc}). Export the teacher to ONNX first.") from exc
+    if not model.graph.node or not model.graph.output:
+        raise TeacherError(f"{path} is not a usable ONNX model: its graph has no nodes or no outputs")
+    if any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer):
+        onnx.load_external_data_for_model(model, str(path.parent))
+    return model, data
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> tuple:
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return tuple(dims)
+
+
+def tensor_names(model: onnx.ModelProto) -> list[str]:
+    """Every tensor a node produces, in graph order: the candidates for ``--hidden``."""
+    return [o for node in model.graph.node for o in node.output if o]
+
+
+def check_hidden(model: onnx.ModelProto, names: list[str]) -> None:
+    """Raise TeacherError unless every name is a tensor of the graph."""
+    known = set(tensor_names(model)) | {o.name for o in model.graph.output}
+    missing = [n for n in names if n not in known]
+    if missing:
+        candidates = [n for n in tensor_names(model) if not n.startswith("val_")][:20]
+        raise TeacherError(
+            f"hidden tensor(s) {missing} are not in the teacher graph. Some tensors it has: {candidates}. "
+            "Run `pipeline inspect-teacher MODEL` for the full list."
+        )
+
+
+def add_outputs(model: onnx.ModelProto, names: list[str]) -> None:
+    """Expose intermediate tensors as graph outputs (in place), so the teacher need not be re-exported."""
+    check_hidden(model, names)
+    existing = {o.name for o in model.graph.output}
+    inferred = {vi.name: vi for vi in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for name in names:
+        if name in existing:
+            continue
+        vi = inferred.get(name)
+        if vi is None:
+            vi = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        model.graph.output.append(vi)
+
+
+def add_topk_head(model: onnx.ModelProto, logits: str, k: int, temperature: float) -> None:
+    """Append ``logZ = ReduceLogSumExp(z/T)`` and ``TopK(z/T) - logZ`` to the graph (in place)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise TeacherError(f"in-graph top-k needs ONNX opset >= 13; the teacher uses {opset}. Use --postprocess torch.")
+    scaled = f"{logits}__kd_scaled"
+    nodes = [
+        helper.make_node("Constant", [], ["kd_T"], value=helper.make_tensor("kd_T", TensorProto.FLOAT, [], [temperature])),
+        helper.make_node("Constant", [], ["kd_k"], value=helper.make_tensor("kd_k", TensorProto.INT64, [1], [k])),
+        helper.make_node("Constant", [], ["kd_axis"], value=helper.make_tensor("kd_axis", TensorProto.INT64, [1], [-1])),
+        helper.make_node("Cast", [logits], [f"{logits}__kd_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Div", [f"{logits}__kd_f32", "kd_T"], [scaled]),
+        helper.make_node("TopK", [scaled, "kd_k"], ["kd_topk_values", TOPK_IDS], axis=-1, largest=1, sorted=1),
+    ]
+    if opset >= 18:
+        nodes.append(helper.make_node("ReduceLogSumExp", [scaled, "kd_axis"], ["kd_logz_keep"], keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceLogSumExp", [scaled], ["kd_logz_keep"], axes=[-1], keepdims=1))
+    nodes += [
+        helper.make_node("Sub", ["kd_topk_values", "kd_logz_keep"], [TOPK_LOGP]),
+        helper.make_node("Squeeze", ["kd_logz_keep", "kd_axis"], [TOPK_LOGZ]),
+    ]
+    model.graph.node.extend(nodes)
+    model.graph.output.extend(
+        [
+            helper.make_tensor_value_info(TOPK_IDS, TensorProto.INT64, None),
+            helper.make_tensor_value_info(TOPK_LOGP, TensorProto.FLOAT, None),
+            helper.make_tensor_value_info(TOPK_LOGZ, TensorProto.FLOAT, None),
+        ]
+    )
+
+
+def inspect(path: str | Path, logits_output: str | None = None) -> tuple[TeacherInfo, onnx.ModelProto, bytes]:
+    model, data = load_model(path)
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = []
+    for vi in model.graph.input:
+        if vi.name in initializers:
+            continue
+        elem = vi.type.tensor_type.elem_type
+        np_type = helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
+        inputs.append(TeacherInput(vi.name, np.dtype(np_type).type, _dims(vi)))
+    outputs = {o.name: o for o in model.graph.output}
+    name = logits_output or model.graph.output[0].name
+    if name not in outputs:
+        raise TeacherError(f"teacher has no output named '{name}'; its outputs are {list(outputs)}")
+    shape = _dims(outputs[name])
+    if len(shape) == 2:
+        kind = CLASSIFIER
+    elif len(shape) == 3:
+        kind = TOKEN
+    else:
+        raise TeacherError(
+            f"teacher output '{name}' has rank {len(shape)} {shape}; expected [batch, classes] (classifier) "
+            "or [batch, seq, vocab] (token-level). Choose the logits with --logits-output."
+        )
+    num_classes = shape[-1] if isinstance(shape[-1], int) and shape[-1] > 0 else None
+    info = TeacherInfo(str(Path(path)), _sha256(data), inputs, name, kind, num_classes)
+    return info, model, data
+
+
+class Teacher:
+    """A teacher session. ``outputs()`` names what ``run`` returns, in order."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        threads: int = 0,
+        hidden: list[str] | None = None,
+        logits_output: str | None = None,
+        topk_in_graph: tuple[int, float] | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.info, model, data = inspect(path, logits_output)
+        self.info.hidden = list(hidden or [])
+        modified = bool(self.info.hidden) or topk_in_graph is not None
+        if self.info.hidden:
+            add_outputs(model, self.info.hidden)
+        self.topk_in_graph = topk_in_graph is not None
+        if topk_in_graph is not None:
+            add_topk_head(model, self.info.logits_output, *topk_in_graph)
+        if self.topk_in_graph:
+            self._outputs = [TOPK_IDS, TOPK_LOGP, TOPK_LOGZ] + self.info.hidden
+        else:
+            self._outputs = [self.info.logits_output] + self.info.hidden
+
+        available = ort.get_available_providers()
+        if device == "cpu":
+            wanted = [_CPU]
+        elif device == "cuda":
+            if _CUDA not in available:
+                raise TeacherError(
+                    f"--device cuda: this onnxruntime build has no CUDA provider (available: {available}). "
+                    "Install onnxruntime-gpu, or use --device auto/cpu."
+                )
+            wanted = [_CUDA, _CPU]
+        else:
+            wanted = [p for p in (_CUDA, _CPU) if p in available]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        # A CUDA provider that fails to load is logged by ORT as an error before it falls back; we read back
+        # get_providers() and say what ran ourselves, so keep that noise off the user's terminal.
+        ort.set_default_logger_severity(4)
+        source = model.SerializeToString() if modified else data
+        try:
+            self.session = ort.InferenceSession(source, sess_options=options, providers=wanted)
+        except Exception as exc:  # ORT raises its own exception types from the C++ side
+            raise TeacherError(f"ONNX Runtime could not load {path}: {exc}") from exc
+        self.providers = self.session.get_providers()
+        if device == "cuda" and _CUDA not in self.providers:
+            raise TeacherError(
+                "--device cuda: ONNX Runtime could not load CUDA (drivers, CUDA or cuDNN libraries missing) and fell "
+                f"back to {self.providers}. Fix the CUDA install or use --device cpu."
+            )
+        self.provider = self.providers[0]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.info.inputs]
+
+    def outputs(self) -> list[str]:
+        return list(self._outputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(self._outputs, feeds)
+        except Exception as exc:  # ORT's shape/type failures; name the teacher and the inputs
+            shapes = {k: (v.shape, str(v.dtype)) for k, v in feeds.items()}
+            raise TeacherError(f"teacher failed on inputs {shapes}: {exc}") from exc
+
+
+def feed_dtype(inp: TeacherInput) -> type:
+    """The numpy type to cast a dataset column to for this input (declared type; float32 when unknown)."""
+    return inp.dtype if inp.dtype in _ORT_TYPES.values() else np.float32

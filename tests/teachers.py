@@ -1,0 +1,118 @@
+"""Small real ONNX teachers and datasets built in tests, with numpy references of their forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8  # old enough for every onnxruntime this project supports
+OPSET = 17
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def classifier_weights(features: int, width: int, classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "w1": rng.normal(0, 1 / np.sqrt(features), (features, width)).astype(np.float32),
+        "w2": rng.normal(0, 3 / np.sqrt(width), (width, classes)).astype(np.float32),
+    }
+
+
+def make_classifier(path: Path, features: int = 8, width: int = 16, classes: int = 10, seed: int = 0) -> dict:
+    """x [B, F] -> relu(x @ w1) named 'hidden' -> @ w2 -> logits [B, C]."""
+    w = classifier_weights(features, width, classes, seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["pre"]),
+            helper.make_node("Relu", ["pre"], ["hidden"]),
+            helper.make_node("MatMul", ["hidden", "w2"], ["logits"]),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
+    )
+    _save(graph, path)
+    return w
+
+
+def classifier_forward(w: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    hidden = np.maximum(x.astype(np.float32) @ w["w1"], 0)
+    return hidden @ w["w2"], hidden
+
+
+def make_token_teacher(path: Path, vocab: int = 50, dim: int = 8, seed: int = 0) -> dict:
+    """input_ids [B, S], attention_mask [B, S] -> embeddings 'embed' [B, S, D] -> logits [B, S, V].
+
+    Each position also sees the running mean of the (masked) previous embeddings, so padding would change the
+    outputs if the mask were ignored: the round-trip test catches a pipeline that pads wrongly.
+    """
+    rng = np.random.default_rng(seed)
+    w = {
+        "emb": rng.normal(0, 1, (vocab, dim)).astype(np.float32),
+        "head": rng.normal(0, 2 / np.sqrt(dim), (dim, vocab)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["embed"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["embed", "mask3"], ["masked"]),
+        helper.make_node("CumSum", ["masked", "axis1"], ["csum"]),
+        helper.make_node("CumSum", ["mask3", "axis1"], ["ccount"]),
+        helper.make_node("Div", ["csum", "ccount"], ["ctx"]),
+        helper.make_node("Add", ["embed", "ctx"], ["mixed"]),
+        helper.make_node("MatMul", ["mixed", "head"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.array([2], np.int64), "axis2"), numpy_helper.from_array(np.array(1, np.int64), "axis1")]
+    graph = helper.make_graph(
+        nodes,
+        "token_teacher",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])],
+        inits,
+    )
+    _save(graph, path)
+    return w
+
+
+def token_forward(w: dict, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One unpadded sequence [S] -> logits [S, V], embeddings [S, D]."""
+    embed = w["emb"][ids]
+    ctx = np.cumsum(embed, 0) / np.arange(1, len(ids) + 1)[:, None]
+    return (embed + ctx) @ w["head"], embed
+
+
+def write_vectors(path: Path, x: np.ndarray, labels: np.ndarray | None = None, ids=None) -> Path:
+    ids = np.arange(len(x)) if ids is None else ids
+    columns = {"id": pa.array(ids), "x": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32()))}
+    if labels is not None:
+        columns["label"] = pa.array(labels, type=pa.int64())
+    pq.write_table(pa.table(columns), path, row_group_size=64)
+    return path
+
+
+def write_sequences(path: Path, seqs: list[np.ndarray], ids=None) -> Path:
+    ids = np.arange(len(seqs)) if ids is None else ids
+    table = pa.table({"id": pa.array(ids), "input_ids": pa.array([s.tolist() for s in seqs], type=pa.list_(pa.int64()))})
+    pq.write_table(table, path, row_group_size=16)
+    return path
+
+
+def random_sequences(n: int, vocab: int, min_len: int = 2, max_len: int = 12, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, rng.integers(min_len, max_len + 1)) for _ in range(n)]

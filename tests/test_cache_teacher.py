@@ -1,0 +1,205 @@
+"""Stage one end to end: round trips against the teacher recomputed directly, cache hits, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import CacheTeacherConfig
+from stages import cache_format as fmt
+from stages import cache_teacher
+from tests import teachers
+
+
+def _run(setup: dict, **overrides) -> cache_teacher.CacheResult:
+    config = CacheTeacherConfig(teacher=str(setup["teacher"]), data=str(setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides)
+    return cache_teacher.run(config, progress=False, log=lambda m: None)
+
+
+def _read(path: Path) -> pa.Table:
+    cache = fmt.open_cache(path)
+    cache.verify()
+    return pa.concat_tables(cache.iter_tables())
+
+
+def _check_rows(table: pa.Table, logits: np.ndarray, k: int, t: float) -> None:
+    ref = torch.log_softmax(torch.from_numpy(logits).double() / t, -1)
+    ids = np.asarray(table.column("topk_ids").to_pylist())
+    logp = np.asarray(table.column("topk_logp").to_pylist())
+    expected_ids = torch.topk(ref, k, -1).indices.numpy()
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(logp, np.take_along_axis(ref.numpy(), ids, 1), atol=1e-5)
+    np.testing.assert_allclose(table.column("logz").to_numpy(), torch.logsumexp(torch.from_numpy(logits).double() / t, -1), rtol=1e-5)
+    np.testing.assert_allclose(table.column("tail_mass").to_numpy(), 1 - np.exp(logp).sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("postprocess", ["torch", "graph"])
+def test_classifier_round_trip(classifier_setup, postprocess) -> None:
+    result = _run(classifier_setup, top_k=4, temperature=2.0, hidden=["hidden"], shard_size=128, batch_size=50, postprocess=postprocess)
+    table = _read(result.path)
+    logits, hidden = teachers.classifier_forward(classifier_setup["weights"], classifier_setup["x"])
+    assert table.column("id").to_pylist() == list(range(300))
+    assert set(table.column("position").to_pylist()) == {0}
+    _check_rows(table, logits, 4, 2.0)
+    cached_hidden = np.asarray(table.column("hidden.hidden").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(cached_hidden, hidden, rtol=1e-3, atol=1e-3)  # float16 storage
+    m = result.manifest
+    assert m["teacher"]["kind"] == "classifier" and m["teacher"]["num_classes"] == 10
+    assert m["hidden"] == {"hidden": [16]}
+    assert m["num_positions"] == 300 and len(m["shards"]) == 3
+    assert m["providers"] == ["CPUExecutionProvider"]
+    assert m["fidelity"]["kl_mean"] >= 0 and 0 < m["fidelity"]["tail_mass_mean"] < 1
+
+
+@pytest.mark.parametrize("postprocess", ["torch", "graph"])
+def test_token_round_trip_with_padding(token_setup, postprocess) -> None:
+    # Batches of 7 mixed lengths force padding; cached values must equal each sequence run alone, unpadded.
+    result = _run(token_setup, top_k=5, temperature=1.5, hidden=["embed"], shard_size=16, batch_size=7, postprocess=postprocess)
+    table = _read(result.path)
+    seqs = token_setup["seqs"]
+    assert table.num_rows == sum(len(s) for s in seqs)
+    expected_ids = np.concatenate([np.full(len(s), i) for i, s in enumerate(seqs)])
+    expected_pos = np.concatenate([np.arange(len(s)) for s in seqs])
+    np.testing.assert_array_equal(table.column("id").to_numpy(), expected_ids)
+    np.testing.assert_array_equal(table.column("position").to_numpy(), expected_pos)
+    outs = [teachers.token_forward(token_setup["weights"], s) for s in seqs]
+    _check_rows(table, np.concatenate([o[0] for o in outs]), 5, 1.5)
+    cached_embed = np.asarray(table.column("hidden.embed").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(cached_embed, np.concatenate([o[1] for o in outs]), rtol=1e-3, atol=1e-3)
+    assert result.manifest["teacher"]["kind"] == "token"
+    assert result.manifest["teacher"]["num_classes"] == 50
+
+
+def test_k_equal_vocabulary_has_zero_tail(classifier_setup) -> None:
+    table = _read(_run(classifier_setup, top_k=10).path)
+    assert (table.column("tail_mass").to_numpy() == 0).all()
+
+
+def test_identical_request_is_a_cache_hit(classifier_setup, monkeypatch) -> None:
+    first = _run(classifier_setup, top_k=3)
+    assert not first.hit
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a cache hit must not run the teacher")
+
+    monkeypatch.setattr(cache_teacher, "Teacher", no_teacher)
+    second = _run(classifier_setup, top_k=3, batch_size=17)  # batch size does not change the content
+    assert second.hit and second.path == first.path
+    other = classifier_setup | {"cache_dir": classifier_setup["cache_dir"]}
+    with pytest.raises(AssertionError):
+        _run(other, top_k=4)  # a different k is a different cache
+
+
+def test_cli_prints_cache_path_last_and_reports_hit(classifier_setup) -> None:
+    args = ["cache-teacher", "--teacher", str(classifier_setup["teacher"]), "--data", str(classifier_setup["data"]),
+            "--top-k", "3", "--cache-dir", str(classifier_setup["cache_dir"]), "--quiet"]
+    runner = CliRunner()
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0, first.output
+    path = first.stdout.strip().splitlines()[-1]
+    assert (Path(path) / fmt.MANIFEST).is_file()
+    second = runner.invoke(main, args)
+    assert second.stdout.strip().splitlines()[-1] == path
+    assert "cache hit" in second.stderr
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
+    x = np.random.default_rng(3).normal(size=(3000, 8)).astype(np.float32)
+    teachers.make_classifier(tmp_path / "clf.onnx")
+    teachers.write_vectors(tmp_path / "big.parquet", x)
+    base = [sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", str(tmp_path / "clf.onnx"),
+            "--data", str(tmp_path / "big.parquet"), "--top-k", "3", "--shard-size", "10", "--batch-size", "5", "--quiet"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(base + ["--cache-dir", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = list((tmp_path / "killed").glob("*/" + fmt.JOURNAL))
+        if found and len(found[0].read_text().splitlines()) >= 5:
+            journal = found[0]
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert journal is not None, "the run never wrote a shard"
+    cache_dir = journal.parent
+    assert not (cache_dir / fmt.MANIFEST).exists(), "killed mid-run: the cache must not look complete"
+    with pytest.raises(Exception, match="incomplete"):
+        fmt.open_cache(cache_dir)
+    kept = len(fmt.read_journal(cache_dir))
+    assert 0 < kept < 300
+
+    resumed = subprocess.run(base + ["--cache-dir", str(tmp_path / "killed")], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{kept}" in resumed.stderr and "resuming" in resumed.stderr
+    fresh = subprocess.run(base + ["--cache-dir", str(tmp_path / "fresh")], env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    m_resumed = json.loads((Path(resumed.stdout.strip()) / fmt.MANIFEST).read_text())
+    m_fresh = json.loads((Path(fresh.stdout.strip()) / fmt.MANIFEST).read_text())
+    assert m_resumed["key"] == m_fresh["key"]
+    assert [s["sha256"] for s in m_resumed["shards"]] == [s["sha256"] for s in m_fresh["shards"]]
+
+
+# -- bad input: a clear message, a non-zero exit, and no manifest anywhere ----------------------------------
+
+def _invoke(setup: dict, *extra: str, teacher=None, data=None, cache_dir=None):
+    args = ["cache-teacher", "--teacher", str(teacher or setup["teacher"]), "--data", str(data or setup["data"]),
+            "--cache-dir", str(cache_dir or setup["cache_dir"]), "--quiet", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _assert_fails(result, *words: str, cache_root: Path) -> None:
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    for word in words:
+        assert word in result.output, result.output
+    assert not list(Path(cache_root).rglob(fmt.MANIFEST)) if Path(cache_root).exists() else True
+
+
+def test_bad_inputs(classifier_setup, tmp_path) -> None:
+    s, root = classifier_setup, classifier_setup["cache_dir"]
+    _assert_fails(_invoke(s, teacher=tmp_path / "nope.onnx"), "not found", cache_root=root)
+    (tmp_path / "junk.onnx").write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    _assert_fails(_invoke(s, teacher=tmp_path / "junk.onnx"), "not an ONNX model", cache_root=root)
+    _assert_fails(_invoke(s, data=tmp_path / "missing.parquet"), "dataset not found", cache_root=root)
+    _assert_fails(_invoke(s, "--top-k", "11"), "larger than", "10", cache_root=root)
+    _assert_fails(_invoke(s, "--temperature", "0"), "temperature", "must be > 0", cache_root=root)
+    _assert_fails(_invoke(s, "--temperature", "-2"), "temperature", cache_root=root)
+    _assert_fails(_invoke(s, "--hidden", "no_such_tensor"), "no_such_tensor", "not in the teacher graph", cache_root=root)
+
+    teachers.write_vectors(tmp_path / "dup.parquet", s["x"][:10], ids=np.array([0, 1, 2, 3, 3, 5, 6, 7, 8, 9]))
+    _assert_fails(_invoke(s, data=tmp_path / "dup.parquet"), "duplicated", "3", cache_root=root)
+
+    teachers.write_vectors(tmp_path / "wide.parquet", np.ones((10, 9), np.float32))
+    _assert_fails(_invoke(s, data=tmp_path / "wide.parquet"), "shape [9]", cache_root=root)
+
+    seq = teachers.write_sequences(tmp_path / "seq.parquet", teachers.random_sequences(5, 10))
+    _assert_fails(_invoke(s, data=seq), "needs input(s) ['x']", cache_root=root)
+
+    bad = s["x"][:20].copy()
+    bad[7, 2] = np.nan
+    teachers.write_vectors(tmp_path / "nan.parquet", bad)
+    _assert_fails(_invoke(s, data=tmp_path / "nan.parquet"), "NaN or infinite", "id 7", cache_root=root)
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    _assert_fails(_invoke(s, cache_dir=blocker / "sub"), "cannot write the cache directory", cache_root=blocker.parent / "nowhere")
+
+
+def test_config_file_with_unknown_key_reports_every_problem(classifier_setup, tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('top_k = -1\ntemprature = 2.0\nbatch_size = -1\n')
+    result = _invoke(classifier_setup, "--config", str(cfg))
+    _assert_fails(result, "unknown key 'temprature'", "top_k: -1", "batch_size: -1", cache_root=classifier_setup["cache_dir"])
