@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.config import DEVICES, POSTPROCESS, CacheTeacherConfig, load_config
+from pipeline.config import DEVICES, METHODS, POSTPROCESS, CacheTeacherConfig, TrainStudentConfig, load_config
 from pipeline.errors import PipelineError
 
 
@@ -85,3 +85,50 @@ def inspect_teacher(model, show_all) -> None:
     click.echo(f"tensors   ({len(shown)} of {len(names)}; --all for every one)")
     for n in shown:
         click.echo(f"  {n}")
+
+
+@main.command("train-student")
+@click.option("--data", type=click.Path(), help="Training dataset (the one the caches were built from).")
+@click.option("--cache", multiple=True, help="Cache path, key or key prefix; repeat once per teacher.")
+@click.option("--student", help="Student: mlp, cnn1d, transformer, causal-lm (family:key=value,...) or module:function.")
+@click.option("--method", type=click.Choice(METHODS), help="kd (default), ensemble (several caches) or progressive.")
+@click.option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0 = from scratch (default 0.5).")
+@click.option("--temperature", type=float, help="Distillation temperature (default: the cache's T).")
+@click.option("--epochs", type=int, help="Epochs of the logit stage (default 10).")
+@click.option("--batch-size", type=int, help="Examples per step (default 64).")
+@click.option("--lr", type=float, help="AdamW learning rate (default 1e-3).")
+@click.option("--weight-decay", type=float, help="AdamW weight decay (default 0).")
+@click.option("--seed", type=int, help="Seed: the same seed repeats the run (default 0).")
+@click.option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
+@click.option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where cache keys are looked up.")
+@click.option("--weights", help="Ensemble weights, comma-separated, one per cache (default uniform).")
+@click.option("--ensemble-mode", type=click.Choice(["prob", "logit"]), help="prob: mix probabilities (default); logit: average logits.")
+@click.option("--renormalize/--tail", default=None, help="KD within the top-k only, or with the tail bucket (default).")
+@click.option("--layer-map", help="Progressive: STUDENT_LAYER=TEACHER_HIDDEN,... (default: spread evenly).")
+@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), help="Progressive hidden-state loss (default mse).")
+@click.option("--stage-epochs", type=int, help="Progressive: epochs per hidden-state stage (default 2).")
+@click.option("--freeze-earlier/--no-freeze-earlier", default=None, help="Progressive: freeze layers of earlier stages.")
+@click.option("--truncate-vocab", is_flag=True, default=None, help="Student vocabulary wider than the teacher's: use its first V logits.")
+@click.option("--buffer", type=int, help="Examples per shuffle window (default 8192).")
+@click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
+@click.option("--device", type=click.Choice(DEVICES), help="Torch device for the student.")
+@click.option("--no-onnx", "export_onnx", flag_value=False, default=None, help="Skip the student.onnx export.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_errors_to_click
+def train_student(config_file, quiet, **options) -> None:
+    """Train a student from cached soft targets (KD, ensemble or progressive). Prints the run directory last."""
+    from stages import train_student as stage
+
+    options["cache"] = list(options["cache"]) or None
+    if options["weights"] is not None:
+        try:
+            options["weights"] = [float(w) for w in options["weights"].split(",")]
+        except ValueError as exc:
+            raise click.UsageError(f"--weights {options['weights']!r}: give comma-separated numbers, e.g. 1,2") from exc
+    config = load_config(TrainStudentConfig, config_file, options)
+    stage.run(config, progress=not quiet, log=_log)
+    click.echo(config.out)

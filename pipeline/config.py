@@ -127,3 +127,70 @@ def _read_file(path: str) -> dict[str, Any]:
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@dataclass
+class TrainStudentConfig:
+    data: str = ""  # training dataset (required); must be the dataset every cache was built from
+    cache: list[str] = field(default_factory=list)  # cache paths, keys or key prefixes; one per teacher
+    out: str = ""  # run directory (required)
+    student: str = "mlp"  # family[:options] or module:function (see README, "Students")
+    method: str = "kd"  # kd | ensemble | progressive
+    alpha: float = 0.5  # weight of the distillation term; 0 = from scratch (no cache needed), 1 = teacher only
+    temperature: float = 0.0  # distillation T; 0 = the cache's own T (no re-tempering)
+    epochs: int = 10  # epochs of the final (logit) stage
+    batch_size: int = 64  # examples per step
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    seed: int = 0  # seeds torch, the shuffle, and initialisation: same seed, same run
+    eval_data: str = ""  # held-out dataset evaluated every epoch
+    eval_cache: str = ""  # the teacher's cache of eval_data: adds agreement and KL to the teacher
+    cache_dir: str = field(default_factory=default_cache_root)  # where cache keys are looked up
+    weights: list[float] = field(default_factory=list)  # ensemble weights, one per cache (default uniform)
+    ensemble_mode: str = "prob"  # prob: mixture of probabilities; logit: average of logits
+    renormalize: bool = False  # KD within the top-k only (no tail bucket)
+    layer_map: str = ""  # progressive: "student_layer=teacher_hidden,..."; empty = spread evenly
+    hidden_loss: str = "mse"  # progressive hidden-state loss: mse | cosine
+    stage_epochs: int = 2  # progressive: epochs per hidden-state stage
+    freeze_earlier: bool = False  # progressive: freeze layers trained in earlier stages
+    truncate_vocab: bool = False  # student vocabulary padded beyond the teacher's: train on the first V logits
+    buffer: int = 8192  # examples per shuffle window: bounds the loader's memory
+    workers: int = 0  # DataLoader worker processes
+    device: str = "auto"  # torch device for the student: auto | cpu | cuda
+    export_onnx: bool = True  # write and check student.onnx
+    overwrite: bool = False  # replace an existing run directory
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.data:
+            out.append("data: required (the training dataset)")
+        if not self.out:
+            out.append("out: required (the run directory)")
+        if self.method not in METHODS:
+            out.append(f"method: {self.method!r} must be one of {METHODS}")
+        if not 0 <= self.alpha <= 1:
+            out.append(f"alpha: {self.alpha} must be in [0, 1] (weight of the distillation term)")
+        if self.temperature < 0 or self.temperature != self.temperature:
+            out.append(f"temperature: {self.temperature} must be > 0 (or 0 for the cache's own T)")
+        if self.alpha > 0 and not self.cache:
+            out.append(f"cache: alpha {self.alpha} > 0 needs at least one --cache (alpha 0 trains from scratch)")
+        if self.method == "kd" and len(self.cache) > 1:
+            out.append(f"cache: {len(self.cache)} caches given with --method kd; use --method ensemble for several teachers")
+        if self.method == "ensemble" and self.weights and len(self.weights) != len(self.cache):
+            out.append(f"weights: {len(self.weights)} weights for {len(self.cache)} caches; give one per cache")
+        if any(w <= 0 for w in self.weights):
+            out.append(f"weights: {self.weights} must all be > 0")
+        if self.ensemble_mode not in ("prob", "logit"):
+            out.append(f"ensemble_mode: {self.ensemble_mode!r} must be prob or logit")
+        if self.hidden_loss not in ("mse", "cosine"):
+            out.append(f"hidden_loss: {self.hidden_loss!r} must be mse or cosine")
+        for name in ("epochs", "batch_size", "buffer"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.stage_epochs < 0 or self.workers < 0:
+            out.append("stage_epochs and workers must be >= 0")
+        if not self.lr > 0:
+            out.append(f"lr: {self.lr} must be > 0")
+        if self.device not in DEVICES:
+            out.append(f"device: {self.device!r} must be one of {DEVICES}")
+        return out

@@ -192,6 +192,21 @@ class Cache:
                 yield pf.read_row_group(g, columns=columns)
 
 
+def resolve_cache(ref: str, root: str | Path) -> Path:
+    """A cache named by path, by key, or by a unique prefix of a key under ``root``."""
+    as_path = Path(ref)
+    if as_path.is_dir():
+        return as_path
+    root = Path(root)
+    matches = sorted(p for p in root.glob(ref + "*") if p.is_dir()) if root.is_dir() and ref else []
+    if not matches:
+        raise CacheError(f"no cache matches '{ref}': not a directory, and no key under {root} starts with it. List caches with `pipeline caches list`.")
+    if len(matches) > 1:
+        names = ", ".join(p.name for p in matches[:5])
+        raise CacheError(f"'{ref}' is ambiguous: it starts {len(matches)} cache keys under {root} ({names}); give more characters")
+    return matches[0]
+
+
 def open_cache(path: str | Path) -> Cache:
     """Open a complete cache; refuse an incomplete one or a format this code does not know."""
     path = Path(path)

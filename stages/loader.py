@@ -1,0 +1,287 @@
+"""Streaming loader: dataset rows paired with their cached targets by id, shuffled in a bounded window.
+
+The unit of work is an example range that lies inside one shard of every cache (the intersection of the
+caches' shard boundaries). Units are dealt round-robin to ``rank * num_workers + worker`` slots, so DataLoader
+workers (and processes) cover every row exactly once. A worker reads units into a window of at least
+``buffer_examples`` examples, checks that the cache's ids equal the dataset's ids row for row, shuffles the
+window's examples and yields ready batches. Memory is bounded by the window plus one shard per cache,
+whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.errors import CacheError, DatasetError
+from stages.cache_format import HIDDEN_PREFIX, Cache
+from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array
+
+IGNORE = -100  # label value for "no label": unlabelled rows, padding, the last token of a sequence
+_UNIT_WITHOUT_CACHE = 4096  # examples per unit when no cache is attached (plain evaluation)
+
+
+@dataclass
+class Batch:
+    """One batch. B examples; token-level tensors have a sequence axis S after B.
+
+    inputs:  model inputs by name: ``x`` [B, F] or ``input_ids``/``attention_mask`` [B, S]
+    labels:  [B] or [B, S] int64, IGNORE where there is none (next-token labels for token caches)
+    mask:    [B] or [B, S] bool, the positions that carry targets
+    targets: one dict per cache: ``ids`` [.., k] int64, ``logp`` [.., k] float32, ``logz`` [..] float32,
+             and ``hidden.<name>`` [.., D] float32 for the hidden states asked for
+    ids:     the examples' dataset ids
+    """
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    mask: torch.Tensor
+    targets: list[dict[str, torch.Tensor]]
+    ids: list = field(default_factory=list)
+
+
+@dataclass
+class _Block:
+    """A window's examples, decoded to numpy. Cache rows of example i are ``row_start[i] : + lengths[i]``."""
+
+    ids: np.ndarray
+    inputs: dict[str, object]  # dense [n, ...] arrays or lists of per-example arrays (token inputs)
+    labels: np.ndarray
+    lengths: np.ndarray
+    row_start: np.ndarray
+    rows: list[dict[str, np.ndarray]]  # per cache, the arrays the row indices point into
+
+
+class StreamingLoader(IterableDataset):
+    def __init__(
+        self,
+        data: Dataset,
+        caches: list[Cache],
+        *,
+        input_columns: list[str],
+        batch_size: int,
+        token_level: bool,
+        hidden: list[list[str]] | None = None,
+        shuffle: bool = True,
+        buffer_examples: int = 8192,
+        seed: int = 0,
+        pad_token_id: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        missing = [c for c in input_columns if c not in data.columns]
+        if missing:
+            raise DatasetError(f"dataset {data.path} lacks input column(s) {missing}; it has {data.columns}")
+        self.data = data
+        self.caches = caches
+        self.input_columns = input_columns
+        self.batch_size = batch_size
+        self.token_level = token_level
+        self.hidden = hidden or [[] for _ in caches]
+        self.shuffle = shuffle
+        self.buffer_examples = buffer_examples
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.units = self._units()
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit)."""
+        self.epoch = epoch
+
+    def _units(self) -> list[tuple[int, int]]:
+        n = self.data.num_rows
+        cuts = {0, n}
+        for cache in self.caches:
+            if cache.shards[-1]["examples"][1] != n:
+                raise CacheError(f"cache {cache.path} covers {cache.shards[-1]['examples'][1]} examples; the dataset has {n}")
+            cuts |= {s["examples"][0] for s in cache.shards}
+        if not self.caches:
+            cuts |= set(range(0, n, _UNIT_WITHOUT_CACHE))
+        edges = sorted(cuts)
+        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+    def __len__(self) -> int:
+        """Batches per epoch over all workers (an upper bound: each window may end in a short batch)."""
+        return -(-self.data.num_rows // self.batch_size) + len(self.units)
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
+        mine = [self.units[i] for i in order[slot::slots]]
+        shard_memo: list[dict] = [{} for _ in self.caches]  # one decoded shard per cache at a time
+        window: list[_Block] = []
+        size = 0
+        for unit in mine:
+            block = self._read_unit(*unit, shard_memo)
+            window.append(block)
+            size += len(block.ids)
+            if size >= self.buffer_examples:
+                yield from self._batches(_concat(window), rng)
+                window, size = [], 0
+        if window:
+            yield from self._batches(_concat(window), rng)
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
+        columns = [ID_COLUMN] + self.input_columns + ([LABEL_COLUMN] if self.data.has_labels and not self.token_level else [])
+        table = self.data.read(start, stop, columns)
+        ids = table.column(ID_COLUMN).to_numpy()
+        inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
+        if LABEL_COLUMN in columns:
+            labels = table.column(LABEL_COLUMN).fill_null(IGNORE).to_numpy().astype(np.int64)
+        else:
+            labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        rows, lengths, row_start = [], None, None
+        for c, cache in enumerate(self.caches):
+            arrays, starts, counts = self._shard_rows(c, cache, start, stop, shard_memo[c])
+            cache_ids = arrays["id"][starts]
+            if len(cache_ids) != len(ids) or not np.array_equal(cache_ids, ids):
+                bad = int(np.flatnonzero(cache_ids != ids)[0]) if len(cache_ids) == len(ids) else 0
+                raise CacheError(
+                    f"cache {cache.path} does not pair with dataset {self.data.path} at row {start + bad}: "
+                    f"dataset id {ids[bad]!r}, cache id {cache_ids[bad] if bad < len(cache_ids) else None!r}. "
+                    "The cache was built from another dataset or another row order."
+                )
+            if lengths is not None and not np.array_equal(lengths, counts):
+                raise CacheError(f"cache {cache.path} caches different positions than {self.caches[0].path} for rows {start}..{stop}")
+            lengths, row_start = counts, starts
+            rows.append(arrays)
+        if lengths is None:  # no cache: positions are the tokens (or one per example)
+            lengths = np.array([len(r) for r in inputs[self.input_columns[0]]]) if self.token_level else np.ones(len(ids), np.int64)
+            row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        return _Block(ids, inputs, labels, lengths, row_start, rows)
+
+    def _shard_rows(self, c: int, cache: Cache, start: int, stop: int, memo: dict):
+        """The cache rows of examples [start, stop): (arrays, first row per example, rows per example)."""
+        shard = next(s for s in cache.shards if s["examples"][0] <= start and stop <= s["examples"][1])
+        if memo.get("file") != shard["file"]:
+            memo.clear()
+            memo.update(file=shard["file"], **self._decode_shard(cache, shard, self.hidden[c]))
+        first = start - shard["examples"][0]
+        starts, counts = memo["starts"][first : first + stop - start], memo["counts"][first : first + stop - start]
+        lo, hi = int(starts[0]), int(starts[-1] + counts[-1])
+        # Views of the unit's rows only: row indices then agree across caches, whatever their shard layout.
+        return {k: v[lo:hi] for k, v in memo["arrays"].items()}, starts - lo, counts
+
+    @staticmethod
+    def _decode_shard(cache: Cache, shard: dict, hidden: list[str]) -> dict:
+        import pyarrow.parquet as pq
+
+        columns = ["id", "topk_ids", "topk_logp", "logz"] + [HIDDEN_PREFIX + h for h in hidden]
+        table = pq.read_table(cache.shard_path(shard), columns=columns)
+        k = cache.top_k
+        arrays = {
+            "id": table.column("id").to_numpy(),
+            "ids": _flat(table.column("topk_ids")).reshape(-1, k).astype(np.int64),
+            "logp": _flat(table.column("topk_logp")).reshape(-1, k),
+            "logz": table.column("logz").to_numpy(),
+        }
+        for h in hidden:
+            arrays[HIDDEN_PREFIX + h] = _flat(table.column(HIDDEN_PREFIX + h)).reshape(table.num_rows, -1)
+        ids = arrays["id"]
+        change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+        starts = np.concatenate([[0], change]).astype(np.int64)
+        counts = np.diff(np.concatenate([starts, [len(ids)]]))
+        expected = shard["examples"][1] - shard["examples"][0]
+        if len(starts) != expected:
+            raise CacheError(f"cache {cache.path}: shard {shard['file']} holds {len(starts)} examples, the manifest says {expected}")
+        return {"arrays": arrays, "starts": starts, "counts": counts}
+
+    # -- batching -----------------------------------------------------------------------------------------
+    def _batches(self, block: _Block, rng: np.random.Generator):
+        n = len(block.ids)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        for lo in range(0, n, self.batch_size):
+            idx = order[lo : lo + self.batch_size]
+            yield self._token_batch(block, idx) if self.token_level else self._vector_batch(block, idx)
+
+    def _vector_batch(self, block: _Block, idx: np.ndarray) -> Batch:
+        inputs = {}
+        for name, col in block.inputs.items():
+            if isinstance(col, list):  # token inputs of a sequence classifier: pad to the batch's longest
+                rows = [np.asarray(col[i]) for i in idx]
+                pad = self.pad_token_id if name == "input_ids" else 0
+                arr = np.full((len(rows), max(len(r) for r in rows)), pad, dtype=rows[0].dtype)
+                for j, r in enumerate(rows):
+                    arr[j, : len(r)] = r
+                if name == "input_ids" and "attention_mask" not in block.inputs:
+                    inputs["attention_mask"] = torch.from_numpy((np.arange(arr.shape[1]) < np.array([len(r) for r in rows])[:, None]).astype(np.int64))
+            else:
+                arr = col[idx]
+            inputs[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype))
+        rows = block.row_start[idx]
+        targets = [{k: torch.from_numpy(_as_loss_dtype(v[rows])) for k, v in arrays.items() if k != "id"} for arrays in block.rows]
+        return Batch(inputs, torch.from_numpy(block.labels[idx]), torch.ones(len(idx), dtype=torch.bool), targets, block.ids[idx].tolist())
+
+    def _token_batch(self, block: _Block, idx: np.ndarray) -> Batch:
+        lengths = block.lengths[idx]
+        b, s = len(idx), int(lengths.max())
+        tokens = block.inputs.get("input_ids", block.inputs[self.input_columns[0]])
+        input_ids = np.full((b, s), self.pad_token_id, dtype=np.int64)
+        for j, i in enumerate(idx):
+            input_ids[j, : lengths[j]] = np.asarray(tokens[i])[: lengths[j]]
+        mask = np.arange(s)[None, :] < lengths[:, None]
+        labels = np.full((b, s), IGNORE, dtype=np.int64)
+        labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], IGNORE)  # next-token labels
+        inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        rows = _ranges(block.row_start[idx], lengths)
+        where = np.nonzero(mask)  # row-major: example by example, position by position, like `rows`
+        targets = []
+        for arrays in block.rows:
+            t = {}
+            for key, values in arrays.items():
+                if key == "id":
+                    continue
+                out = np.zeros((b, s) + values.shape[1:], dtype=_as_loss_dtype(values[:0]).dtype)
+                out[where] = values[rows]
+                t[key] = torch.from_numpy(out)
+            targets.append(t)
+        return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(mask), targets, block.ids[idx].tolist())
+
+
+def _flat(column: pa.ChunkedArray) -> np.ndarray:
+    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+
+def _as_loss_dtype(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float32) if values.dtype == np.float16 else values
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    lengths = np.asarray(lengths)
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(np.asarray(starts) - before, lengths) + np.arange(int(lengths.sum()))
+
+
+def _concat(blocks: list[_Block]) -> _Block:
+    if len(blocks) == 1:
+        return blocks[0]
+    offsets = [0]
+    inputs = {}
+    for name in blocks[0].inputs:
+        cols = [b.inputs[name] for b in blocks]
+        inputs[name] = sum((list(c) for c in cols), []) if isinstance(cols[0], list) else np.concatenate(cols)
+    rows, row_start = [], []
+    for c in range(len(blocks[0].rows)):
+        rows.append({k: np.concatenate([b.rows[c][k] for b in blocks]) for k in blocks[0].rows[c]})
+    for b in blocks:
+        row_start.append(b.row_start + offsets[-1])
+        offsets.append(offsets[-1] + (len(b.rows[0]["logz"]) if b.rows else int(b.lengths.sum())))
+    return _Block(
+        np.concatenate([b.ids for b in blocks]),
+        inputs,
+        np.concatenate([b.labels for b in blocks]),
+        np.concatenate([b.lengths for b in blocks]),
+        np.concatenate(row_start),
+        rows,
+    )

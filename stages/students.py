@@ -1,0 +1,515 @@
+"""Student models and the factory that builds one from a spec string.
+
+Every student is an ``nn.Module`` whose ``forward(inputs)`` takes a dict of tensors named like the dataset's
+columns and returns a ``StudentOutput``; ``num_layers`` says how many entries ``hidden`` has.
+
+- Vector classifiers (``mlp``, ``cnn1d``) read ``inputs["x"]`` float32 [B, F] and return logits [B, C].
+- Token models (``transformer``, ``causal-lm``) read ``inputs["input_ids"]`` int64 [B, S] and an optional
+  ``inputs["attention_mask"]`` int64 [B, S] (1 = real token, 0 = padding). The classifier returns [B, C], the
+  causal LM [B, S, V].
+- ``hidden[i]`` is the output of layer i: [B, D_i] for classifiers of vectors (conv maps flattened to
+  [B, C*L]), [B, S, D_i] for token models, padded positions included.
+
+Spec syntax (``parse_student_spec``):
+
+- ``family`` or ``family:key=value,key=value`` for a built-in family (``mlp``, ``cnn1d``, ``transformer``,
+  ``causal-lm``). Lists are written with ``x``: ``mlp:hidden=256x256,dropout=0.1``; booleans as true/false.
+- Anything else before the first ``:`` names your own builder: ``package.module:function`` or
+  ``path/to/file.py:function``, with options after a ``?``: ``my_students:make?width=64,depth=2``. Options of
+  your own builder are read as int, float, true/false, an ``x`` list of ints, or else a string.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class StudentOutput:
+    """What every student returns: logits [B, C] or [B, S, V], and one hidden tensor per layer."""
+
+    logits: Tensor
+    hidden: list[Tensor]
+
+
+@dataclass
+class MLPOptions:
+    hidden: list[int] = field(default_factory=lambda: [100, 100])  # the MNIST-1D paper's MLP
+    dropout: float = 0.0  # after each hidden activation; 0 = off
+
+
+@dataclass
+class CNN1dOptions:
+    channels: list[int] = field(default_factory=lambda: [32, 32, 32])  # one stride-2 conv layer per entry
+    kernel: int = 5  # conv kernel width; padding is kernel // 2
+
+
+@dataclass
+class TransformerOptions:
+    layers: int = 2  # encoder blocks
+    d_model: int = 128  # residual width
+    heads: int = 4  # attention heads; must divide d_model
+    ffn: int | None = None  # MLP width inside each block; None = 4 * d_model
+    dropout: float = 0.1  # on embeddings, attention weights and residual branches
+    max_len: int = 512  # longest sequence the learned positions cover
+
+
+@dataclass
+class CausalLMOptions:
+    layers: int = 2  # decoder blocks
+    d_model: int = 128  # residual width
+    heads: int = 4  # attention heads; must divide d_model
+    ffn: int | None = None  # MLP width inside each block; None = 4 * d_model
+    dropout: float = 0.0  # nanoGPT's default; distillation targets already regularise
+    max_len: int = 1024  # longest sequence the learned positions cover
+    tie: bool = True  # share input embedding and output head: V * d_model weights once, not twice
+
+
+_FAMILIES: dict[str, type] = {
+    "mlp": MLPOptions,
+    "cnn1d": CNN1dOptions,
+    "transformer": TransformerOptions,
+    "causal-lm": CausalLMOptions,
+}
+
+
+def parse_student_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split a spec into its family (or ``module:function`` target) and its parsed options.
+
+    ``"mlp:hidden=256x256,dropout=0.1"`` -> ``("mlp", {"hidden": [256, 256], "dropout": 0.1})``;
+    ``"pkg.mod:make?width=64"`` -> ``("pkg.mod:make", {"width": 64})``. Only options written in the spec are
+    returned; defaults are filled in by ``build_student``.
+    """
+    head, colon, rest = spec.strip().partition(":")
+    if head in _FAMILIES:
+        return head, _typed_options(head, _split_options(rest, spec))
+    if not colon:
+        raise ConfigError(
+            f"unknown student family {head!r}; valid families: {', '.join(_FAMILIES)} "
+            "(or 'module:function' / 'path/to/file.py:function' for your own)"
+        )
+    target, _, raw = spec.strip().partition("?")
+    module, _, function = target.rpartition(":")
+    if not module or not function.isidentifier():
+        raise ConfigError(f"student spec {spec!r} is not 'module:function' or 'path/to/file.py:function'")
+    return target, {key: _guess_value(value) for key, value in _split_options(raw, spec).items()}
+
+
+def build_student(
+    spec: str,
+    *,
+    num_outputs: int,
+    input_dim: int | None = None,
+    vocab_size: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build the student a spec names.
+
+    num_outputs: classes for classifiers; the (possibly padded) vocabulary for a causal LM.
+    input_dim: F of ``inputs["x"]`` [B, F]; needed by ``mlp`` and ``cnn1d``.
+    vocab_size: token ids are < vocab_size; needed by ``transformer``, optional for ``causal-lm`` (<= num_outputs).
+    options: overrides in dict form, e.g. from a config file; a key given here and in the spec is an error.
+    """
+    family, spec_options = parse_student_spec(spec)
+    extra = dict(options or {})
+    both = sorted(set(spec_options) & set(extra))
+    if both:
+        raise ConfigError(f"student option(s) {both} given both in spec {spec!r} and in options; give each once")
+    if family in _FAMILIES:
+        built_options = _FAMILIES[family](**spec_options, **_typed_options(family, extra))
+        _check_ranges(family, built_options)
+        return _build_builtin(family, built_options, num_outputs, input_dim, vocab_size)
+    sizes = {"input_dim": input_dim, "vocab_size": vocab_size}
+    kwargs = {"num_outputs": num_outputs, **{k: v for k, v in sizes.items() if v is not None}, **spec_options, **extra}
+    return _build_custom(family, kwargs, num_outputs, input_dim, vocab_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters; tied weights (the causal LM's embedding and head) count once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- option parsing -------------------------------------------------------------------------------------------
+
+
+def _split_options(raw: str, spec: str) -> dict[str, str]:
+    """``"a=1,b=2x3"`` -> ``{"a": "1", "b": "2x3"}``; an empty string gives no options."""
+    result: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ConfigError(f"student option {item!r} in {spec!r} is not key=value, e.g. 'hidden=256x256'")
+        if key.strip() in result:
+            raise ConfigError(f"student option {key.strip()!r} appears twice in {spec!r}; give it once")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def _typed_options(family: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Check option names against the family's options dataclass and convert each value to its field's type."""
+    kinds = typing.get_type_hints(_FAMILIES[family])
+    problems, parsed = [], {}
+    for key, value in raw.items():
+        if key not in kinds:
+            problems.append(f"unknown option {key!r} for student family {family!r}; valid options: {', '.join(kinds)}")
+            continue
+        try:
+            parsed[key] = _convert(value, kinds[key])
+        except ValueError:
+            problems.append(f"student option {key}={value!r} for {family!r} is not {_describe(kinds[key])}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return parsed
+
+
+def _convert(value: Any, kind: Any) -> Any:
+    """Convert a spec string (or an already-typed value from a dict) to ``kind``; ValueError if it does not fit."""
+    if typing.get_origin(kind) is types.UnionType:  # `int | None`: None stays, anything else must be an int
+        if value is None:
+            return None
+        kind = int
+    if kind is bool:
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            return value if isinstance(value, bool) else str(value).lower() == "true"
+        raise ValueError(value)
+    if kind is int or kind is float:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError(value)
+        return kind(value)
+    items = value.split("x") if isinstance(value, str) else value  # list[int], written 256x256
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(value)
+    return [_convert(item, int) for item in items]
+
+
+def _describe(kind: Any) -> str:
+    if kind == list[int]:
+        return "a list of integers like 256x256"
+    return {bool: "true or false", float: "a number"}.get(kind, "an integer")
+
+
+def _check_ranges(family: str, options: Any) -> None:
+    """Reject option values of the right type that still make no model; every integer option must be >= 1."""
+    problems = []
+    for f in fields(options):
+        value = getattr(options, f.name)
+        if f.name == "dropout" and not 0.0 <= value < 1.0:
+            problems.append(f"student option dropout={value} for {family!r} must be in [0, 1)")
+        elif (isinstance(value, list) and min(value) < 1) or (type(value) is int and value < 1):
+            problems.append(f"student option {f.name}={value} for {family!r} must be at least 1")
+    d_model, heads = getattr(options, "d_model", 1), getattr(options, "heads", 1)
+    if heads >= 1 and d_model % heads:
+        problems.append(f"student d_model={d_model} is not divisible by heads={heads}; pick heads that divide it")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _guess_value(value: str) -> Any:
+    """Type a ``module:function`` option with no schema: int, float, true/false, ``NxM`` ints, else the string."""
+    for kind in (int, float, bool, list[int]):
+        try:
+            return _convert(value, kind)
+        except ValueError:
+            continue
+    return value
+
+
+# ---- built-in families ----------------------------------------------------------------------------------------
+
+
+def _build_builtin(
+    family: str, options: Any, num_outputs: int, input_dim: int | None, vocab_size: int | None
+) -> nn.Module:
+    if num_outputs < 1:
+        raise ConfigError(f"num_outputs={num_outputs} for student {family!r}; it must be at least 1")
+    if family in ("mlp", "cnn1d"):
+        if input_dim is None or input_dim < 1:
+            raise ConfigError(f"student {family!r} needs input_dim >= 1 (features of inputs['x']); got {input_dim}")
+        cls = MLPStudent if family == "mlp" else CNN1dStudent
+        return cls(input_dim, num_outputs, options)
+    if family == "transformer":
+        if vocab_size is None or vocab_size < 1:
+            raise ConfigError(f"student 'transformer' needs vocab_size >= 1 (the tokenizer's); got {vocab_size}")
+        return TransformerStudent(vocab_size, num_outputs, options)
+    if vocab_size is not None and vocab_size > num_outputs:
+        raise ConfigError(
+            f"causal-lm vocab_size={vocab_size} exceeds num_outputs={num_outputs}; num_outputs is the LM's "
+            "vocabulary and must cover every token id"
+        )
+    return CausalLMStudent(num_outputs, options)
+
+
+class MLPStudent(nn.Module):
+    """inputs["x"] [B, F] -> (Linear, ReLU) per width -> Linear -> logits [B, C]; hidden[i] [B, hidden[i]]."""
+
+    def __init__(self, input_dim: int, num_outputs: int, options: MLPOptions):
+        super().__init__()
+        widths = [input_dim, *options.hidden]
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:]))
+        self.dropout = nn.Dropout(options.dropout)
+        self.head = nn.Linear(widths[-1], num_outputs)
+        self.num_layers = len(self.layers)
+
+    def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
+        h = inputs["x"]
+        hidden = []
+        for layer in self.layers:
+            h = layer(h)
+            hidden.append(h)  # before dropout, so feature targets see the clean activation
+            h = self.dropout(h)
+        return StudentOutput(self.head(h), hidden)
+
+
+class CNN1dStudent(nn.Module):
+    """inputs["x"] [B, F] as [B, 1, F] -> (Conv1d stride 2, ReLU) per channel count -> Linear -> logits [B, C].
+
+    hidden[i] is layer i's map [B, C_i, L_i] flattened to [B, C_i * L_i], L_i = (L_{i-1} - 1) // 2 + 1 for odd
+    kernels.
+    """
+
+    def __init__(self, input_dim: int, num_outputs: int, options: CNN1dOptions):
+        super().__init__()
+        k = options.kernel
+        channels = [1, *options.channels]
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(a, b, k, stride=2, padding=k // 2), nn.ReLU()) for a, b in zip(channels, channels[1:])
+        )
+        length = input_dim
+        for _ in options.channels:
+            length = (length + 2 * (k // 2) - k) // 2 + 1
+        if length < 1:
+            raise ConfigError(
+                f"cnn1d with {len(options.channels)} stride-2 layers and kernel={k} shrinks input_dim={input_dim} "
+                "to nothing; use fewer channels entries or a smaller kernel"
+            )
+        self.head = nn.Linear(channels[-1] * length, num_outputs)
+        self.num_layers = len(self.layers)
+
+    def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
+        h = inputs["x"].unsqueeze(1)
+        hidden = []
+        for layer in self.layers:
+            h = layer(h)
+            hidden.append(h.flatten(1))
+        return StudentOutput(self.head(h.flatten(1)), hidden)
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)); x [B, S, D] -> [B, S, D]."""
+
+    def __init__(self, d_model: int, heads: int, ffn: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.attn_dropout = dropout
+        self.ln1 = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, ffn), nn.GELU(), nn.Linear(ffn, d_model))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """attn_mask: bool [B, 1, S, S], True = may attend; or None with is_causal for a plain causal mask."""
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(d, dim=-1))
+        p = self.attn_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, s, d)))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+
+def _gpt_init(module: nn.Module) -> None:
+    """GPT-2 initialisation (N(0, 0.02) weights, zero biases): keeps tied-embedding logits small at the start."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+class _Trunk(nn.Module):
+    """Token + learned position embeddings -> blocks: ids [B, S], positions [B, S] or [S] -> hidden, each [B, S, D]."""
+
+    def __init__(self, vocab_size: int, options: TransformerOptions | CausalLMOptions):
+        super().__init__()
+        d = options.d_model
+        self.tokens = nn.Embedding(vocab_size, d)
+        self.positions = nn.Embedding(options.max_len, d)  # positions >= max_len raise an index error
+        self.dropout = nn.Dropout(options.dropout)
+        ffn = options.ffn or 4 * d
+        self.blocks = nn.ModuleList(_Block(d, options.heads, ffn, options.dropout) for _ in range(options.layers))
+
+    def forward(self, ids: Tensor, positions: Tensor, attn_mask: Tensor | None, is_causal: bool) -> list[Tensor]:
+        h = self.dropout(self.tokens(ids) + self.positions(positions))
+        hidden = []
+        for block in self.blocks:
+            h = block(h, attn_mask=attn_mask, is_causal=is_causal)
+            hidden.append(h)
+        return hidden
+
+
+class TransformerStudent(nn.Module):
+    """Encoder classifier: embeddings -> pre-LN blocks -> LayerNorm -> mean over real tokens -> Linear.
+
+    input_ids [B, S] (and attention_mask [B, S]) -> logits [B, C]; hidden[i] [B, S, d_model]. Padding, left or
+    right, does not change the logits: padded keys are masked out of attention, positions count real tokens
+    only, and the mean pools real tokens only. A row of padding only pools to zeros (logits = the head's bias).
+    """
+
+    def __init__(self, vocab_size: int, num_outputs: int, options: TransformerOptions):
+        super().__init__()
+        self.trunk = _Trunk(vocab_size, options)
+        self.norm = nn.LayerNorm(options.d_model)
+        self.head = nn.Linear(options.d_model, num_outputs)
+        self.num_layers = options.layers
+        self.apply(_gpt_init)
+
+    def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+        # Each query may also see itself, so a padded query never has every key masked (NaN softmax in ONNX).
+        self_only = torch.eye(ids.shape[1], dtype=torch.bool, device=ids.device)
+        hidden = self.trunk(ids, positions, attn_mask=real[:, None, None, :] | self_only, is_causal=False)
+        weights = real.unsqueeze(-1).to(hidden[-1].dtype)
+        pooled = (self.norm(hidden[-1]) * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return StudentOutput(self.head(pooled), hidden)
+
+
+class CausalLMStudent(nn.Module):
+    """Decoder-only GPT-style LM: embeddings -> pre-LN causal blocks -> LayerNorm -> Linear (tied by default).
+
+    input_ids [B, S] -> logits [B, S, V]; hidden[i] [B, S, d_model]. Uses the plain causal mask
+    (``is_causal=True``, which keeps the fused attention kernels) and ignores attention_mask: with right padding
+    every real token sees only itself and earlier real tokens, and the trainer masks padded positions out of the
+    loss. Left padding is not supported.
+    """
+
+    def __init__(self, vocab_size: int, options: CausalLMOptions):
+        super().__init__()
+        self.trunk = _Trunk(vocab_size, options)
+        self.norm = nn.LayerNorm(options.d_model)
+        self.head = nn.Linear(options.d_model, vocab_size, bias=False)
+        self.apply(_gpt_init)
+        if options.tie:
+            self.head.weight = self.trunk.tokens.weight
+        self.num_layers = options.layers
+
+    def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
+        ids = inputs["input_ids"]
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        hidden = self.trunk(ids, positions, attn_mask=None, is_causal=True)
+        return StudentOutput(self.head(self.norm(hidden[-1])), hidden)
+
+
+# ---- your own builder: module:function ------------------------------------------------------------------------
+
+
+def _build_custom(
+    target: str, kwargs: dict[str, Any], num_outputs: int, input_dim: int | None, vocab_size: int | None
+) -> nn.Module:
+    """Import the builder, call it, and check once on a tiny batch that the module keeps the student protocol."""
+    builder = _import_builder(target)
+    try:
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"student builder {target!r} cannot take arguments {sorted(kwargs)}: {exc}") from exc
+    model = builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"student builder {target!r} returned {type(model).__name__}, not a torch.nn.Module")
+    device = next(model.parameters(), torch.empty(0)).device
+    if vocab_size is not None:
+        ids = torch.zeros(2, 4, dtype=torch.long, device=device)
+        probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    elif input_dim is not None:
+        probe = {"x": torch.zeros(2, input_dim, device=device)}
+    else:
+        raise ConfigError(f"student {target!r} needs input_dim (vector inputs) or vocab_size (token inputs)")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        raw = model(probe)
+    model.train(was_training)
+    out = _as_output(raw, target)
+    if out.logits.shape[0] != 2 or out.logits.shape[-1] != num_outputs:
+        raise ConfigError(
+            f"student {target!r} returned logits of shape {tuple(out.logits.shape)} for a batch of 2; expected "
+            f"[2, {num_outputs}] or [2, S, {num_outputs}] (num_outputs last)"
+        )
+    num_layers = getattr(model, "num_layers", len(out.hidden))
+    if num_layers != len(out.hidden):
+        raise ConfigError(f"student {target!r} has num_layers={num_layers} but returned {len(out.hidden)} hidden tensors")
+    if isinstance(raw, StudentOutput):
+        model.num_layers = num_layers
+        return model
+    return _AdaptedStudent(model, num_layers, target)
+
+
+def _import_builder(target: str) -> Callable[..., Any]:
+    """``pkg.mod:function`` via importlib, or ``path/to/file.py:function`` loaded from that file."""
+    module_name, _, function = target.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"student builder file {path} (from {target!r}) does not exist")
+            file_spec = importlib.util.spec_from_file_location(f"_student_{path.stem}", path)
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import student module {module_name!r} (from {target!r}): {exc}") from exc
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise ConfigError(f"student module {module_name!r} has no function {function!r}")
+    return builder
+
+
+def _as_output(out: Any, target: str) -> StudentOutput:
+    """Accept StudentOutput, a (logits, hidden) pair, or bare logits (hidden = []); anything else is an error."""
+    if isinstance(out, StudentOutput):
+        return out
+    if isinstance(out, Tensor):
+        return StudentOutput(out, [])
+    if (
+        isinstance(out, (tuple, list))
+        and len(out) == 2
+        and isinstance(out[0], Tensor)
+        and isinstance(out[1], (tuple, list))
+        and all(isinstance(h, Tensor) for h in out[1])
+    ):
+        return StudentOutput(out[0], list(out[1]))
+    raise ConfigError(
+        f"student {target!r} returned {type(out).__name__}; forward must return StudentOutput, "
+        "a (logits, hidden list) tuple, or a logits Tensor"
+    )
+
+
+class _AdaptedStudent(nn.Module):
+    """Wraps a builder's module whose forward returns a tuple or bare logits so that it returns StudentOutput.
+
+    Its parameters appear under ``model.`` in the state dict.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int, target: str):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.target = target
+
+    def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
+        return _as_output(self.model(inputs), self.target)

@@ -1,0 +1,318 @@
+"""Stage two: train a student from cached soft targets. The teacher is never run here.
+
+``run(config)`` = ``Trainer(config)`` -> ``setup`` (open and verify caches, build student, loss, loaders)
+-> ``train`` (progressive hidden-state stages, then the logit stage) -> ``save`` (checkpoint, ONNX, metrics).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_model
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import TrainStudentConfig, to_dict
+from pipeline.errors import CacheError, ConfigError, DatasetError
+from stages import cache_format as fmt
+from stages.dataset import LABEL_COLUMN, Dataset
+from stages.evaluate import evaluate, flatten, soft_targets, to_device
+from stages.export import export_onnx
+from stages.loader import StreamingLoader
+from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, cross_entropy_only
+from stages.students import build_student, count_parameters
+
+METRICS = "metrics.json"  # written last: a run directory without it did not finish
+
+
+def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
+    trainer = Trainer(config, progress, log)
+    trainer.setup()
+    trainer.train()
+    return trainer.save()
+
+
+class Trainer:
+    def __init__(self, config: TrainStudentConfig, progress: bool, log):
+        self.config = config
+        self.progress = progress
+        self.log = log
+        self.history: list[dict] = []
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        c = self.config
+        self.out = Path(c.out)
+        if self.out.exists() and any(self.out.iterdir()):
+            if not c.overwrite:
+                raise ConfigError(f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite")
+            shutil.rmtree(self.out)
+        self.data = Dataset(c.data)
+        self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
+        self._check_caches()
+        self.token_level = self.caches[0].kind == "token" if self.caches else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
+        self.inputs = self._input_columns()
+        if c.alpha < 1 and not self.token_level:
+            self._check_labels()
+        self.num_outputs = self.caches[0].num_classes if self.caches else self._count_classes()
+        self.temperature = c.temperature or (self.caches[0].temperature if self.caches else 1.0)
+
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+        torch.manual_seed(c.seed)
+        self.device = torch.device("cuda" if c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.model = self._build_student().to(self.device)
+        self.vocab = self._vocab_limit()
+        self.hidden_map = self._layer_map() if c.method == "progressive" else []
+        hidden_names = [[name for _, name in self.hidden_map]] + [[] for _ in self.caches[1:]]
+        self.train_loader = self._loader(self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None)
+        self.eval_loader, self.eval_teacher = None, None
+        if c.eval_data:
+            eval_data = Dataset(c.eval_data)
+            eval_caches = [self._open_cache(c.eval_cache, eval_data)] if c.eval_cache else []
+            self.eval_loader = self._loader(eval_data, eval_caches, shuffle=False)
+            if eval_caches:
+                self.eval_teacher = (eval_caches[0].temperature, eval_caches[0].num_classes)
+        if c.method == "ensemble":
+            self.loss = EnsembleKDLoss(c.alpha, self.temperature, c.weights or None, c.ensemble_mode)
+        else:
+            self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log(
+            f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
+            f"alpha {c.alpha}, T {self.temperature}; {self.data.num_rows} training examples"
+        )
+
+    def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
+        cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
+        cache.verify(checksums=True)
+        want = cache.manifest["dataset"]["fingerprint"]
+        if data.fingerprint() != want:
+            raise CacheError(
+                f"cache {cache.key} was built from another dataset ({cache.manifest['dataset']['path']}, fingerprint "
+                f"{want[:12]}) than {data.path} (fingerprint {data.fingerprint()[:12]}). Use the cache of this dataset "
+                "or run cache-teacher on it."
+            )
+        return cache
+
+    def _check_caches(self) -> None:
+        if not self.caches:
+            return
+        first = self.caches[0]
+        for cache in self.caches[1:]:
+            if cache.kind != first.kind or cache.num_classes != first.num_classes:
+                raise CacheError(
+                    f"caches disagree: {first.key} is {first.kind} with {first.num_classes} outputs, "
+                    f"{cache.key} is {cache.kind} with {cache.num_classes}; an ensemble needs one output space"
+                )
+        if self.config.method == "progressive" and not first.hidden:
+            raise CacheError(
+                f"--method progressive needs hidden states, and cache {first.key} holds none. "
+                "Re-run cache-teacher with --hidden NAME (see `pipeline inspect-teacher`)."
+            )
+
+    def _input_columns(self) -> list[str]:
+        if self.caches:
+            names = [i["name"] for i in self.caches[0].manifest["teacher"]["inputs"]]
+            cols = [n for n in names if n in self.data.columns]
+        else:
+            cols = ["input_ids"] if "input_ids" in self.data.columns else ["x"]
+        if self.token_level:
+            cols = ["input_ids"]  # the loader builds the mask; token-level students read ids only
+        if not cols or any(col not in self.data.columns for col in cols):
+            raise DatasetError(f"dataset {self.data.path} lacks the model input column(s) {cols}; it has {self.data.columns}")
+        return cols
+
+    def _check_labels(self) -> None:
+        if not self.data.has_labels or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count == self.data.num_rows:
+            raise DatasetError(
+                f"alpha {self.config.alpha} < 1 needs labels, but dataset {self.data.path} has none; "
+                "use --alpha 1 to train on the teacher's targets alone"
+            )
+
+    def _count_classes(self) -> int:
+        labels = self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
+        return int(max(v for v in labels.to_pylist() if v is not None)) + 1
+
+    def _build_student(self) -> nn.Module:
+        first = self.data.read(0, 1, self.inputs)
+        sample = first.column(self.inputs[0])[0].as_py()
+        if self.token_level or "input_ids" in self.inputs:
+            vocab = self.num_outputs if self.token_level else self._max_token() + 1
+            return build_student(self.config.student, num_outputs=self.num_outputs, vocab_size=vocab)
+        return build_student(self.config.student, num_outputs=self.num_outputs, input_dim=int(np.asarray(sample).size))
+
+    def _max_token(self) -> int:
+        import pyarrow.compute as pc
+
+        paths = [self.data] + ([Dataset(self.config.eval_data)] if self.config.eval_data else [])
+        return max(int(pc.max(pc.list_flatten(d.read(0, d.num_rows, ["input_ids"]).column(0))).as_py()) for d in paths)
+
+    def _vocab_limit(self) -> int | None:
+        """Teacher V when the student's output is wider (padded vocabulary) and truncation was asked for."""
+        if not self.caches:
+            return None
+        probe = self._first_batch()
+        width = self.model(probe.inputs).logits.shape[-1]
+        teacher = self.caches[0].num_classes
+        if width == teacher:
+            return None
+        if width > teacher and self.config.truncate_vocab:
+            return teacher
+        hint = " (the student's vocabulary is padded; pass --truncate-vocab to train on its first V logits)" if width > teacher else ""
+        raise ConfigError(f"the student has {width} outputs but the cache's teacher has {teacher}: they differ by {width - teacher}{hint}")
+
+    def _layer_map(self) -> list[tuple[int, str]]:
+        """(student layer, teacher hidden name) pairs, in student-layer order."""
+        available = sorted(self.caches[0].hidden)
+        layers = self.model.num_layers
+        if self.config.layer_map:
+            pairs = []
+            for item in self.config.layer_map.split(","):
+                left, _, right = item.partition("=")
+                if not left.strip().isdigit() or right.strip() not in available or not int(left) < layers:
+                    raise ConfigError(
+                        f"layer_map item {item!r}: want STUDENT_LAYER=TEACHER_HIDDEN with layer < {layers} "
+                        f"and hidden one of {available}"
+                    )
+                pairs.append((int(left), right.strip()))
+            return sorted(pairs)
+        if len(available) > layers:
+            available = available[-layers:]
+        # Spread the teacher's hidden states evenly over the student's layers, last to last.
+        return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
+
+    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None):
+        loader = StreamingLoader(
+            data, caches, input_columns=self.inputs, batch_size=self.config.batch_size, token_level=self.token_level,
+            hidden=hidden, shuffle=shuffle, buffer_examples=self.config.buffer, seed=self.config.seed,
+        )
+        return loader
+
+    def _first_batch(self):
+        return to_device(next(iter(self._loader(self.data, self.caches[:1], shuffle=False))), self.device)
+
+    def _iterate(self, loader: StreamingLoader, epoch: int):
+        loader.set_epoch(epoch)
+        if self.config.workers:
+            return torch.utils.data.DataLoader(loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False)
+        return loader
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Progressive hidden-state stages (method progressive), then the logit stage; a fresh optimizer each."""
+        started = time.perf_counter()
+        epoch = 0
+        frozen: set[int] = set()
+        for layer, name in self.hidden_map:
+            projection = self._projection(layer, name)
+            hidden_loss = HiddenStateLoss(self.config.hidden_loss)
+            params = [p for p in self.model.parameters() if id(p) not in frozen] + list(projection.parameters())
+            optimizer = self._optimizer(params)
+            for _ in range(self.config.stage_epochs):
+                epoch += 1
+                self._epoch(epoch, f"hidden:{layer}={name}", lambda b: self._hidden_step(b, layer, name, projection, hidden_loss), optimizer)
+            if self.config.freeze_earlier:
+                frozen |= {id(p) for p in self._params_used(layer, name, projection)}
+        optimizer = self._optimizer(list(self.model.parameters()))  # the logit stage trains every layer
+        for _ in range(self.config.epochs):
+            epoch += 1
+            self._epoch(epoch, "logits", self._kd_step, optimizer)
+        self.train_seconds = time.perf_counter() - started
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
+    def _epoch(self, epoch: int, stage: str, step, optimizer: torch.optim.Optimizer) -> None:
+        sums: dict[str, float] = {}
+        steps = 0
+        t0 = time.perf_counter()
+        bar = tqdm(self._iterate(self.train_loader, epoch), total=len(self.train_loader), disable=not self.progress, desc=f"epoch {epoch} {stage}", leave=False)
+        for batch in bar:
+            out = step(to_device(batch, self.device))
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            optimizer.step()
+            for k, v in out.parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            bar.set_postfix(loss=f"{out.parts.get('total', out.parts.get('hidden', 0.0)):.4f}")
+        row = {"epoch": epoch, "stage": stage, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
+        if self.eval_loader is not None:
+            metrics = evaluate(self.model, self.eval_loader, self.device, self.token_level, self.eval_teacher, self.vocab)
+            row.update({f"eval_{k}": v for k, v in metrics.items()})
+        self.history.append(row)
+        self.log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    def _kd_step(self, batch):
+        logits, labels, mask, targets = flatten(batch, self.model(batch.inputs).logits, self.vocab)
+        if not self.caches:
+            return cross_entropy_only(logits, labels, mask)
+        soft = [soft_targets(t, c.temperature, c.num_classes) for t, c in zip(targets, self.caches)]
+        return self.loss(logits, soft if self.config.method == "ensemble" else soft[0], labels, mask)
+
+    def _hidden_step(self, batch, layer: int, name: str, projection: nn.Module, loss: HiddenStateLoss):
+        out = self.model(batch.inputs)
+        student = out.hidden[layer]
+        teacher = batch.targets[0]["hidden." + name]
+        if self.token_level:
+            keep = batch.mask
+            student, teacher = student[keep], teacher[keep]
+        student = student.reshape(student.shape[0], -1)
+        return loss(projection(student.float()), teacher.float(), torch.ones(student.shape[0], dtype=torch.bool, device=student.device))
+
+    def _projection(self, layer: int, name: str) -> nn.Module:
+        """A learned map from the student's width to the teacher's; identity when they already match."""
+        batch = self._first_batch()
+        with torch.no_grad():
+            student = self.model(batch.inputs).hidden[layer]
+        width = student.shape[-1] if self.token_level else int(np.prod(student.shape[1:]))
+        target = int(np.prod(self.caches[0].hidden[name]))
+        return (nn.Identity() if width == target else nn.Linear(width, target)).to(self.device)
+
+    def _params_used(self, layer: int, name: str, projection: nn.Module) -> list[nn.Parameter]:
+        """Student parameters the hidden-state loss of this stage reaches (its gradient is non-zero)."""
+        self.model.zero_grad(set_to_none=True)
+        self._hidden_step(self._first_batch(), layer, name, projection, HiddenStateLoss(self.config.hidden_loss)).total.backward()
+        used = [p for p in self.model.parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+        self.model.zero_grad(set_to_none=True)
+        return used
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def save(self) -> dict:
+        c = self.config
+        save_model(self.model, str(self.out / "checkpoint.safetensors"))
+        with open(self.out / "metrics.csv", "w", newline="") as fh:
+            fields = list(dict.fromkeys(k for row in self.history for k in row))
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.history)
+        caches = [
+            {"key": cache.key, "path": str(cache.path.resolve()), "teacher": cache.manifest["teacher"]["name"],
+             "teacher_sha256": cache.manifest["teacher"]["sha256"], "top_k": cache.top_k, "temperature": cache.temperature}
+            for cache in self.caches
+        ]
+        resolved = to_dict(c) | {"temperature": self.temperature, "layer_map": ",".join(f"{l}={n}" for l, n in self.hidden_map)}
+        fmt.write_json_atomic({"config": resolved, "caches": caches, "student_parameters": count_parameters(self.model)}, self.out / "config.json")
+        metrics = {"method": c.method, "alpha": c.alpha, "temperature": self.temperature, "student": c.student,
+                   "epochs": len(self.history), "train_seconds": round(self.train_seconds, 2), "cache_keys": [x["key"] for x in caches]}
+        final = self.history[-1] if self.history else {}
+        metrics.update({"test_" + k[5:]: v for k, v in final.items() if k.startswith("eval_")})
+        metrics.update({k: v for k, v in final.items() if k.startswith("train_")})
+        if c.export_onnx:
+            example = self._first_batch()
+            small = {k: v[:4].cpu() for k, v in example.inputs.items()}
+            self.model.eval()
+            metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / "student.onnx")
+            self.model.to(self.device)
+        fmt.write_json_atomic(metrics, self.out / METRICS)
+        self.log(f"run saved to {self.out}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_")))
+        return metrics

@@ -1,0 +1,106 @@
+"""The streaming loader: exact coverage across workers and ranks, pairing by id, token layout."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.config import CacheTeacherConfig
+from pipeline.errors import CacheError
+from stages import cache_format as fmt
+from stages import cache_teacher
+from stages.dataset import Dataset
+from stages.loader import IGNORE, StreamingLoader
+from tests import teachers
+
+
+def _cache(setup: dict, **overrides) -> fmt.Cache:
+    config = CacheTeacherConfig(teacher=str(setup["teacher"]), data=str(setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides)
+    return fmt.open_cache(cache_teacher.run(config, progress=False, log=lambda m: None).path)
+
+
+def _rows_by_id(cache: fmt.Cache) -> dict:
+    table = pa.concat_tables(cache.iter_tables())
+    out = {}
+    for i, pos, ids, logp in zip(*(table.column(c).to_pylist() for c in ("id", "position", "topk_ids", "topk_logp"))):
+        out[(i, pos)] = (ids, logp)
+    return out
+
+
+def _loader(setup, caches, **kw) -> StreamingLoader:
+    defaults = dict(input_columns=["x"], batch_size=32, token_level=False, buffer_examples=100, seed=0)
+    return StreamingLoader(Dataset(setup["data"]), caches, **(defaults | kw))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_row_exactly_once_and_paired(classifier_setup, workers) -> None:
+    cache = _cache(classifier_setup, top_k=3, shard_size=70)
+    expected = _rows_by_id(cache)
+    loader = _loader(classifier_setup, [cache])
+    source = torch.utils.data.DataLoader(loader, batch_size=None, num_workers=workers) if workers else loader
+    seen = Counter()
+    for batch in source:
+        seen.update(batch.ids)
+        for j, i in enumerate(batch.ids):
+            ids, logp = expected[(i, 0)]
+            assert batch.targets[0]["ids"][j].tolist() == ids
+            assert np.allclose(batch.targets[0]["logp"][j].numpy(), logp)
+            assert np.allclose(batch.inputs["x"][j].numpy(), classifier_setup["x"][i])
+            assert batch.labels[j] == i % 10
+    assert seen == Counter(range(300))
+
+
+def test_ranks_split_without_overlap_and_epochs_reshuffle(classifier_setup) -> None:
+    cache = _cache(classifier_setup, top_k=3, shard_size=20)
+    parts = [list(i for b in _loader(classifier_setup, [cache], rank=r, world_size=3) for i in b.ids) for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(300))
+    loader = _loader(classifier_setup, [cache])
+    first = [i for b in loader for i in b.ids]
+    loader.set_epoch(1)
+    second = [i for b in loader for i in b.ids]
+    assert first != second and sorted(first) == sorted(second)
+    assert first == [i for b in _loader(classifier_setup, [cache]) for i in b.ids], "same seed and epoch: same order"
+
+
+def test_two_caches_with_different_shards_pair(classifier_setup) -> None:
+    a = _cache(classifier_setup, top_k=3, shard_size=70)
+    b = _cache(classifier_setup, top_k=5, shard_size=45)
+    rows_a, rows_b = _rows_by_id(a), _rows_by_id(b)
+    n = 0
+    for batch in _loader(classifier_setup, [a, b]):
+        for j, i in enumerate(batch.ids):
+            assert batch.targets[0]["ids"][j].tolist() == rows_a[(i, 0)][0]
+            assert batch.targets[1]["ids"][j].tolist() == rows_b[(i, 0)][0]
+            n += 1
+    assert n == 300
+
+
+def test_token_batches_place_targets_at_their_positions(token_setup) -> None:
+    cache = _cache(token_setup, top_k=4, shard_size=8)
+    expected = _rows_by_id(cache)
+    seqs = token_setup["seqs"]
+    loader = StreamingLoader(Dataset(token_setup["data"]), [cache], input_columns=["input_ids"], batch_size=6, token_level=True, buffer_examples=10)
+    count = 0
+    for batch in loader:
+        for j, i in enumerate(batch.ids):
+            n = len(seqs[i])
+            assert batch.mask[j].tolist() == [True] * n + [False] * (batch.mask.shape[1] - n)
+            assert batch.inputs["input_ids"][j, :n].tolist() == seqs[i].tolist()
+            assert batch.labels[j, : n - 1].tolist() == seqs[i][1:].tolist()
+            assert (batch.labels[j, n - 1 :] == IGNORE).all()
+            for t in range(n):
+                assert batch.targets[0]["ids"][j, t].tolist() == expected[(i, t)][0]
+            count += 1
+    assert count == len(seqs)
+
+
+def test_cache_of_other_rows_is_refused(classifier_setup, tmp_path) -> None:
+    cache = _cache(classifier_setup, top_k=3)
+    shuffled = teachers.write_vectors(tmp_path / "other.parquet", classifier_setup["x"], ids=np.arange(300)[::-1].copy())
+    loader = StreamingLoader(Dataset(shuffled), [cache], input_columns=["x"], batch_size=32, token_level=False)
+    with pytest.raises(CacheError, match="does not pair"):
+        next(iter(loader))
