@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The bundled default: cache the MNIST-1D CNN teacher once, then train the same MLP student from scratch and
 # with KD from that cache, and print both test accuracies side by side.
-# Caches go to $KD_CACHE_DIR (default .kd-cache/ here), runs to runs/default/. Re-running reuses the caches.
+# Caches go to $KD_CACHE_DIR (default .kd-cache/ here), runs to $KD_RUNS_DIR/default (default runs/default).
+# Re-running reuses the caches: the teacher runs only the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export KD_CACHE_DIR="${KD_CACHE_DIR:-.kd-cache}"
 data=data/mnist1d
 teacher=$data/teacher_cnn.onnx
-runs=runs/default
+runs="${KD_RUNS_DIR:-runs}/default"
 common=(--student mlp --epochs 60 --batch-size 128 --lr 2e-3 --seed 0 --eval-data "$data/test.parquet" --overwrite --quiet)
 
 # Stage one: the teacher runs once per dataset. T=4 softens the CNN's confident outputs; k=10 is every class.

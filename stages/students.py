@@ -440,8 +440,14 @@ def _build_custom(
         raise ConfigError(f"student {target!r} needs input_dim (vector inputs) or vocab_size (token inputs)")
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        raw = model(probe)
+    try:
+        with torch.no_grad():
+            raw = model(probe)
+    except Exception as exc:  # the user's code: any failure means it does not keep the protocol
+        raise ConfigError(
+            f"student {target!r} failed on a probe batch {{name: tensor}} = {{{', '.join(f'{k}: {list(v.shape)}' for k, v in probe.items())}}}: "
+            f"{type(exc).__name__}: {exc}. A student's forward takes a dict of input tensors named like the dataset's columns."
+        ) from exc
     model.train(was_training)
     out = _as_output(raw, target)
     if out.logits.shape[0] != 2 or out.logits.shape[-1] != num_outputs:

@@ -45,7 +45,8 @@ class Trainer:
         self.config = config
         self.progress = progress
         self.log = log
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one row per epoch, every stage counted
+        self.frozen: set[int] = set()  # ids of parameters that earlier progressive stages froze
 
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -70,10 +71,10 @@ class Trainer:
         torch.manual_seed(c.seed)
         self.device = torch.device("cuda" if c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available()) else "cpu")
         self.model = self._build_student().to(self.device)
-        self.vocab = self._vocab_limit()
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
-        hidden_names = [[name for _, name in self.hidden_map]] + [[] for _ in self.caches[1:]]
+        hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None)
+        self.vocab = self._vocab_limit()
         self.eval_loader, self.eval_teacher = None, None
         if c.eval_data:
             eval_data = Dataset(c.eval_data)
@@ -198,7 +199,8 @@ class Trainer:
         return loader
 
     def _first_batch(self):
-        return to_device(next(iter(self._loader(self.data, self.caches[:1], shuffle=False))), self.device)
+        """A batch to size projections, check widths and trace the ONNX export with."""
+        return to_device(next(iter(self.train_loader)), self.device)
 
     def _iterate(self, loader: StreamingLoader, epoch: int):
         loader.set_epoch(epoch)
@@ -208,30 +210,35 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> None:
-        """Progressive hidden-state stages (method progressive), then the logit stage; a fresh optimizer each."""
+        """Progressive hidden-state stages (method progressive), then the logit stage."""
         started = time.perf_counter()
-        epoch = 0
-        frozen: set[int] = set()
         for layer, name in self.hidden_map:
-            projection = self._projection(layer, name)
-            hidden_loss = HiddenStateLoss(self.config.hidden_loss)
-            params = [p for p in self.model.parameters() if id(p) not in frozen] + list(projection.parameters())
-            optimizer = self._optimizer(params)
-            for _ in range(self.config.stage_epochs):
-                epoch += 1
-                self._epoch(epoch, f"hidden:{layer}={name}", lambda b: self._hidden_step(b, layer, name, projection, hidden_loss), optimizer)
-            if self.config.freeze_earlier:
-                frozen |= {id(p) for p in self._params_used(layer, name, projection)}
-        optimizer = self._optimizer(list(self.model.parameters()))  # the logit stage trains every layer
-        for _ in range(self.config.epochs):
-            epoch += 1
-            self._epoch(epoch, "logits", self._kd_step, optimizer)
+            self.hidden_stage(layer, name)
+        self.logit_stage()
         self.train_seconds = time.perf_counter() - started
+
+    def hidden_stage(self, layer: int, name: str) -> None:
+        """Train the student up to ``layer`` to match the teacher's hidden state ``name`` (through a projection)."""
+        projection = self._projection(layer, name)
+        hidden_loss = HiddenStateLoss(self.config.hidden_loss)
+        params = [p for p in self.model.parameters() if id(p) not in self.frozen] + list(projection.parameters())
+        optimizer = self._optimizer(params)
+        for _ in range(self.config.stage_epochs):
+            self._epoch(f"hidden:{layer}={name}", lambda b: self._hidden_step(b, layer, name, projection, hidden_loss), optimizer)
+        if self.config.freeze_earlier:
+            self.frozen |= {id(p) for p in self._params_used(layer, name, projection)}
+
+    def logit_stage(self) -> None:
+        """Distil the logits (or train from scratch when alpha is 0), every layer trainable."""
+        optimizer = self._optimizer(list(self.model.parameters()))
+        for _ in range(self.config.epochs):
+            self._epoch("logits", self._kd_step, optimizer)
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
 
-    def _epoch(self, epoch: int, stage: str, step, optimizer: torch.optim.Optimizer) -> None:
+    def _epoch(self, stage: str, step, optimizer: torch.optim.Optimizer) -> None:
+        epoch = len(self.history) + 1
         sums: dict[str, float] = {}
         steps = 0
         t0 = time.perf_counter()
