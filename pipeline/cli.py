@@ -101,6 +101,9 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--seed", type=int, help="Seed: the same seed repeats the run (default 0).")
 @click.option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
 @click.option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
+@click.option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")
+@click.option("--test-cache", help="The teacher's cache of --test-data.")
+@click.option("--top-k", type=int, help="Use only the first K cached ids per position (exact; default all).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where cache keys are looked up.")
 @click.option("--weights", help="Ensemble weights, comma-separated, one per cache (default uniform).")
 @click.option("--ensemble-mode", type=click.Choice(["prob", "logit"]), help="prob: mix probabilities (default); logit: average logits.")
@@ -132,3 +135,8 @@ def train_student(config_file, quiet, **options) -> None:
     config = load_config(TrainStudentConfig, config_file, options)
     stage.run(config, progress=not quiet, log=_log)
     click.echo(config.out)
+
+
+from pipeline import cli_catalog  # noqa: E402  (catalog commands: caches, runs, query, report)
+
+cli_catalog.register(main)

@@ -145,6 +145,9 @@ class TrainStudentConfig:
     seed: int = 0  # seeds torch, the shuffle, and initialisation: same seed, same run
     eval_data: str = ""  # held-out dataset evaluated every epoch
     eval_cache: str = ""  # the teacher's cache of eval_data: adds agreement and KL to the teacher
+    test_data: str = ""  # evaluated once after training (test_* metrics); default: eval_data's final figures
+    test_cache: str = ""  # the teacher's cache of test_data
+    top_k: int = 0  # use only the first k of each cache's ids (exact: the tail grows by what is dropped); 0 = all
     cache_dir: str = field(default_factory=default_cache_root)  # where cache keys are looked up
     weights: list[float] = field(default_factory=list)  # ensemble weights, one per cache (default uniform)
     ensemble_mode: str = "prob"  # prob: mixture of probabilities; logit: average of logits
@@ -189,6 +192,8 @@ class TrainStudentConfig:
                 out.append(f"{name}: {getattr(self, name)} must be >= 1")
         if self.stage_epochs < 0 or self.workers < 0:
             out.append("stage_epochs and workers must be >= 0")
+        if self.top_k < 0:
+            out.append(f"top_k: {self.top_k} must be >= 1 (or 0 for every cached id)")
         if not self.lr > 0:
             out.append(f"lr: {self.lr} must be > 0")
         if self.device not in DEVICES:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.errors import CacheError, DatasetError
+from pipeline.errors import CacheError, ConfigError, DatasetError
 from stages.cache_format import HIDDEN_PREFIX, Cache
 from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array
 
@@ -70,6 +70,7 @@ class StreamingLoader(IterableDataset):
         buffer_examples: int = 8192,
         seed: int = 0,
         pad_token_id: int = 0,
+        top_k: int = 0,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -86,6 +87,10 @@ class StreamingLoader(IterableDataset):
         self.buffer_examples = buffer_examples
         self.seed = seed
         self.pad_token_id = pad_token_id
+        for cache in caches:
+            if top_k > cache.top_k:
+                raise ConfigError(f"top_k {top_k} is more than cache {cache.key} holds ({cache.top_k}); use --top-k <= {cache.top_k}")
+        self.top_k = top_k  # a prefix of each cache's ids: still exact, since logp is normalised over the full vocabulary
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -166,7 +171,7 @@ class StreamingLoader(IterableDataset):
         shard = next(s for s in cache.shards if s["examples"][0] <= start and stop <= s["examples"][1])
         if memo.get("file") != shard["file"]:
             memo.clear()
-            memo.update(file=shard["file"], **self._decode_shard(cache, shard, self.hidden[c]))
+            memo.update(file=shard["file"], **self._decode_shard(cache, shard, self.hidden[c], self.top_k))
         first = start - shard["examples"][0]
         starts, counts = memo["starts"][first : first + stop - start], memo["counts"][first : first + stop - start]
         lo, hi = int(starts[0]), int(starts[-1] + counts[-1])
@@ -174,16 +179,16 @@ class StreamingLoader(IterableDataset):
         return {k: v[lo:hi] for k, v in memo["arrays"].items()}, starts - lo, counts
 
     @staticmethod
-    def _decode_shard(cache: Cache, shard: dict, hidden: list[str]) -> dict:
+    def _decode_shard(cache: Cache, shard: dict, hidden: list[str], top_k: int) -> dict:
         import pyarrow.parquet as pq
 
         columns = ["id", "topk_ids", "topk_logp", "logz"] + [HIDDEN_PREFIX + h for h in hidden]
         table = pq.read_table(cache.shard_path(shard), columns=columns)
-        k = cache.top_k
+        k, keep = cache.top_k, top_k or cache.top_k
         arrays = {
             "id": table.column("id").to_numpy(),
-            "ids": _flat(table.column("topk_ids")).reshape(-1, k).astype(np.int64),
-            "logp": _flat(table.column("topk_logp")).reshape(-1, k),
+            "ids": _flat(table.column("topk_ids")).reshape(-1, k)[:, :keep].astype(np.int64),
+            "logp": np.ascontiguousarray(_flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
             "logz": table.column("logz").to_numpy(),
         }
         for h in hidden:

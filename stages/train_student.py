@@ -75,13 +75,8 @@ class Trainer:
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None)
         self.vocab = self._vocab_limit()
-        self.eval_loader, self.eval_teacher = None, None
-        if c.eval_data:
-            eval_data = Dataset(c.eval_data)
-            eval_caches = [self._open_cache(c.eval_cache, eval_data)] if c.eval_cache else []
-            self.eval_loader = self._loader(eval_data, eval_caches, shuffle=False)
-            if eval_caches:
-                self.eval_teacher = (eval_caches[0].temperature, eval_caches[0].num_classes)
+        self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
+        self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
         if c.method == "ensemble":
             self.loss = EnsembleKDLoss(c.alpha, self.temperature, c.weights or None, c.ensemble_mode)
         else:
@@ -91,6 +86,15 @@ class Trainer:
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
             f"alpha {c.alpha}, T {self.temperature}; {self.data.num_rows} training examples"
         )
+
+    def _held_out(self, data_path: str, cache_ref: str) -> tuple[StreamingLoader, tuple[float, int] | None] | None:
+        """(loader, (T, V) of its teacher cache or None), or None when no dataset was given."""
+        if not data_path:
+            return None
+        data = Dataset(data_path)
+        caches = [self._open_cache(cache_ref, data)] if cache_ref else []
+        teacher = (caches[0].temperature, caches[0].num_classes) if caches else None
+        return self._loader(data, caches, shuffle=False), teacher
 
     def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
         cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
@@ -154,7 +158,7 @@ class Trainer:
     def _max_token(self) -> int:
         import pyarrow.compute as pc
 
-        paths = [self.data] + ([Dataset(self.config.eval_data)] if self.config.eval_data else [])
+        paths = [self.data] + [Dataset(p) for p in (self.config.eval_data, self.config.test_data) if p]
         return max(int(pc.max(pc.list_flatten(d.read(0, d.num_rows, ["input_ids"]).column(0))).as_py()) for d in paths)
 
     def _vocab_limit(self) -> int | None:
@@ -194,7 +198,7 @@ class Trainer:
     def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None):
         loader = StreamingLoader(
             data, caches, input_columns=self.inputs, batch_size=self.config.batch_size, token_level=self.token_level,
-            hidden=hidden, shuffle=shuffle, buffer_examples=self.config.buffer, seed=self.config.seed,
+            hidden=hidden, shuffle=shuffle, buffer_examples=self.config.buffer, seed=self.config.seed, top_k=self.config.top_k,
         )
         return loader
 
@@ -253,8 +257,8 @@ class Trainer:
             steps += 1
             bar.set_postfix(loss=f"{out.parts.get('total', out.parts.get('hidden', 0.0)):.4f}")
         row = {"epoch": epoch, "stage": stage, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
-        if self.eval_loader is not None:
-            metrics = evaluate(self.model, self.eval_loader, self.device, self.token_level, self.eval_teacher, self.vocab)
+        if self.eval_set is not None:
+            metrics = evaluate(self.model, *self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab)
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
         self.log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -312,8 +316,12 @@ class Trainer:
         metrics = {"method": c.method, "alpha": c.alpha, "temperature": self.temperature, "student": c.student,
                    "epochs": len(self.history), "train_seconds": round(self.train_seconds, 2), "cache_keys": [x["key"] for x in caches]}
         final = self.history[-1] if self.history else {}
-        metrics.update({"test_" + k[5:]: v for k, v in final.items() if k.startswith("eval_")})
-        metrics.update({k: v for k, v in final.items() if k.startswith("train_")})
+        metrics.update({k: v for k, v in final.items() if k.startswith(("train_", "eval_"))})
+        if self.test_set is not None:
+            test = evaluate(self.model, *self.test_set, device=self.device, token_level=self.token_level, vocab=self.vocab)
+        else:  # no separate test set: the held-out eval set's final figures are the test figures
+            test = {k[5:]: v for k, v in final.items() if k.startswith("eval_")}
+        metrics.update({"test_" + k: v for k, v in test.items()})
         if c.export_onnx:
             example = self._first_batch()
             small = {k: v[:4].cpu() for k, v in example.inputs.items()}

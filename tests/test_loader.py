@@ -104,3 +104,14 @@ def test_cache_of_other_rows_is_refused(classifier_setup, tmp_path) -> None:
     loader = StreamingLoader(Dataset(shuffled), [cache], input_columns=["x"], batch_size=32, token_level=False)
     with pytest.raises(CacheError, match="does not pair"):
         next(iter(loader))
+
+
+def test_top_k_prefix_of_a_wider_cache_equals_the_narrow_cache(classifier_setup) -> None:
+    wide = _cache(classifier_setup, top_k=6)
+    narrow = _cache(classifier_setup, top_k=2)
+    a = next(iter(_loader(classifier_setup, [wide], shuffle=False, top_k=2)))
+    b = next(iter(_loader(classifier_setup, [narrow], shuffle=False)))
+    assert torch.equal(a.targets[0]["ids"], b.targets[0]["ids"])
+    assert torch.equal(a.targets[0]["logp"], b.targets[0]["logp"])
+    with pytest.raises(Exception, match="top_k 7 is more than"):
+        _loader(classifier_setup, [wide], top_k=7)

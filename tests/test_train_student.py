@@ -189,3 +189,15 @@ def test_existing_run_directory_is_not_overwritten_silently(classifier_setup, tm
     result = CliRunner().invoke(main, ["train-student", "--data", str(classifier_setup["data"]), "--alpha", "0", "--out", str(out), "--quiet"])
     _fails(result, "exists and is not empty", "--overwrite")
     assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_test_set_is_evaluated_once_apart_from_the_eval_set(classifier_setup, tmp_path) -> None:
+    cache = _cache(classifier_setup, top_k=3)
+    half = teachers.write_vectors(tmp_path / "half.parquet", classifier_setup["x"][:150], np.arange(150) % 10)
+    run = train_student.run(
+        _config(classifier_setup, tmp_path / "r", cache=[str(cache)], eval_data=str(classifier_setup["data"]), test_data=str(half), top_k=2),
+        **QUIET,
+    )
+    assert "eval_accuracy" in run and "test_accuracy" in run
+    csv_rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    assert "test_" not in csv_rows[0], "the test set is not looked at during training"
