@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-
 import click
 
+from pipeline import cli_catalog
+from pipeline.cli_base import errors_to_click, log, main
 from pipeline.config import DEVICES, METHODS, POSTPROCESS, CacheTeacherConfig, TrainStudentConfig, load_config
-from pipeline.errors import PipelineError
-
-
-def _errors_to_click(fn):
-    """PipelineError (bad input, named and explained) -> exit 1 with the message; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PipelineError as exc:
-            raise click.ClickException(str(exc)) from exc
-        except KeyboardInterrupt:
-            click.echo("interrupted; completed shards are kept and the next run resumes after them", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _log(message: str) -> None:
-    click.echo(message, err=True)  # progress and notes on stderr: stdout's last line is the result
-
-
-@click.group()
-@click.version_option(package_name="kd-pipeline")
-def main() -> None:
-    """Run a teacher once, cache its soft targets, distil many students from the cache."""
 
 
 @main.command("cache-teacher")
@@ -54,21 +26,21 @@ def main() -> None:
 @click.option("--probe-positions", type=int, help="Positions for dense fidelity statistics (default 512).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_errors_to_click
+@errors_to_click
 def cache_teacher(config_file, quiet, **options) -> None:
     """Run a teacher over a dataset and cache its top-k soft targets. Prints the cache directory last."""
     from stages import cache_teacher as stage
 
     options["hidden"] = list(options["hidden"]) or None
     config = load_config(CacheTeacherConfig, config_file, options)
-    result = stage.run(config, progress=not quiet, log=_log)
+    result = stage.run(config, progress=not quiet, log=log)
     click.echo(str(result.path))
 
 
 @main.command("inspect-teacher")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--all", "show_all", is_flag=True, help="List every intermediate tensor, not only named ones.")
-@_errors_to_click
+@errors_to_click
 def inspect_teacher(model, show_all) -> None:
     """Show a teacher's inputs, outputs, kind, and the tensors that --hidden can cache."""
     from stages.teacher import inspect, tensor_names
@@ -121,7 +93,7 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_errors_to_click
+@errors_to_click
 def train_student(config_file, quiet, **options) -> None:
     """Train a student from cached soft targets (KD, ensemble or progressive). Prints the run directory last."""
     from stages import train_student as stage
@@ -133,10 +105,8 @@ def train_student(config_file, quiet, **options) -> None:
         except ValueError as exc:
             raise click.UsageError(f"--weights {options['weights']!r}: give comma-separated numbers, e.g. 1,2") from exc
     config = load_config(TrainStudentConfig, config_file, options)
-    stage.run(config, progress=not quiet, log=_log)
+    stage.run(config, progress=not quiet, log=log)
     click.echo(config.out)
 
 
-from pipeline import cli_catalog  # noqa: E402  (catalog commands: caches, runs, query, report)
-
-cli_catalog.register(main)
+cli_catalog.register(main)  # caches, runs, query, report

@@ -1,0 +1,395 @@
+"""The catalog: SQL views over the caches under a cache root and the runs under a runs root, with DuckDB.
+
+Where the truth lives: in the files the two stages already write, and nowhere else. A cache is its directory
+(``manifest.json``, the shards); a run is its directory (``config.json``, ``metrics.json``, ``metrics.csv``).
+Every command builds the catalog afresh from them in an in-memory DuckDB connection and throws it away; no
+catalog database is ever stored, so nothing can go stale: delete or corrupt a cache and the next command sees
+it. Building is cheap: it reads small JSON/CSV files and directory listings; Parquet shards are read only when
+a query touches ``positions`` (or ``caches show`` computes its statistics).
+
+Views (SQL names; the README, "Catalog, queries and reports", lists every column):
+
+    caches      one row per directory under the cache root, complete or not (status says which)
+    shards      one row per shard a manifest lists, with whether its file is present
+    runs        one row per run directory (any directory under the runs root holding config.json)
+    run_caches  which cache each run used: run, cache_key, role ('train' | 'eval')
+    epochs      one row per run epoch, from metrics.csv
+    positions   one row per cached position of every complete cache (only with ``positions=True``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from pipeline.config import default_cache_root
+from pipeline.errors import CacheError, ConfigError, PipelineError
+from stages import cache_format as fmt
+
+RUN_CONFIG = "config.json"  # a directory holding it is a run
+RUN_METRICS = "metrics.json"  # written last by train-student: a run without it did not finish
+RUN_EPOCHS = "metrics.csv"
+LOCK = ".lock"  # cache-teacher holds an exclusive flock on it while it writes a cache
+_KEY_NAME = re.compile(r"^[0-9a-f]{%d}$" % fmt.KEY_LENGTH)
+_POSITION_COLUMNS = "id, position, topk_ids, topk_logp, logz, tail_mass"  # hidden states stay out of the view
+_QUANTILES = (0.01, 0.5, 0.9, 0.99)  # reported by `caches show` beside the mean, min and max
+
+CACHE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("status", pa.string()), ("complete", pa.bool_()), ("path", pa.string()),
+    ("teacher", pa.string()), ("teacher_sha256", pa.string()), ("kind", pa.string()), ("num_classes", pa.int64()),
+    ("dataset_path", pa.string()), ("dataset_fingerprint", pa.string()), ("dataset_rows", pa.int64()),
+    ("target_format", pa.string()), ("top_k", pa.int64()), ("temperature", pa.float64()),
+    ("hidden", pa.list_(pa.string())), ("num_positions", pa.int64()), ("num_shards", pa.int64()),
+    ("bytes_on_disk", pa.int64()), ("created", pa.string()), ("probe_positions", pa.int64()),
+    ("probe_kl_mean", pa.float64()), ("probe_kl_max", pa.float64()), ("probe_entropy_mean", pa.float64()),
+    ("probe_top1_mean", pa.float64()), ("probe_tail_mass_mean", pa.float64()), ("runs", pa.int64()),
+])
+SHARD_SCHEMA = pa.schema([("cache_key", pa.string()), ("file", pa.string()), ("rows", pa.int64()),
+                          ("bytes", pa.int64()), ("sha256", pa.string()), ("present", pa.bool_())])
+RUN_SCHEMA = pa.schema([
+    ("run", pa.string()), ("status", pa.string()), ("complete", pa.bool_()), ("path", pa.string()),
+    ("method", pa.string()), ("student", pa.string()), ("alpha", pa.float64()), ("temperature", pa.float64()),
+    ("epochs", pa.int64()), ("data", pa.string()), ("eval_data", pa.string()), ("cache_keys", pa.list_(pa.string())),
+    ("eval_cache_key", pa.string()), ("student_parameters", pa.int64()), ("train_seconds", pa.float64()),
+    ("test_accuracy", pa.float64()), ("test_agreement", pa.float64()), ("test_kl", pa.float64()),
+    ("test_perplexity", pa.float64()), ("metrics", pa.map_(pa.string(), pa.float64())), ("finished", pa.string()),
+])
+RUN_CACHE_SCHEMA = pa.schema([("run", pa.string()), ("cache_key", pa.string()), ("role", pa.string())])
+
+
+def default_runs_root() -> str:
+    """$KD_RUNS_DIR, else runs/ in the working directory (where data/run_default.sh writes)."""
+    return os.environ.get("KD_RUNS_DIR") or "runs"
+
+
+@dataclass
+class CacheEntry:
+    """One directory under the cache root. ``manifest`` is None unless the cache is complete and readable."""
+
+    key: str
+    path: Path
+    status: str  # complete | incomplete (no manifest) | missing shards | unreadable (bad manifest)
+    manifest: dict | None
+    bytes_on_disk: int
+    problem: str = ""
+
+    def shard_files(self) -> list[Path]:
+        return [self.path / s["file"] for s in self.manifest["shards"]] if self.manifest else []
+
+
+@dataclass
+class RunEntry:
+    """One run directory. ``metrics`` is None while the run has not finished (no metrics.json)."""
+
+    name: str
+    path: Path
+    config: dict
+    metrics: dict | None
+    cache_keys: list[str]
+    eval_cache_key: str | None
+    epochs: list[dict] = field(default_factory=list)
+
+    def require_metrics(self) -> dict:
+        if self.metrics is None:
+            raise PipelineError(
+                f"run {self.name} ({self.path}) has no {RUN_METRICS}: it has not finished (still training, or it "
+                "failed). Wait for it, or re-run train-student with --overwrite."
+            )
+        return self.metrics
+
+
+def _iso_mtime(path: Path) -> str:
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def read_cache_entry(path: Path) -> CacheEntry:
+    """One cache directory as it is on disk now: its status, and its manifest when complete and readable."""
+    status, manifest, problem = "incomplete", None, ""
+    if (path / fmt.MANIFEST).is_file():
+        try:
+            manifest = fmt.open_cache(path).manifest
+            missing = [s["file"] for s in manifest["shards"] if not (path / s["file"]).is_file()]
+            status, problem = ("missing shards", ", ".join(missing)) if missing else ("complete", "")
+        except CacheError as exc:
+            status, problem = "unreadable", str(exc)
+    return CacheEntry(path.name, path, status, manifest, _dir_bytes(path), problem)
+
+
+def scan_caches(root: Path) -> list[CacheEntry]:
+    """Every directory directly under ``root``, oldest first, each with its status."""
+    if not root.is_dir():
+        return []
+    entries = [read_cache_entry(p) for p in sorted(root.iterdir()) if p.is_dir()]
+    return sorted(entries, key=lambda e: (e.manifest or {}).get("created") or _iso_mtime(e.path))
+
+
+def _key_of(ref: str, keys: set[str]) -> str | None:
+    """The cache key a run's reference (path, key or prefix) named, if it is still in the catalog."""
+    if not ref:
+        return None
+    name = Path(ref).name
+    if name in keys:
+        return name
+    matches = [k for k in keys if k.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _read_epochs(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            parsed: dict = {}
+            for k, v in row.items():
+                if k == "stage":
+                    parsed[k] = v
+                elif k == "epoch":
+                    parsed[k] = int(v)
+                else:
+                    parsed[k] = float(v) if v not in ("", None) else None
+            rows.append(parsed)
+    return rows
+
+
+def scan_runs(root: Path, cache_keys: set[str]) -> list[RunEntry]:
+    """Every directory under ``root`` holding config.json (not looking inside a run for more runs)."""
+    runs: list[RunEntry] = []
+    if not root.is_dir():
+        return runs
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if RUN_CONFIG not in filenames:
+            continue
+        dirnames.clear()  # a run's subdirectories are part of it, not runs of their own
+        path = Path(dirpath)
+        try:
+            saved = json.loads((path / RUN_CONFIG).read_text())
+            metrics = json.loads((path / RUN_METRICS).read_text()) if (path / RUN_METRICS).is_file() else None
+        except json.JSONDecodeError:
+            continue  # not a run this pipeline wrote (or one torn mid-write): leave it out
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            continue
+        config = saved["config"]
+        trained = [c["key"] for c in saved.get("caches", []) if isinstance(c, dict) and "key" in c]
+        name = path.relative_to(root).as_posix() if path != root else path.name
+        runs.append(RunEntry(name, path, saved, metrics, trained, _key_of(config.get("eval_cache", ""), cache_keys),
+                             _read_epochs(path / RUN_EPOCHS)))
+    return runs
+
+
+def _cache_row(entry: CacheEntry, uses: int) -> dict:
+    m = entry.manifest or {}
+    teacher, dataset, probe = m.get("teacher", {}), m.get("dataset", {}), m.get("fidelity") or {}
+    return {
+        "key": entry.key, "status": entry.status, "complete": entry.status == "complete", "path": str(entry.path),
+        "teacher": teacher.get("name"), "teacher_sha256": teacher.get("sha256"), "kind": teacher.get("kind"),
+        "num_classes": teacher.get("num_classes"), "dataset_path": dataset.get("path"),
+        "dataset_fingerprint": dataset.get("fingerprint"), "dataset_rows": dataset.get("num_rows"),
+        "target_format": m.get("target_format"), "top_k": m.get("top_k"), "temperature": m.get("temperature"),
+        "hidden": sorted(m.get("hidden", {})) if m else None, "num_positions": m.get("num_positions"),
+        "num_shards": len(m["shards"]) if m else len(list(entry.path.glob("shard-*.parquet"))),
+        "bytes_on_disk": entry.bytes_on_disk, "created": m.get("created") or _iso_mtime(entry.path),
+        "probe_positions": probe.get("positions"), "probe_kl_mean": probe.get("kl_mean"), "probe_kl_max": probe.get("kl_max"),
+        "probe_entropy_mean": probe.get("entropy_mean"), "probe_top1_mean": probe.get("top1_prob_mean"),
+        "probe_tail_mass_mean": probe.get("tail_mass_mean"), "runs": uses,
+    }
+
+
+def _run_row(run: RunEntry) -> dict:
+    c, m = run.config["config"], run.metrics or {}
+    numeric = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        "run": run.name, "status": "complete" if run.metrics is not None else "incomplete",
+        "complete": run.metrics is not None, "path": str(run.path), "method": c.get("method"),
+        "student": c.get("student"), "alpha": c.get("alpha"), "temperature": m.get("temperature", c.get("temperature")),
+        "epochs": m.get("epochs", c.get("epochs")), "data": c.get("data"), "eval_data": c.get("eval_data") or None,
+        "cache_keys": run.cache_keys, "eval_cache_key": run.eval_cache_key,
+        "student_parameters": run.config.get("student_parameters"), "train_seconds": m.get("train_seconds"),
+        "test_accuracy": m.get("test_accuracy"), "test_agreement": m.get("test_agreement"), "test_kl": m.get("test_kl"),
+        "test_perplexity": m.get("test_perplexity"), "metrics": numeric,
+        "finished": _iso_mtime(run.path / RUN_METRICS) if run.metrics is not None else None,
+    }
+
+
+def _epochs_table(runs: list[RunEntry]) -> pa.Table:
+    names = list(dict.fromkeys(k for r in runs for row in r.epochs for k in row if k not in ("epoch", "stage")))
+    schema = pa.schema([("run", pa.string()), ("epoch", pa.int64()), ("stage", pa.string())] + [(n, pa.float64()) for n in names])
+    rows = [{"run": r.name, **row} for r in runs for row in r.epochs]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class Catalog:
+    """The caches and runs on disk as DuckDB views; build one per command and drop it afterwards."""
+
+    def __init__(self, cache_root: str | Path | None = None, runs_root: str | Path | None = None, positions: bool = False):
+        self.cache_root = Path(cache_root or default_cache_root())
+        self.runs_root = Path(runs_root or default_runs_root())
+        self.caches = scan_caches(self.cache_root)
+        keys = {c.key for c in self.caches}
+        self.runs = scan_runs(self.runs_root, keys)
+        self.con = duckdb.connect()
+        uses = [(r.name, k, "train") for r in self.runs for k in r.cache_keys]
+        uses += [(r.name, r.eval_cache_key, "eval") for r in self.runs if r.eval_cache_key]
+        users = {k: len({run for run, key, _ in uses if key == k}) for k in keys}
+        self._tables = {
+            "caches": pa.Table.from_pylist([_cache_row(c, users[c.key]) for c in self.caches], schema=CACHE_SCHEMA),
+            "shards": pa.Table.from_pylist([
+                {"cache_key": c.key, "file": s["file"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"],
+                 "present": (c.path / s["file"]).is_file()} for c in self.caches if c.manifest for s in c.manifest["shards"]
+            ], schema=SHARD_SCHEMA),
+            "runs": pa.Table.from_pylist([_run_row(r) for r in self.runs], schema=RUN_SCHEMA),
+            "run_caches": pa.Table.from_pylist([dict(zip(("run", "cache_key", "role"), u)) for u in uses], schema=RUN_CACHE_SCHEMA),
+            "epochs": _epochs_table(self.runs),
+        }
+        for name, table in self._tables.items():
+            self.con.register(name, table)
+        if positions:
+            self._create_positions_view()
+
+    def _create_positions_view(self) -> None:
+        selects = [self.positions_sql(c) for c in self.caches if c.status == "complete"]
+        empty = "SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, NULL::INTEGER[] AS topk_ids, " \
+                "NULL::FLOAT[] AS topk_logp, NULL::FLOAT AS logz, NULL::FLOAT AS tail_mass WHERE false"
+        try:
+            self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
+        except duckdb.Error as exc:
+            raise CacheError(f"cannot read the caches' shards: {exc}. Check them with `pipeline caches verify`.") from exc
+
+    @staticmethod
+    def positions_sql(entry: CacheEntry) -> str:
+        """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
+        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in entry.shard_files())
+        return f"SELECT '{entry.key}' AS cache_key, {_POSITION_COLUMNS} FROM read_parquet([{files}])"
+
+    def sql(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        """Run SQL over the views: (column names, rows). A DuckDB error comes back as its own message."""
+        try:
+            result = self.con.execute(query, params or [])
+        except duckdb.Error as exc:
+            raise PipelineError(str(exc)) from exc
+        if result.description is None:
+            return [], []
+        return [d[0] for d in result.description], result.fetchall()
+
+    def statistics(self, entry: CacheEntry) -> dict:
+        """Distribution statistics over every position of one complete cache, computed by DuckDB over its shards.
+
+        tail_mass and top1_prob (= exp(topk_logp[1])) are exact. The teacher's entropy at T is not stored, so it
+        is bracketed from the top-k and the tail: the cached ids contribute -sum p log p exactly; the tail mass m
+        over the V-k uncached ids contributes at least -m log p_k (no uncached id is likelier than the k-th) and
+        at most -m log(m / (V-k)) (spread uniformly). With k = V both bounds are the exact entropy.
+        """
+        uncached = max(int(entry.manifest["teacher"]["num_classes"] or 0) - int(entry.manifest["top_k"]), 0)
+        per_position = f"""
+            SELECT tail, top1,
+                   h_top + CASE WHEN tail > 0 AND logp_min > -1e30 THEN -tail * logp_min ELSE 0 END AS entropy_lower,
+                   h_top + CASE WHEN tail > 0 AND {uncached} > 0 THEN -tail * ln(tail / {uncached}) ELSE 0 END AS entropy_upper
+            FROM (SELECT greatest(tail_mass::DOUBLE, 0) AS tail, exp(topk_logp[1]::DOUBLE) AS top1, topk_logp[-1]::DOUBLE AS logp_min,
+                         list_sum([CASE WHEN x > -1e30 THEN -exp(x) * x ELSE 0 END FOR x IN topk_logp::DOUBLE[]]) AS h_top
+                  FROM ({self.positions_sql(entry)}))"""
+        names = ("tail", "top1", "entropy_lower", "entropy_upper")
+        aggregates = ", ".join(f"avg({n}), min({n}), quantile_cont({n}, {list(_QUANTILES)}), max({n})" for n in names)
+        _, rows = self.sql(f"SELECT count(*), {aggregates} FROM ({per_position})")
+        row = rows[0]
+        out: dict = {"positions": row[0]}
+        for i, name in enumerate(("tail_mass", "top1_prob", "entropy_lower", "entropy_upper")):
+            mean, lo, qs, hi = row[1 + 4 * i : 5 + 4 * i]
+            out[name] = {"mean": mean, "min": lo, **{f"p{round(q * 100):02d}": v for q, v in zip(_QUANTILES, qs or [])}, "max": hi}
+        return out
+
+    # -- lookups ------------------------------------------------------------------------------------------
+    def cache(self, ref: str) -> CacheEntry:
+        """A cache by key, unique key prefix or path (``stages.cache_format.resolve_cache``)."""
+        path = fmt.resolve_cache(ref, self.cache_root).resolve()
+        for entry in self.caches:
+            if entry.path.resolve() == path:
+                return entry
+        return read_cache_entry(path)  # a cache given by its path, outside the cache root
+
+    def complete_cache(self, ref: str) -> CacheEntry:
+        entry = self.cache(ref)
+        if entry.status != "complete":
+            raise CacheError(f"cache {entry.key} is {entry.status}{': ' + entry.problem if entry.problem else ''} ({entry.path})")
+        return entry
+
+    def run(self, ref: str) -> RunEntry:
+        """A run by path, by name under the runs root (e.g. default/kd), or by a unique trailing part of its name (kd)."""
+        wanted = Path(ref).resolve()
+        for run in self.runs:
+            if run.path.resolve() == wanted or run.name == ref:
+                return run
+        matches = [r for r in self.runs if r.name.endswith("/" + ref.strip("/"))]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ConfigError(f"run '{ref}' is ambiguous: {', '.join(r.name for r in matches)}; give the full name")
+        if Path(ref).is_dir():
+            raise ConfigError(f"{ref} is not a run directory (no {RUN_CONFIG}); train-student --out writes one")
+        raise ConfigError(f"no run '{ref}' under {self.runs_root}; list runs with `pipeline runs list` (or set --runs-dir)")
+
+
+# -- cleaning ----------------------------------------------------------------------------------------------
+def _try_lock(path: Path, create: bool = True):
+    """An exclusive non-blocking flock on the cache's lock file; None if a live cache-teacher holds it.
+
+    ``create=False`` (a dry run) leaves a directory without a lock file untouched: nobody can be holding it.
+    """
+    if not create and not (path / LOCK).exists():
+        return contextlib.nullcontext()
+    handle = open(path / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+def remove_cache(entry: CacheEntry) -> None:
+    """Delete one cache directory, unless a cache-teacher process is writing it right now."""
+    if not _KEY_NAME.match(entry.key) or not any((entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, "request.json")):
+        raise CacheError(f"{entry.path} does not look like a cache directory (no manifest, journal or request); not removing it")
+    lock = _try_lock(entry.path)
+    if lock is None:
+        raise CacheError(f"cache {entry.key} is being written by a running cache-teacher; wait for it or stop it first")
+    with lock:
+        shutil.rmtree(entry.path)
+
+
+def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, str]]:
+    """Incomplete leftovers under the cache root, each with what was (or would be) done: removed / in use / skipped.
+
+    Only directories named like a key and without a manifest qualify; complete caches are never touched here.
+    """
+    done = []
+    for entry in catalog.caches:
+        if entry.status != "incomplete":
+            continue
+        if not _KEY_NAME.match(entry.key):
+            done.append((entry, "skipped: not named like a cache key"))
+            continue
+        lock = _try_lock(entry.path, create=not dry_run)
+        if lock is None:
+            done.append((entry, "skipped: a running cache-teacher holds its lock"))
+            continue
+        with lock:
+            if not dry_run:
+                shutil.rmtree(entry.path)
+        done.append((entry, "would remove" if dry_run else "removed"))
+    return done
