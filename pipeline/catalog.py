@@ -42,7 +42,11 @@ RUN_METRICS = "metrics.json"  # written last by train-student: a run without it 
 RUN_EPOCHS = "metrics.csv"
 LOCK = ".lock"  # cache-teacher holds an exclusive flock on it while it writes a cache
 _KEY_NAME = re.compile(r"^[0-9a-f]{%d}$" % fmt.KEY_LENGTH)
-_POSITION_COLUMNS = "id, position, topk_ids, topk_logp, logz, tail_mass"  # hidden states stay out of the view
+# Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.
+_TOPK_COLUMNS = "topk_ids, topk_logp, logz, tail_mass"
+_SAMPLED_COLUMNS = "sample_ids, sample_counts"
+_NO_TOPK = "NULL::INTEGER[] AS topk_ids, NULL::FLOAT[] AS topk_logp, NULL::FLOAT AS logz, NULL::FLOAT AS tail_mass"
+_NO_SAMPLED = "NULL::INTEGER[] AS sample_ids, NULL::SMALLINT[] AS sample_counts"
 _QUANTILES = (0.01, 0.5, 0.9, 0.99)  # reported by `caches show` beside the mean, min and max
 
 CACHE_SCHEMA = pa.schema([
@@ -264,8 +268,7 @@ class Catalog:
 
     def _create_positions_view(self) -> None:
         selects = [self.positions_sql(c) for c in self.caches if c.status == "complete"]
-        empty = "SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, NULL::INTEGER[] AS topk_ids, " \
-                "NULL::FLOAT[] AS topk_logp, NULL::FLOAT AS logz, NULL::FLOAT AS tail_mass WHERE false"
+        empty = f"SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, {_NO_TOPK}, {_NO_SAMPLED} WHERE false"
         try:
             self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
         except duckdb.Error as exc:
@@ -275,7 +278,9 @@ class Catalog:
     def positions_sql(entry: CacheEntry) -> str:
         """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in entry.shard_files())
-        return f"SELECT '{entry.key}' AS cache_key, {_POSITION_COLUMNS} FROM read_parquet([{files}])"
+        sampled = entry.manifest.get("target_format") == "sampled"
+        columns = f"{_NO_TOPK}, {_SAMPLED_COLUMNS}" if sampled else f"{_TOPK_COLUMNS}, {_NO_SAMPLED}"
+        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM read_parquet([{files}])"
 
     def sql(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """Run SQL over the views: (column names, rows). A DuckDB error comes back as its own message."""
@@ -295,6 +300,8 @@ class Catalog:
         over the V-k uncached ids contributes at least -m log p_k (no uncached id is likelier than the k-th) and
         at most -m log(m / (V-k)) (spread uniformly). With k = V both bounds are the exact entropy.
         """
+        if entry.manifest.get("target_format") == "sampled":
+            return self._sampled_statistics(entry)
         uncached = max(int(entry.manifest["teacher"]["num_classes"] or 0) - int(entry.manifest["top_k"]), 0)
         per_position = f"""
             SELECT tail, top1,
@@ -303,12 +310,23 @@ class Catalog:
             FROM (SELECT greatest(tail_mass::DOUBLE, 0) AS tail, exp(topk_logp[1]::DOUBLE) AS top1, topk_logp[-1]::DOUBLE AS logp_min,
                          list_sum([CASE WHEN x > -1e30 THEN -exp(x) * x ELSE 0 END FOR x IN topk_logp::DOUBLE[]]) AS h_top
                   FROM ({self.positions_sql(entry)}))"""
-        names = ("tail", "top1", "entropy_lower", "entropy_upper")
+        return self._distributions(per_position, {"tail": "tail_mass", "top1": "top1_prob", "entropy_lower": "entropy_lower", "entropy_upper": "entropy_upper"})
+
+    def _sampled_statistics(self, entry: CacheEntry) -> dict:
+        """A sampled cache: how many distinct ids the draws hit per position, and the top draw's frequency."""
+        draws = int(entry.manifest["samples"])
+        per_position = f"""
+            SELECT len(sample_ids)::DOUBLE AS distinct_ids, list_max(sample_counts)::DOUBLE / {draws} AS top_frequency
+            FROM ({self.positions_sql(entry)})"""
+        return self._distributions(per_position, {"distinct_ids": "distinct_ids", "top_frequency": "top_draw_frequency"})
+
+    def _distributions(self, per_position: str, names: dict[str, str]) -> dict:
+        """count, then mean / min / quantiles / max of each column of ``per_position`` (SQL), under ``names``."""
         aggregates = ", ".join(f"avg({n}), min({n}), quantile_cont({n}, {list(_QUANTILES)}), max({n})" for n in names)
         _, rows = self.sql(f"SELECT count(*), {aggregates} FROM ({per_position})")
         row = rows[0]
         out: dict = {"positions": row[0]}
-        for i, name in enumerate(("tail_mass", "top1_prob", "entropy_lower", "entropy_upper")):
+        for i, name in enumerate(names.values()):
             mean, lo, qs, hi = row[1 + 4 * i : 5 + 4 * i]
             out[name] = {"mean": mean, "min": lo, **{f"p{round(q * 100):02d}": v for q, v in zip(_QUANTILES, qs or [])}, "max": hi}
         return out

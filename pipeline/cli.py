@@ -6,7 +6,7 @@ import click
 
 from pipeline import cli_catalog
 from pipeline.cli_base import errors_to_click, log, main
-from pipeline.config import DEVICES, METHODS, POSTPROCESS, CacheTeacherConfig, TrainStudentConfig, load_config
+from pipeline.config import DEVICES, METHODS, POSTPROCESS, TARGET_FORMATS, CacheTeacherConfig, TrainStudentConfig, load_config
 
 
 @main.command("cache-teacher")
@@ -24,6 +24,9 @@ from pipeline.config import DEVICES, METHODS, POSTPROCESS, CacheTeacherConfig, T
 @click.option("--postprocess", type=click.Choice(POSTPROCESS), help="Where top-k runs: torch, graph (in ONNX), auto.")
 @click.option("--pad-token-id", type=int, help="Id used to pad token inputs (default 0; padded positions are not cached).")
 @click.option("--probe-positions", type=int, help="Positions for dense fidelity statistics (default 512).")
+@click.option("--target-format", type=click.Choice(TARGET_FORMATS), help="topk (default) or sampled (ids drawn from the teacher, with counts).")
+@click.option("--samples", type=int, help="Sampled format: draws per position (default 64).")
+@click.option("--sample-seed", type=int, help="Sampled format: seed of the draws (default 0).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click

@@ -112,9 +112,11 @@ def caches_list(cache_dir, runs_dir, out_format) -> None:
 
 def _stats_lines(stats: dict) -> list[str]:
     names = {"tail_mass": "tail mass", "top1_prob": "top-1 probability",
-             "entropy_lower": "entropy >= (bound, nats)", "entropy_upper": "entropy <= (bound, nats)"}
-    columns = ["statistic"] + list(stats["tail_mass"])
-    rows = [tuple([label] + list(stats[name].values())) for name, label in names.items()]
+             "entropy_lower": "entropy >= (bound, nats)", "entropy_upper": "entropy <= (bound, nats)",
+             "distinct_ids": "distinct ids drawn", "top_draw_frequency": "top draw's frequency"}
+    present = {name: label for name, label in names.items() if name in stats}
+    columns = ["statistic"] + list(stats[next(iter(present))])
+    rows = [tuple([label] + list(stats[name].values())) for name, label in present.items()]
     return render(columns, rows).splitlines()
 
 
@@ -135,12 +137,13 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
         click.echo(json.dumps(_plain(shown), indent=2))
         return
     t, d, probe = m["teacher"], m["dataset"], m.get("fidelity") or {}
+    what = f"{m['samples']} draws" if m.get("target_format") == "sampled" else f"top-{m['top_k']}"
     lines = [
         f"cache      {entry.key}  ({entry.status})",
         f"path       {entry.path}",
         f"teacher    {t['name']}  sha256 {t['sha256'][:12]}  {t['kind']}, {t['num_classes']} classes/vocabulary, output '{t['logits_output']}'",
         f"dataset    {d['path']}  fingerprint {d['fingerprint'][:12]}  {d['num_rows']} rows",
-        f"targets    {m.get('target_format', 'topk')} v{m['format_version']}: top-{m['top_k']} at T={m['temperature']:g}; "
+        f"targets    {m.get('target_format', 'topk')} v{m['format_version']}: {what} at T={m['temperature']:g}; "
         f"hidden: {', '.join(f'{n} {s}' for n, s in m.get('hidden', {}).items()) or 'none'}",
         f"positions  {m['num_positions']} in {len(m['shards'])} shard(s), {m['bytes']} bytes ({m['bytes_per_position']:.1f} bytes/position)",
         f"created    {m.get('created')}  on {', '.join(m.get('providers', []))}  in {m.get('run', {}).get('seconds', float('nan')):.2f}s",
@@ -150,14 +153,15 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
     if probe:
         lines += [
             f"fidelity probe (manifest; the first {probe['positions']} positions, dense teacher vs. cache, measured at cache time):",
-            f"  KL(teacher || reconstructed from cache)  mean {probe['kl_mean']:.3g}  max {probe['kl_max']:.3g} nats",
+            *([f"  KL(teacher || reconstructed from cache)  mean {probe['kl_mean']:.3g}  max {probe['kl_max']:.3g} nats"] if "kl_mean" in probe else []),
             f"  teacher entropy at T (dense, exact)      mean {probe['entropy_mean']:.4f} nats",
             f"  top-1 probability                        mean {probe['top1_prob_mean']:.4f}",
-            f"  tail mass                                mean {probe['tail_mass_mean']:.4g}",
+            f"  tail mass (outside the cached ids)       mean {probe['tail_mass_mean']:.4g}",
         ]
     else:
         lines.append("fidelity probe: none recorded (cached with --probe-positions 0)")
-    lines += ["", f"over all {stats['positions']} positions (DuckDB over the shards; entropy bracketed from the top-k and the tail):"]
+    how = "the draws of each position" if m.get("target_format") == "sampled" else "entropy bracketed from the top-k and the tail"
+    lines += ["", f"over all {stats['positions']} positions (DuckDB over the shards; {how}):"]
     lines += ["  " + s for s in _stats_lines(stats)]
     click.echo("\n".join(lines))
 

@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")
 METHODS = ("kd", "ensemble", "progressive")
+TARGET_FORMATS = ("topk", "sampled")
 
 
 def default_cache_root() -> str:
@@ -42,6 +43,9 @@ class CacheTeacherConfig:
     postprocess: str = "auto"  # where top-k runs: torch (fast on CPU), graph (in ONNX; keeps logits on GPU)
     pad_token_id: int = 0  # fills padded token inputs; padded positions are never cached
     probe_positions: int = 512  # positions on which dense fidelity statistics are measured at cache time
+    target_format: str = "topk"  # topk: the k most likely ids; sampled: ids drawn from the teacher, with counts
+    samples: int = 64  # sampled format: draws per position (unbiased in expectation, unlike top-k)
+    sample_seed: int = 0  # sampled format: the draws are a function of (seed, row, position), not of batching
 
     def problems(self) -> list[str]:
         out = []
@@ -65,6 +69,12 @@ class CacheTeacherConfig:
             out.append(f"shard_size: {self.shard_size} must be >= 0")
         if self.probe_positions < 0:
             out.append(f"probe_positions: {self.probe_positions} must be >= 0")
+        if self.target_format not in TARGET_FORMATS:
+            out.append(f"target_format: {self.target_format!r} must be one of {TARGET_FORMATS}")
+        if self.target_format == "sampled" and not 1 <= self.samples <= 32_767:
+            out.append(f"samples: {self.samples} must be in [1, 32767] (counts are stored as int16)")
+        if self.target_format == "sampled" and self.postprocess == "graph":
+            out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
         if len(set(self.hidden)) != len(self.hidden):
             out.append(f"hidden: {self.hidden} names a tensor twice")
         return out

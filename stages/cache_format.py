@@ -17,6 +17,10 @@ No manifest means not complete, whatever else is there. Shard row layout (FORMAT
     tail_mass   float32: 1 - sum(exp(topk_logp)), the mass outside the cached ids (0 when k == V)
     hidden.<n>  list<float16>: flattened hidden state <n> (per example for classifiers, per position for tokens)
 
+The sampled target format (manifest ``target_format: sampled``) replaces the four top-k columns with
+``sample_ids`` list<int32> (the distinct ids drawn from softmax(logits / T), ascending) and ``sample_counts``
+list<int16> (how often each was drawn; they sum to ``samples``).
+
 Encodings: zstd; dictionary encoding only for ``id``; float16 is written PLAIN (DuckDB cannot read
 float16 written with BYTE_STREAM_SPLIT).
 """
@@ -51,15 +55,20 @@ def cache_key(request: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def shard_schema(id_type: pa.DataType, hidden: list[str]) -> pa.Schema:
-    fields = [
-        pa.field("id", id_type, nullable=False),
-        pa.field("position", pa.int32(), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_logp", pa.list_(pa.float32()), nullable=False),
-        pa.field("logz", pa.float32(), nullable=False),
-        pa.field("tail_mass", pa.float32(), nullable=False),
-    ]
+def shard_schema(id_type: pa.DataType, hidden: list[str], target_format: str = "topk") -> pa.Schema:
+    fields = [pa.field("id", id_type, nullable=False), pa.field("position", pa.int32(), nullable=False)]
+    if target_format == "sampled":
+        fields += [
+            pa.field("sample_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("sample_counts", pa.list_(pa.int16()), nullable=False),
+        ]
+    else:
+        fields += [
+            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_logp", pa.list_(pa.float32()), nullable=False),
+            pa.field("logz", pa.float32(), nullable=False),
+            pa.field("tail_mass", pa.float32(), nullable=False),
+        ]
     fields += [pa.field(HIDDEN_PREFIX + h, pa.list_(pa.float16()), nullable=False) for h in hidden]
     return pa.schema(fields)
 
@@ -144,6 +153,15 @@ class Cache:
     @property
     def top_k(self) -> int:
         return int(self.manifest["top_k"])
+
+    @property
+    def target_format(self) -> str:
+        return self.manifest.get("target_format", "topk")
+
+    @property
+    def samples(self) -> int:
+        """Draws per position of a sampled cache (0 for top-k)."""
+        return int(self.manifest.get("samples", 0))
 
     @property
     def temperature(self) -> float:

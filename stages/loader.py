@@ -88,6 +88,8 @@ class StreamingLoader(IterableDataset):
         self.seed = seed
         self.pad_token_id = pad_token_id
         for cache in caches:
+            if top_k and cache.target_format != "topk":
+                raise ConfigError(f"top_k {top_k} applies to top-k caches; cache {cache.key} holds sampled targets")
             if top_k > cache.top_k:
                 raise ConfigError(f"top_k {top_k} is more than cache {cache.key} holds ({cache.top_k}); use --top-k <= {cache.top_k}")
         self.top_k = top_k  # a prefix of each cache's ids: still exact, since logp is normalised over the full vocabulary
@@ -182,15 +184,20 @@ class StreamingLoader(IterableDataset):
     def _decode_shard(cache: Cache, shard: dict, hidden: list[str], top_k: int) -> dict:
         import pyarrow.parquet as pq
 
-        columns = ["id", "topk_ids", "topk_logp", "logz"] + [HIDDEN_PREFIX + h for h in hidden]
-        table = pq.read_table(cache.shard_path(shard), columns=columns)
-        k, keep = cache.top_k, top_k or cache.top_k
-        arrays = {
-            "id": table.column("id").to_numpy(),
-            "ids": _flat(table.column("topk_ids")).reshape(-1, k)[:, :keep].astype(np.int64),
-            "logp": np.ascontiguousarray(_flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
-            "logz": table.column("logz").to_numpy(),
-        }
+        sampled = cache.target_format == "sampled"
+        targets = ["sample_ids", "sample_counts"] if sampled else ["topk_ids", "topk_logp", "logz"]
+        table = pq.read_table(cache.shard_path(shard), columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
+        if sampled:  # ragged distinct ids -> [rows, D] padded with weight 0
+            ids, counts = _padded(table.column("sample_ids"), cache.samples), _padded(table.column("sample_counts"), cache.samples)
+            arrays = {"ids": ids.astype(np.int64), "weights": counts.astype(np.float32) / cache.samples}
+        else:
+            k, keep = cache.top_k, top_k or cache.top_k
+            arrays = {
+                "ids": _flat(table.column("topk_ids")).reshape(-1, k)[:, :keep].astype(np.int64),
+                "logp": np.ascontiguousarray(_flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
+                "logz": table.column("logz").to_numpy(),
+            }
+        arrays["id"] = table.column("id").to_numpy()
         for h in hidden:
             arrays[HIDDEN_PREFIX + h] = _flat(table.column(HIDDEN_PREFIX + h)).reshape(table.num_rows, -1)
         ids = arrays["id"]
@@ -258,6 +265,16 @@ def _flat(column: pa.ChunkedArray) -> np.ndarray:
     return column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
+def _padded(column: pa.ChunkedArray, width: int) -> np.ndarray:
+    """A ragged list column -> [rows, width], each row's values left-aligned, zeros after."""
+    column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    out = np.zeros((len(column), width), dtype=column.type.value_type.to_pandas_dtype())
+    out[np.arange(width)[None, :] < lengths[:, None]] = column.flatten().to_numpy()
+    return out
+
+
 def _as_loss_dtype(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32) if values.dtype == np.float16 else values
 
@@ -281,7 +298,7 @@ def _concat(blocks: list[_Block]) -> _Block:
         rows.append({k: np.concatenate([b.rows[c][k] for b in blocks]) for k in blocks[0].rows[c]})
     for b in blocks:
         row_start.append(b.row_start + offsets[-1])
-        offsets.append(offsets[-1] + (len(b.rows[0]["logz"]) if b.rows else int(b.lengths.sum())))
+        offsets.append(offsets[-1] + (len(b.rows[0]["id"]) if b.rows else int(b.lengths.sum())))
     return _Block(
         np.concatenate([b.ids for b in blocks]),
         inputs,

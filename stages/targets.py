@@ -13,8 +13,11 @@ which is what re-tempering at another T needs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+
+_LSE_CHUNK_ELEMENTS = 1 << 22  # logits per log-sum-exp step: a 16 MiB fp32 buffer, reused across steps
 
 
 def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -31,10 +34,18 @@ def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, 
     z = logits.float()
     values, ids = torch.topk(z, k, dim=-1, sorted=True)
     # logZ = max/T + log(sum(exp((z - max)/T))). The top-1 value is the row max, so the separate max pass
-    # that torch.logsumexp makes is saved; the in-place chain keeps one [N, V] temporary.
+    # that torch.logsumexp makes is saved. Rows go through one reused [rows, V] buffer a few at a time: a
+    # temporary as large as the logits would be page-faulted in afresh for every batch, a pass that cost as
+    # much as the top-k itself (benchmarks/cache_throughput.py).
     row_max = values[:, :1]
-    shifted = z - row_max
-    sum_exp = shifted.mul_(1.0 / temperature).exp_().sum(dim=-1)
+    n, vocab = z.shape
+    step = max(1, _LSE_CHUNK_ELEMENTS // max(vocab, 1))
+    buffer = z.new_empty(min(step, n), vocab)
+    sum_exp = z.new_empty(n)
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        shifted = torch.sub(z[lo:hi], row_max[lo:hi], out=buffer[: hi - lo])
+        sum_exp[lo:hi] = shifted.mul_(1.0 / temperature).exp_().sum(dim=-1)
     logz = row_max.squeeze(-1) / temperature + sum_exp.log()
     logp = values / temperature - logz.unsqueeze(-1)
     return ids, logp, logz
@@ -94,3 +105,43 @@ def cache_fidelity_kl(logits: Tensor, temperature: float, ids: Tensor, logp: Ten
     # Where the teacher gives an id zero mass the term is 0 whatever the cache says; xlogy-style guard.
     terms = torch.where(p > 0, p * (log_teacher - log_cached), torch.zeros_like(p))
     return terms.sum(dim=-1).clamp_min(0.0)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def hashed_uniforms(keys: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """Uniforms in [0, 1) [N, draws], a pure function of (seed, key, draw): splitmix64 over a counter.
+
+    Sampled targets use them so the draws for a position never depend on how positions were batched, which
+    keeps a resumed or re-batched cache identical to a fresh one.
+    """
+    with np.errstate(over="ignore"):
+        x = (keys.astype(np.uint64)[:, None] * np.uint64(draws) + np.arange(draws, dtype=np.uint64)[None, :]) * _GOLDEN
+        x += np.uint64(seed) * np.uint64(0xD1B54A32D192ED03) + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_counts(logits: Tensor, temperature: float, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """Draw ids from softmax(logits / T) by inverse CDF; return them deduplicated with their counts.
+
+    Args:
+        logits: [N, V]; uniforms: [N, D] float64 in [0, 1), one per draw.
+    Returns:
+        ids [N, D] int64 and counts [N, D] int64: the distinct drawn ids of each row left-aligned in
+        ascending order, with how often each was drawn; slots past a row's distinct ids have count 0.
+        ``counts / D`` is an unbiased estimate of the teacher's distribution (Anshumann et al., 2025).
+    """
+    n, d = uniforms.shape
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum_(dim=-1)
+    drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1:]).contiguous(), right=True).clamp_(max=logits.shape[-1] - 1)
+    drawn = drawn.sort(dim=-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = first.cumsum(dim=-1) - 1  # index of each draw's distinct id within its row
+    counts = torch.zeros_like(drawn).scatter_add_(1, slot, torch.ones_like(drawn))
+    ids = torch.zeros_like(drawn).scatter_(1, slot, drawn)
+    return ids, counts

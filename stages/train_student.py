@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
-import json
 import random
 import shutil
 import time
@@ -28,6 +26,7 @@ from stages.evaluate import evaluate, flatten, soft_targets, to_device
 from stages.export import export_onnx
 from stages.loader import StreamingLoader
 from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, cross_entropy_only
+from stages.sampled_loss import SampledKDLoss, SampledTargets
 from stages.students import build_student, count_parameters
 
 METRICS = "metrics.json"  # written last: a run directory without it did not finish
@@ -77,7 +76,9 @@ class Trainer:
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
-        if c.method == "ensemble":
+        if self.caches and self.caches[0].target_format == "sampled":
+            self.loss = SampledKDLoss(c.alpha, self.temperature)
+        elif c.method == "ensemble":
             self.loss = EnsembleKDLoss(c.alpha, self.temperature, c.weights or None, c.ensemble_mode)
         else:
             self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
@@ -93,6 +94,8 @@ class Trainer:
             return None
         data = Dataset(data_path)
         caches = [self._open_cache(cache_ref, data)] if cache_ref else []
+        if caches and caches[0].target_format != "topk":
+            raise CacheError(f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it")
         teacher = (caches[0].temperature, caches[0].num_classes) if caches else None
         return self._loader(data, caches, shuffle=False), teacher
 
@@ -118,6 +121,8 @@ class Trainer:
                     f"caches disagree: {first.key} is {first.kind} with {first.num_classes} outputs, "
                     f"{cache.key} is {cache.kind} with {cache.num_classes}; an ensemble needs one output space"
                 )
+        if any(cache.target_format == "sampled" for cache in self.caches) and self.config.method == "ensemble":
+            raise CacheError("--method ensemble mixes top-k caches; sampled caches train with --method kd or progressive")
         if self.config.method == "progressive" and not first.hidden:
             raise CacheError(
                 f"--method progressive needs hidden states, and cache {first.key} holds none. "
@@ -267,7 +272,11 @@ class Trainer:
         logits, labels, mask, targets = flatten(batch, self.model(batch.inputs).logits, self.vocab)
         if not self.caches:
             return cross_entropy_only(logits, labels, mask)
-        soft = [soft_targets(t, c.temperature, c.num_classes) for t, c in zip(targets, self.caches)]
+        soft = [
+            SampledTargets(t["ids"], t["weights"], c.temperature, c.num_classes) if c.target_format == "sampled"
+            else soft_targets(t, c.temperature, c.num_classes)
+            for t, c in zip(targets, self.caches)
+        ]
         return self.loss(logits, soft if self.config.method == "ensemble" else soft[0], labels, mask)
 
     def _hidden_step(self, batch, layer: int, name: str, projection: nn.Module, loss: HiddenStateLoss):

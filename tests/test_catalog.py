@@ -200,3 +200,26 @@ def test_empty_roots_say_so(tmp_path):
     assert "no runs under" in runner.invoke(main, ["runs", "list", *args]).output
     counted = runner.invoke(main, ["query", "SELECT count(*) AS n FROM positions", *args, "--format", "json"])
     assert counted.exit_code == 0 and json.loads(counted.output) == [{"n": 0}]
+
+
+def test_sampled_cache_in_list_show_and_positions(token_setup, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.config import CacheTeacherConfig
+    from stages import cache_teacher
+
+    config = CacheTeacherConfig(teacher=str(token_setup["teacher"]), data=str(token_setup["data"]), cache_dir=str(tmp_path / "c"),
+                                target_format="sampled", samples=8)
+    key = cache_teacher.run(config, progress=False, log=lambda m: None).path.name
+    runner = CliRunner()
+    listed = runner.invoke(main, ["caches", "list", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")])
+    assert listed.exit_code == 0 and "sampled" in listed.output
+    shown = runner.invoke(main, ["caches", "show", key[:6], "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")])
+    assert shown.exit_code == 0, shown.output
+    assert "8 draws" in shown.output and "distinct ids drawn" in shown.output
+    total = sum(len(s) for s in token_setup["seqs"])
+    queried = runner.invoke(main, ["query", "SELECT count(*), sum(list_sum(sample_counts)), count(topk_ids) FROM positions",
+                                   "--format", "csv", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")])
+    assert queried.exit_code == 0, queried.output
+    assert queried.stdout.strip().splitlines()[-1].split(",") == [str(total), str(total * 8), "0"]
