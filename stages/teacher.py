@@ -27,14 +27,6 @@ TOKEN = "token"
 TOPK_IDS, TOPK_LOGP, TOPK_LOGZ = "kd_topk_ids", "kd_topk_logp", "kd_logz"
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(double)": np.float64,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(bool)": np.bool_,
-}
 
 
 @dataclass(frozen=True)
@@ -247,7 +239,3 @@ class Teacher:
             shapes = {k: (v.shape, str(v.dtype)) for k, v in feeds.items()}
             raise TeacherError(f"teacher failed on inputs {shapes}: {exc}") from exc
 
-
-def feed_dtype(inp: TeacherInput) -> type:
-    """The numpy type to cast a dataset column to for this input (declared type; float32 when unknown)."""
-    return inp.dtype if inp.dtype in _ORT_TYPES.values() else np.float32
