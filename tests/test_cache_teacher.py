@@ -203,3 +203,16 @@ def test_config_file_with_unknown_key_reports_every_problem(classifier_setup, tm
     cfg.write_text('top_k = -1\ntemprature = 2.0\nbatch_size = -1\n')
     result = _invoke(classifier_setup, "--config", str(cfg))
     _assert_fails(result, "unknown key 'temprature'", "top_k: -1", "batch_size: -1", cache_root=classifier_setup["cache_dir"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the request would succeed")
+def test_device_cuda_without_cuda_fails_clearly(classifier_setup) -> None:
+    result = _invoke(classifier_setup, "--device", "cuda", "--top-k", "3")
+    _assert_fails(result, "--device cuda", "--device cpu", cache_root=classifier_setup["cache_dir"])
+
+
+def test_device_auto_reports_the_provider_that_ran(classifier_setup) -> None:
+    result = _invoke(classifier_setup, "--top-k", "3")
+    assert result.exit_code == 0
+    manifest = json.loads((Path(result.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).read_text())
+    assert manifest["providers"][0] in result.stderr
