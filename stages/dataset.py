@@ -72,6 +72,7 @@ class Dataset:
                 start += n
         self.num_rows = start
         self._starts = [g.start for g in self._groups]
+        self._fingerprint: str | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -114,13 +115,19 @@ class Dataset:
             raise DatasetError(f"column '{ID_COLUMN}' has {len(dup)} duplicated value(s), e.g. {shown}; ids must be unique")
 
     def fingerprint(self) -> str:
-        """sha256 over the files' names (relative to the dataset root) and bytes: the dataset's identity."""
+        """sha256 over the files' names (relative to the dataset root) and bytes: the dataset's identity.
+
+        Computed once per Dataset: hashing a large dataset is the slow part of opening it.
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         root = self.path if self.path.is_dir() else self.path.parent
         for f in self.files:
             h.update(str(f.relative_to(root)).encode() + b"\0")
             h.update(sha256_file(f).encode())
-        return h.hexdigest()
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 def sha256_file(path: Path) -> str:

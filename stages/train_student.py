@@ -51,10 +51,9 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         self.out = Path(c.out)
-        if self.out.exists() and any(self.out.iterdir()):
-            if not c.overwrite:
-                raise ConfigError(f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite")
-            shutil.rmtree(self.out)
+        replace = self.out.exists() and any(self.out.iterdir())
+        if replace and not c.overwrite:
+            raise ConfigError(f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite")
         self.data = Dataset(c.data)
         self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
         self._check_caches()
@@ -82,6 +81,8 @@ class Trainer:
             self.loss = EnsembleKDLoss(c.alpha, self.temperature, c.weights or None, c.ensemble_mode)
         else:
             self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
+        if replace:  # only now that every check passed: a failed setup leaves the old run as it was
+            shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
@@ -102,11 +103,11 @@ class Trainer:
     def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
         cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
         cache.verify(checksums=True)
-        want = cache.manifest["dataset"]["fingerprint"]
-        if data.fingerprint() != want:
+        want, have = cache.manifest["dataset"]["fingerprint"], data.fingerprint()
+        if have != want:
             raise CacheError(
                 f"cache {cache.key} was built from another dataset ({cache.manifest['dataset']['path']}, fingerprint "
-                f"{want[:12]}) than {data.path} (fingerprint {data.fingerprint()[:12]}). Use the cache of this dataset "
+                f"{want[:12]}) than {data.path} (fingerprint {have[:12]}). Use the cache of this dataset "
                 "or run cache-teacher on it."
             )
         return cache

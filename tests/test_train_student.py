@@ -200,3 +200,13 @@ def test_test_set_is_evaluated_once_apart_from_the_eval_set(classifier_setup, tm
     assert "eval_accuracy" in run and "test_accuracy" in run
     csv_rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
     assert "test_" not in csv_rows[0], "the test set is not looked at during training"
+
+
+def test_failed_setup_with_overwrite_keeps_the_old_run(classifier_setup, tmp_path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"test_accuracy": 0.5}')
+    result = CliRunner().invoke(main, ["train-student", "--data", str(classifier_setup["data"]), "--cache", "nonexistent",
+                                       "--cache-dir", str(classifier_setup["cache_dir"]), "--out", str(out), "--overwrite", "--quiet"])
+    _fails(result, "no cache matches")
+    assert (out / "metrics.json").read_text() == '{"test_accuracy": 0.5}'
