@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_LSE_CHUNK_ELEMENTS = 1 << 22  # logits per log-sum-exp step: a 16 MiB fp32 buffer, reused across steps
-
 
 def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k ids and full-vocabulary log-probabilities at ``temperature``.
@@ -34,18 +32,10 @@ def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, 
     z = logits.float()
     values, ids = torch.topk(z, k, dim=-1, sorted=True)
     # logZ = max/T + log(sum(exp((z - max)/T))). The top-1 value is the row max, so the separate max pass
-    # that torch.logsumexp makes is saved. Rows go through one reused [rows, V] buffer a few at a time: a
-    # temporary as large as the logits would be page-faulted in afresh for every batch, a pass that cost as
-    # much as the top-k itself (benchmarks/cache_throughput.py).
+    # that torch.logsumexp makes is saved; the in-place chain keeps one [N, V] temporary.
     row_max = values[:, :1]
-    n, vocab = z.shape
-    step = max(1, _LSE_CHUNK_ELEMENTS // max(vocab, 1))
-    buffer = z.new_empty(min(step, n), vocab)
-    sum_exp = z.new_empty(n)
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        shifted = torch.sub(z[lo:hi], row_max[lo:hi], out=buffer[: hi - lo])
-        sum_exp[lo:hi] = shifted.mul_(1.0 / temperature).exp_().sum(dim=-1)
+    shifted = z - row_max
+    sum_exp = shifted.mul_(1.0 / temperature).exp_().sum(dim=-1)
     logz = row_max.squeeze(-1) / temperature + sum_exp.log()
     logp = values / temperature - logz.unsqueeze(-1)
     return ids, logp, logz
