@@ -58,7 +58,8 @@ def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig)
 def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheResult:
     dataset = Dataset(config.data)
     dataset.check_unique_ids()
-    info, model, _ = inspect(config.teacher, config.logits_output or None)
+    inspected = inspect(config.teacher, config.logits_output or None)
+    info, model, _ = inspected
     check_hidden(model, config.hidden)
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
@@ -91,10 +92,11 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
     except BlockingIOError as exc:
         raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish") from exc
     with lock:
-        return _fill(config, dataset, info, request, key, cache_dir, progress, log)
+        return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
 
 
-def _fill(config, dataset: Dataset, info: TeacherInfo, request: dict, key: str, cache_dir: Path, progress: bool, log) -> CacheResult:
+def _fill(config, dataset: Dataset, inspected: tuple, request: dict, key: str, cache_dir: Path, progress: bool, log) -> CacheResult:
+    info = inspected[0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
     request_path = cache_dir / REQUEST
@@ -116,6 +118,7 @@ def _fill(config, dataset: Dataset, info: TeacherInfo, request: dict, key: str, 
         hidden=sorted(config.hidden),
         logits_output=config.logits_output or None,
         topk_in_graph=(config.top_k, float(config.temperature)) if use_graph else None,
+        inspected=inspected,
     )
     if teacher.provider != "CUDAExecutionProvider" and config.postprocess == "auto" and use_graph:
         use_graph = False

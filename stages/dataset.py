@@ -73,6 +73,7 @@ class Dataset:
         self.num_rows = start
         self._starts = [g.start for g in self._groups]
         self._fingerprint: str | None = None
+        self._last_group: tuple | None = None
 
     @property
     def columns(self) -> list[str]:
@@ -92,11 +93,18 @@ class Dataset:
         for g in self._groups[first:]:
             if g.start >= stop:
                 break
-            table = self._parquet[g.file_index].read_row_group(g.group_index, columns=columns)
+            table = self._read_group(g, columns)
             lo = max(start - g.start, 0)
             hi = min(stop - g.start, g.num_rows)
             pieces.append(table.slice(lo, hi - lo))
         return pa.concat_tables(pieces)
+
+    def _read_group(self, g: _RowGroup, columns: list[str] | None) -> pa.Table:
+        """One row group, remembering the last: consecutive reads of a large group decode it once."""
+        key = (g.file_index, g.group_index, tuple(columns) if columns else None)
+        if self._last_group is None or self._last_group[0] != key:
+            self._last_group = (key, self._parquet[g.file_index].read_row_group(g.group_index, columns=columns))
+        return self._last_group[1]
 
     def ids(self) -> pa.Array:
         """The whole id column (read alone: cheap even for large datasets)."""

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from pipeline.errors import ConfigError
 
@@ -181,12 +182,17 @@ def _check_batch(student_logits: Tensor, teachers: Sequence[SoftTargets], labels
         raise ConfigError(f"mask must be a bool tensor, got {mask.dtype}")
 
 
-def _cross_entropy(x: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    """Mean CE of logits x [N, V] against labels [N] over the masked positions that have a label -> scalar."""
+def _cross_entropy(x: Tensor, labels: Tensor, mask: Tensor, log_partition: Tensor | None = None) -> Tensor:
+    """Mean CE of logits x [N, V] against labels [N] over the masked positions that have a label -> scalar.
+
+    ``log_partition`` [N], if given, is ``logsumexp(x)`` already computed, which saves a pass over [N, V].
+    """
     labelled = mask & (labels != IGNORE_INDEX)
     # Unlabelled rows need some valid index to gather; labelled excludes them from the mean.
     picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return masked_mean(torch.logsumexp(x, dim=-1) - picked, labelled)
+    if log_partition is None:
+        log_partition = torch.logsumexp(x, dim=-1)
+    return masked_mean(log_partition - picked, labelled)
 
 
 def cross_entropy_only(student_logits: Tensor, labels: Tensor, mask: Tensor) -> LossOutput:
@@ -200,6 +206,41 @@ def cross_entropy_only(student_logits: Tensor, labels: Tensor, mask: Tensor) -> 
     return LossOutput(ce, {"ce": value, "total": value})
 
 
+class _SplitAtIds(torch.autograd.Function):
+    """``x / T`` split at the listed ids: their values [N, K] and the logsumexp over every other id [N].
+
+    The same as ``(x / T).gather(-1, ids)`` and ``(x / T).scatter(-1, ids, lowest).logsumexp(-1)`` under
+    autograd, written out because that chain costs six [N, V] temporaries in backward (the division's, the
+    knock-out's, the logsumexp's three, the gather's) and this backward costs one: the softmax over the other
+    ids, into which the listed ids' gradients are added. Only one [N, V] tensor is kept for backward (the
+    logits at T with the listed ids knocked out), as before.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        listed = x.gather(-1, ids) / temperature
+        # The lowest finite value rather than -inf: a row with no other ids (k == V) then keeps finite
+        # gradients, and contributes nothing because its teacher tail is exactly 0.
+        lowest = torch.finfo(x.dtype).min
+        if temperature == 1:  # dividing by 1 would copy [N, V] for nothing
+            knocked_out = x.scatter(-1, ids, lowest)
+        else:
+            knocked_out = (x / temperature).scatter_(-1, ids, lowest)
+        others = knocked_out.logsumexp(dim=-1)
+        ctx.save_for_backward(knocked_out, others, ids)
+        ctx.temperature = temperature
+        return listed, others
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_listed: Tensor, grad_others: Tensor) -> tuple[Tensor, None, None]:
+        knocked_out, others, ids = ctx.saved_tensors
+        grad = (knocked_out - others.unsqueeze(-1)).exp_()  # d others / d (x_j / T): softmax over the other ids
+        grad.mul_(grad_others.unsqueeze(-1)).scatter_(-1, ids, 0.0)  # the listed ids are not among the others
+        grad.scatter_add_(-1, ids, grad_listed)  # add, not set: an id may be listed twice (ensemble unions)
+        return grad.div_(ctx.temperature), None, None
+
+
 class _SoftTargetLoss(nn.Module):
     """What KDLoss and EnsembleKDLoss share: argument checks, the student side, the hard-label term."""
 
@@ -211,26 +252,29 @@ class _SoftTargetLoss(nn.Module):
         self.alpha = alpha  # weight of the KL term; 1 - alpha goes to cross-entropy on the labels
         self.temperature = temperature  # softens both distributions; T^2 keeps the KL's gradient scale T-independent
 
-    def _student_log_probs(self, x: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    def _student_log_probs(self, x: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The student's softmax(x / T) seen through the listed ids.
 
         x: [N, V] upcast logits; ids: [N, K]; valid: [N, K] bool, the slots that count (each id once).
-        Returns log q at ``ids`` [N, K] and log q_tail [N], the log of the mass on every other id.
+        Returns log q at ``ids`` [N, K], log q_tail [N] (the log of the mass on every other id), and the
+        log-partition ``logsumexp(x / T)`` [N] over the full vocabulary (the valid slots list each id once).
 
         q_tail is summed over the other ids directly: ``1 - sum q_i`` cancels to 0 in floating point once the
         student's tail falls below the dtype's resolution, which would also cut off the tail's gradient.
-        Only one [N, V] tensor is kept for backward (the logits at T with the listed ids knocked out).
         """
-        listed = x.gather(-1, ids) / self.temperature
-        # The lowest finite value rather than -inf: a row with no other ids (k == V) then keeps finite
-        # gradients, and contributes nothing because its teacher tail is exactly 0.
-        others = (x / self.temperature).scatter_(-1, ids, torch.finfo(x.dtype).min).logsumexp(dim=-1)
+        listed, others = _SplitAtIds.apply(x, ids, self.temperature)
         log_partition = torch.logaddexp(others, listed.masked_fill(~valid, -math.inf).logsumexp(dim=-1))
-        return listed - log_partition.unsqueeze(-1), others - log_partition
+        return listed - log_partition.unsqueeze(-1), others - log_partition, log_partition
 
-    def _combine(self, kd: Tensor, x: Tensor, labels: Tensor, mask: Tensor) -> LossOutput:
-        """kd [N] per-position KL, x [N, V] upcast student logits -> alpha T^2 KD + (1 - alpha) CE, both means."""
-        ce = _cross_entropy(x, labels, mask)
+    def _combine(
+        self, kd: Tensor, x: Tensor, labels: Tensor, mask: Tensor, log_partition: Tensor | None = None
+    ) -> LossOutput:
+        """kd [N] per-position KL, x [N, V] upcast student logits -> alpha T^2 KD + (1 - alpha) CE, both means.
+
+        log_partition: ``logsumexp(x / T)`` [N] if the KL computed it. At T = 1 it is also CE's, which then
+        costs no second pass over [N, V], forward or backward.
+        """
+        ce = _cross_entropy(x, labels, mask, log_partition if self.temperature == 1 else None)
         kd = masked_mean(kd, mask)
         total = self.alpha * self.temperature**2 * kd + (1.0 - self.alpha) * ce
         kd_value, ce_value, total_value = torch.stack([kd, ce, total]).detach().tolist()  # one device sync
@@ -257,14 +301,15 @@ class KDLoss(_SoftTargetLoss):
         x = _upcast(student_logits)
         teacher = retemper(targets, self.temperature)
         log_p = teacher.logp.to(x.dtype)
+        log_partition = None  # the top-k-only KL never sums over the full vocabulary
         if self.renormalize:
             log_q = (x.gather(-1, teacher.ids) / self.temperature).log_softmax(dim=-1)
             kd = _top_kl(log_p.log_softmax(dim=-1), log_q)
         else:
             every_slot = torch.ones_like(teacher.ids, dtype=torch.bool)
-            log_q, log_q_tail = self._student_log_probs(x, teacher.ids, every_slot)
+            log_q, log_q_tail, log_partition = self._student_log_probs(x, teacher.ids, every_slot)
             kd = _sparse_kl(log_p, teacher.tail().to(x.dtype), log_q, log_q_tail)
-        return self._combine(kd, x, labels, mask)
+        return self._combine(kd, x, labels, mask, log_partition)
 
 
 def _check_weights(weights: Sequence[float]) -> None:
@@ -417,9 +462,9 @@ class EnsembleKDLoss(_SoftTargetLoss):
             ids, log_p, valid, tail = _log_mixture([retemper(t, self.temperature) for t in targets], weights)
         else:
             ids, log_p, valid, tail = _logit_average(targets, weights, self.temperature)
-        log_q, log_q_tail = self._student_log_probs(x, ids, valid)
+        log_q, log_q_tail, log_partition = self._student_log_probs(x, ids, valid)
         kd = _sparse_kl(log_p.to(x.dtype), tail.to(x.dtype), log_q, log_q_tail)
-        return self._combine(kd, x, labels, mask)
+        return self._combine(kd, x, labels, mask, log_partition)
 
 
 class HiddenStateLoss(nn.Module):

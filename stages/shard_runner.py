@@ -39,8 +39,8 @@ class ShardRunner:
         arrays = {c: column_to_array(table.column(c), c) for c in self.columns[1:]}
         pieces: list[tuple[np.ndarray, dict]] = []  # (example indices, outputs) per batch
         for batch_idx, feeds, mask in self._batches(arrays, len(ids)):
-            outs = self.teacher.run(feeds)
-            pieces.append((batch_idx, self._postprocess(outs, feeds, mask, ids, batch_idx)))
+            outs = self.teacher.run(feeds, dense_logits=self.probe_left > 0)
+            pieces.append((batch_idx, self._postprocess(outs, mask, ids, batch_idx)))
             bar.update(len(batch_idx))
         return self._assemble(ids, pieces), self._probe_summary()
 
@@ -110,31 +110,37 @@ class ShardRunner:
         return out
 
     # -- targets ----------------------------------------------------------------------------------------
-    def _postprocess(self, outs: list[np.ndarray], feeds: dict, mask: np.ndarray | None, ids: pa.Array, idx: np.ndarray) -> dict:
+    def _postprocess(self, outs: list[np.ndarray], mask: np.ndarray | None, ids: pa.Array, idx: np.ndarray) -> dict:
         sampled = self.config.target_format == "sampled"
         # Sampled targets still take the top-1 and logZ: they check the logits and feed the probe.
         k, temperature = 1 if sampled else self.config.top_k, float(self.config.temperature)
-        n_hidden = len(self.teacher.info.hidden)
-        main, hidden = outs[: len(outs) - n_hidden], outs[len(outs) - n_hidden :]
-        select = (lambda a: a.reshape(-1, *a.shape[2:])[mask.reshape(-1)]) if mask is not None else (lambda a: a)
+        n_main, n_hidden = (3 if self.teacher.topk_in_graph else 1), len(self.teacher.info.hidden)
+        main, hidden, extra = outs[:n_main], outs[n_main : n_main + n_hidden], outs[n_main + n_hidden :]
+        keep = None if mask is None else mask.reshape(-1)
+        # [B, S, ...] per-position outputs (or already flat [B*S, ...]) -> the real positions' rows.
+        select = (lambda a, flat=False: (a if flat else a.reshape(-1, *a.shape[2:]))[keep]) if keep is not None else (lambda a, flat=False: a)
+        dense = extra[0] if extra else main[0]  # the full logits [.., V], when this run has them
+        # Flat [positions, V] view of the logits, padding included: no copy of the real rows. Top-k over a few
+        # padded rows costs less than gathering the real ones out of [B*S, V] (benchmarks/README.md).
+        flat = None if self.teacher.topk_in_graph and not extra else torch.from_numpy(dense).reshape(-1, dense.shape[-1])
         if self.teacher.topk_in_graph:
-            top_ids, logp, logz = (torch.from_numpy(select(a)) for a in main)
+            top_ids, logp, logz = (select(torch.from_numpy(a)) for a in main)
             if self.num_classes is None:
                 raise TeacherError("in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess torch")
-            logits = None
         else:
-            logits = torch.from_numpy(select(main[0]))
-            vocab = logits.shape[-1]
+            vocab = flat.shape[-1]
             if self.num_classes is None:
                 self.num_classes = vocab
             if k > vocab:
                 raise TeacherError(f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}")
-            top_ids, logp, logz = targets.topk_log_probs(logits, k, temperature)
+            top_ids, logp, logz = (select(t, flat=True) for t in targets.topk_log_probs(flat, k, temperature))
+        real_logits = None if flat is None else (lambda: select(flat, flat=True))
         bad = ~torch.isfinite(logz) | torch.isnan(logp).any(-1)
         if bad.any():
             raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
         tail = targets.tail_mass(logp, self.num_classes)
         if sampled:
+            logits = real_logits()
             drawn, counts = targets.sample_counts(logits, temperature, torch.from_numpy(self._uniforms(idx, mask)))
             result = {"sample_ids": drawn.to(torch.int32).numpy(), "sample_counts": counts.to(torch.int16).numpy()}
         else:
@@ -151,9 +157,9 @@ class ShardRunner:
         if self.probe_left > 0 and sampled:
             # What the draws cover: the teacher's mass on the distinct ids drawn (the rest is unseen).
             covered = torch.log_softmax(logits.double() / temperature, -1).gather(1, drawn).exp() * (counts > 0)
-            self._probe(logits, feeds, mask, top_ids, logp, 1 - covered.sum(-1).float(), with_kl=False)
+            self._probe(logits, top_ids, logp, 1 - covered.sum(-1).float(), with_kl=False)
         elif self.probe_left > 0:
-            self._probe(logits, feeds, mask, top_ids, logp, tail)
+            self._probe(real_logits(), top_ids, logp, tail)
         return result
 
     def _uniforms(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -166,11 +172,8 @@ class ShardRunner:
             keys = (np.repeat(rows, mask.sum(1)).astype(np.uint64) << np.uint64(24)) + position[mask].astype(np.uint64)
         return targets.hashed_uniforms(keys, self.config.samples, self.config.sample_seed)
 
-    def _probe(self, logits, feeds, mask, top_ids, logp, tail, with_kl: bool = True) -> None:
+    def _probe(self, logits: torch.Tensor, top_ids, logp, tail, with_kl: bool = True) -> None:
         """Dense statistics on the first positions: what the cache loses (KL), entropy, confidence."""
-        if logits is None:  # in-graph top-k: ask the same session for the dense logits once
-            dense = self.teacher.session.run([self.teacher.info.logits_output], feeds)[0]
-            logits = torch.from_numpy(dense.reshape(-1, dense.shape[-1])[mask.reshape(-1)] if mask is not None else dense)
         n = min(self.probe_left, logits.shape[0])
         T = float(self.config.temperature)
         if with_kl:

@@ -178,10 +178,12 @@ class Teacher:
         hidden: list[str] | None = None,
         logits_output: str | None = None,
         topk_in_graph: tuple[int, float] | None = None,
+        inspected: tuple[TeacherInfo, onnx.ModelProto, bytes] | None = None,
     ):
+        """``inspected``: what ``inspect(path, logits_output)`` returned, so a large model is read and hashed once."""
         import onnxruntime as ort
 
-        self.info, model, data = inspect(path, logits_output)
+        self.info, model, data = inspected or inspect(path, logits_output)
         self.info.hidden = list(hidden or [])
         modified = bool(self.info.hidden) or topk_in_graph is not None
         if self.info.hidden:
@@ -232,9 +234,11 @@ class Teacher:
     def outputs(self) -> list[str]:
         return list(self._outputs)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], dense_logits: bool = False) -> list[np.ndarray]:
+        """``outputs()`` in order; with ``dense_logits`` the full logits come last, from the same run."""
+        names = self._outputs + ([self.info.logits_output] if dense_logits and self.topk_in_graph else [])
         try:
-            return self.session.run(self._outputs, feeds)
+            return self.session.run(names, feeds)
         except Exception as exc:  # ORT's shape/type failures; name the teacher and the inputs
             shapes = {k: (v.shape, str(v.dtype)) for k, v in feeds.items()}
             raise TeacherError(f"teacher failed on inputs {shapes}: {exc}") from exc
