@@ -49,16 +49,16 @@ class ShardRunner:
         """Yield (example indices, feeds, position mask or None). Token batches group similar lengths."""
         bs = self.config.batch_size
         inputs = {i.name: i for i in self.teacher.info.inputs}
-        if self.kind == CLASSIFIER:
+        ragged = any(isinstance(arrays[name], list) for name in arrays)
+        if self.kind == CLASSIFIER and not ragged and all(name in arrays for name in inputs):
             for lo in range(0, n, bs):
                 idx = np.arange(lo, min(lo + bs, n))
                 feeds = {}
                 for name, inp in inputs.items():
-                    if name not in arrays:
-                        raise DatasetError(f"the classifier teacher needs input '{name}', which the dataset lacks")
                     feeds[name] = self._fixed(arrays[name], idx, inp)
                 yield idx, feeds, None
             return
+        # Token inputs: a token-level teacher, or a sequence classifier (one distribution per example, no mask).
         lead = "input_ids" if "input_ids" in arrays else next(iter(arrays))
         lengths = np.array([len(r) for r in arrays[lead]])
         if (lengths == 0).any():
@@ -82,7 +82,7 @@ class ShardRunner:
                     feeds[name] = mask.astype(inp.dtype)
                 elif name == "token_type_ids":
                     feeds[name] = np.zeros((len(idx), width), dtype=inp.dtype)
-            yield idx, feeds, mask.astype(bool)
+            yield idx, feeds, (mask.astype(bool) if self.kind != CLASSIFIER else None)
 
     @staticmethod
     def _fixed(column, idx: np.ndarray, inp) -> np.ndarray:

@@ -97,6 +97,41 @@ def token_forward(w: dict, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (embed + ctx) @ w["head"], embed
 
 
+def make_sequence_classifier(path: Path, vocab: int = 50, dim: int = 8, classes: int = 3, seed: int = 0) -> dict:
+    """input_ids, attention_mask [B, S] -> masked mean of embeddings -> logits [B, C] (padding must be masked)."""
+    rng = np.random.default_rng(seed)
+    w = {"emb": rng.normal(0, 1, (vocab, dim)).astype(np.float32), "head": rng.normal(0, 1, (dim, classes)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["embed"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["embed", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask3", "axis1"], ["count"], keepdims=0),
+        helper.make_node("Div", ["summed", "count"], ["pooled"]),
+        helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [numpy_helper.from_array(np.array([2], np.int64), "axis2"), numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    graph = helper.make_graph(
+        nodes,
+        "sequence_classifier",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    _save(graph, path)
+    return w
+
+
+def sequence_classifier_forward(w: dict, ids: np.ndarray) -> np.ndarray:
+    """One unpadded sequence [S] -> logits [C]."""
+    return w["emb"][ids].mean(0) @ w["head"]
+
+
 def write_vectors(path: Path, x: np.ndarray, labels: np.ndarray | None = None, ids=None) -> Path:
     ids = np.arange(len(x)) if ids is None else ids
     columns = {"id": pa.array(ids), "x": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32()))}

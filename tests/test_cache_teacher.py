@@ -216,3 +216,16 @@ def test_device_auto_reports_the_provider_that_ran(classifier_setup) -> None:
     assert result.exit_code == 0
     manifest = json.loads((Path(result.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).read_text())
     assert manifest["providers"][0] in result.stderr
+
+
+def test_sequence_classifier_over_unpadded_token_inputs(tmp_path) -> None:
+    # A sentence classifier (e.g. MiniLM + head): ragged token inputs are padded per batch, one row per example.
+    weights = teachers.make_sequence_classifier(tmp_path / "seqclf.onnx")
+    seqs = teachers.random_sequences(30, 50, seed=4)
+    data = teachers.write_sequences(tmp_path / "seqs.parquet", seqs)
+    config = CacheTeacherConfig(teacher=str(tmp_path / "seqclf.onnx"), data=str(data), cache_dir=str(tmp_path / "c"), top_k=3, batch_size=8)
+    result = cache_teacher.run(config, progress=False, log=lambda m: None)
+    table = _read(result.path)
+    assert table.column("id").to_pylist() == list(range(30)) and set(table.column("position").to_pylist()) == {0}
+    _check_rows(table, np.stack([teachers.sequence_classifier_forward(weights, s) for s in seqs]), 3, 1.0)
+    assert result.manifest["teacher"]["kind"] == "classifier"
