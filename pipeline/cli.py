@@ -91,6 +91,7 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--buffer", type=int, help="Examples per shuffle window (default 8192).")
 @click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
 @click.option("--device", type=click.Choice(DEVICES), help="Torch device for the student.")
+@click.option("--threads", type=int, help="Torch CPU threads (default: one per core).")
 @click.option("--no-onnx", "export_onnx", flag_value=False, default=None, help="Skip the student.onnx export.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory.")

@@ -64,6 +64,8 @@ class Trainer:
         self.num_outputs = self.caches[0].num_classes if self.caches else self._count_classes()
         self.temperature = c.temperature or (self.caches[0].temperature if self.caches else 1.0)
 
+        if c.threads:
+            torch.set_num_threads(c.threads)
         random.seed(c.seed)
         np.random.seed(c.seed)
         torch.manual_seed(c.seed)
