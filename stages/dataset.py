@@ -179,3 +179,10 @@ def _depth(t: pa.DataType) -> int:
         d += 1
         t = t.value_type
     return d
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + n) for each (s, n), without a Python loop: the rows of ragged examples."""
+    lengths = np.asarray(lengths)
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.repeat(np.asarray(starts) - before, lengths) + np.arange(int(lengths.sum()))

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.errors import CacheError, ConfigError, DatasetError
 from stages.cache_format import HIDDEN_PREFIX, Cache
-from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array
+from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
 
 IGNORE = -100  # label value for "no label": unlabelled rows, padding, the last token of a sequence
 _UNIT_WITHOUT_CACHE = 4096  # examples per unit when no cache is attached (plain evaluation)
@@ -246,7 +246,7 @@ class StreamingLoader(IterableDataset):
         labels = np.full((b, s), IGNORE, dtype=np.int64)
         labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], IGNORE)  # next-token labels
         inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
-        rows = _ranges(block.row_start[idx], lengths)
+        rows = concat_ranges(block.row_start[idx], lengths)
         where = np.nonzero(mask)  # row-major: example by example, position by position, like `rows`
         targets = []
         for arrays in block.rows:
@@ -277,12 +277,6 @@ def _padded(column: pa.ChunkedArray, width: int) -> np.ndarray:
 
 def _as_loss_dtype(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32) if values.dtype == np.float16 else values
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    lengths = np.asarray(lengths)
-    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.repeat(np.asarray(starts) - before, lengths) + np.arange(int(lengths.sum()))
 
 
 def _concat(blocks: list[_Block]) -> _Block:

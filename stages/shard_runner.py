@@ -12,7 +12,7 @@ from pipeline.config import CacheTeacherConfig
 from pipeline.errors import DatasetError, TeacherError
 from stages import cache_format as fmt
 from stages import targets
-from stages.dataset import ID_COLUMN, Dataset, column_to_array
+from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.teacher import CLASSIFIER, Teacher
 
 
@@ -226,7 +226,7 @@ class ShardRunner:
         total = int(offsets[-1])
         out: dict[str, np.ndarray] = {}
         for idx, res in pieces:
-            rows = _ranges(offsets[idx], counts[idx])  # where this batch's positions go in dataset order
+            rows = concat_ranges(offsets[idx], counts[idx])  # where this batch's positions go in dataset order
             for name, arr in res.items():
                 if name == "counts":
                     continue
@@ -261,10 +261,3 @@ def _ragged_list(values: np.ndarray, keep: np.ndarray) -> pa.ListArray:
 def _fixed_list(values: np.ndarray, width: int) -> pa.ListArray:
     offsets = pa.array(np.arange(0, values.shape[0] * width + 1, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).reshape(-1)))
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n), without a Python loop."""
-    lengths = np.asarray(lengths)
-    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    return np.repeat(np.asarray(starts) - before, lengths) + np.arange(int(lengths.sum()))
