@@ -313,7 +313,7 @@ class Runs:
         with open(run_dir / "metrics.csv", newline="") as fh:
             last = list(csv.DictReader(fh))[-1]
         metrics |= {"val_perplexity": float(last["eval_perplexity"]), "val_agreement": float(last["eval_agreement"]),
-                    "run": str(run_dir)}
+                    "run": str(run_dir), "kept": kept}
         print(f"  run {name}: val perplexity {metrics['val_perplexity']:.2f}, test perplexity "
               f"{metrics['test_perplexity']:.2f}, train {metrics['train_seconds']:.0f} s{' (kept)' if kept else ''}", flush=True)
         return metrics
@@ -473,11 +473,14 @@ def markdown(r: dict) -> str:
         (f"Validation grid (seed 0, validation perplexity after the last epoch): {grid}. Grid runs also score test, "
         "so each chosen grid run is its row's seed-0 run; the selection reads validation only."),
         "",
-        f"Wall time: {r['wall_seconds'] / 60:.1f} min for this invocation (data {r['data_seconds']:.0f} s, teacher "
-        f"perplexity {t['seconds']:.0f} s, {r['student_runs']} student runs {r['student_seconds'] / 60:.1f} min); teacher "
-        f"caching {r['cache_seconds'] / 60:.1f} min in all, as measured when the caches were built. 2 CPU cores shared "
-        f"with other jobs: throughput here is a lower bound. Outputs: `{r['out']}/` (data, cache, runs, logs with "
-        "every command, results_lm.json)." + (f" Note: {a['note']}" if a["note"] else ""),
+        (f"Wall time: {r['wall_seconds'] / 60:.1f} min for this invocation (data {r['data_seconds']:.0f} s, "
+         f"{r['student_runs'] - r['kept_runs']} student runs trained in {r['student_seconds'] / 60:.1f} min, "
+         f"{r['kept_runs']} kept from earlier invocations that ran the same `train-student` commands); the "
+         f"{r['student_runs']} runs' training took {r['student_train_seconds'] / 60:.0f} min in all, up to {a['jobs']} side by side "
+         f"(train s above varies with the machine's load while each run trained, not only with its row); teacher "
+         f"caching {r['cache_seconds'] / 60:.1f} min in all and teacher perplexity {t['seconds']:.0f} s, as measured when "
+         "first computed. 2 CPU cores shared with other jobs: throughput here is a lower bound. Outputs: "
+         f"`{r['out']}/` (data, cache, runs, logs with every command, results_lm.json)." + (f" Note: {a['note']}" if a["note"] else "")),
         MARK_END,
     ]
     return "\n".join(lines)
@@ -570,7 +573,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "data": data["stats"], "caches": caches, "teacher": teacher, "grid": grid, "chosen": chosen, "rows": rows,
         "comparisons": comparisons, "student_parameters": config["student_parameters"], "data_seconds": data_seconds,
         "cache_seconds": sum(x["teacher_seconds"] for x in cache_list), "student_seconds": student_seconds,
-        "student_runs": sum(m is not None for m in runs.done.values()), "wall_seconds": time.perf_counter() - started,
+        "student_runs": sum(m is not None for m in runs.done.values()),
+        "kept_runs": sum(m is not None and m["kept"] for m in runs.done.values()),
+        "student_train_seconds": sum(m["train_seconds"] for m in runs.done.values() if m is not None), "wall_seconds": time.perf_counter() - started,
     }
     (out / "results_lm.json").write_text(json.dumps(result, indent=2))
     section = markdown(result)
