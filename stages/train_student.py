@@ -100,7 +100,7 @@ class Trainer:
         if caches and caches[0].target_format != "topk":
             raise CacheError(f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it")
         teacher = (caches[0].temperature, caches[0].num_classes) if caches else None
-        return self._loader(data, caches, shuffle=False), teacher
+        return self._loader(data, caches, shuffle=False, top_k=0), teacher  # held-out KL over every cached id
 
     def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
         cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
@@ -203,10 +203,10 @@ class Trainer:
         # Spread the teacher's hidden states evenly over the student's layers, last to last.
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
-    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None):
+    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None):
         loader = StreamingLoader(
             data, caches, input_columns=self.inputs, batch_size=self.config.batch_size, token_level=self.token_level,
-            hidden=hidden, shuffle=shuffle, buffer_examples=self.config.buffer, seed=self.config.seed, top_k=self.config.top_k,
+            hidden=hidden, shuffle=shuffle, buffer_examples=self.config.buffer, seed=self.config.seed, top_k=self.config.top_k if top_k is None else top_k,
         )
         return loader
 
