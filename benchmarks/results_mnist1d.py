@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+import mnist1d_teachers as teachers_module
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-import mnist1d_teachers as teachers_module
+from common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "mnist1d"
@@ -635,19 +635,6 @@ def findings(results: dict) -> list[str]:
                    f"{mean_std(stats['kd-transfer-deep'])}% for plain KD into the same MLP "
                    f"{versus(stats['progressive'], stats['kd-transfer-deep'])}.")
     return out if len(out) > 2 else []
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the markers (inclusive), append when absent, create the file when missing."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- entry point ---------------------------------------------------------------------------------------------

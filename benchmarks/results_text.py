@@ -31,20 +31,16 @@ tweets and one tweet per call give the same cache.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import io
 import json
 import multiprocessing
-import shlex
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-
-from pipeline.cli import main as pipeline_cli
+from common import pipeline, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = {  # name -> --student spec
@@ -57,24 +53,11 @@ KD_GRID = ((0.5, 1.0), (0.9, 4.0))  # (alpha, T): the pipeline's default, and Hi
 MARK_START, MARK_END = "<!-- text:start -->", "<!-- text:end -->"
 
 
-def pipeline(args: list[str], log_path: Path) -> tuple[str, float]:
-    """Run one ``pipeline`` command in-process; stdout's last line and the wall time. stderr goes to log_path."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    out, err = io.StringIO(), io.StringIO()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            pipeline_cli.main(args, prog_name="pipeline", standalone_mode=False)
-        finally:
-            log_path.write_text("pipeline " + shlex.join(args) + "\n" + err.getvalue())
-    return out.getvalue().strip().splitlines()[-1], time.perf_counter() - t0
-
-
 # -- stage one -------------------------------------------------------------------------------------------------
 def cache_split(data: Path, teacher: Path, cache_dir: Path, batch_size: int, threads: int, logs: Path) -> dict:
     args = ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--top-k", "3", "--temperature", "1",
             "--cache-dir", str(cache_dir), "--batch-size", str(batch_size), "--threads", str(threads), "--quiet"]
-    path, seconds = pipeline(args, logs / f"cache-{data.stem}.log")
+    path, seconds, _ = pipeline(args, logs / f"cache-{data.stem}.log")
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     stored = sum(s["bytes"] for s in manifest["shards"])
     return {
@@ -96,7 +79,7 @@ def train(run_dir: Path, spec: str, data: Path, caches: dict, *, alpha: float, t
             "--out", str(run_dir), "--overwrite", "--no-onnx", "--quiet"]
     if alpha > 0:
         args += ["--cache", caches["train"]["path"], "--temperature", str(temperature)]
-    _, seconds = pipeline(args, run_dir.parent / f"{run_dir.name}.log")
+    _, seconds, _ = pipeline(args, run_dir.parent / f"{run_dir.name}.log")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     with open(run_dir / "metrics.csv", newline="") as fh:
         metrics["val_curve"] = [float(row["eval_accuracy"]) for row in csv.DictReader(fh)]
@@ -280,17 +263,6 @@ def markdown(result: dict) -> str:
         MARK_END,
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the text section between the markers, or append it; other sections stay as they are."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main() -> None:

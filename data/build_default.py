@@ -83,9 +83,10 @@ class TeacherCNN(nn.Module):
         return self.head(self.dropout(self.hidden_states(x)["features"]))
 
 
-def train(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float) -> TeacherCNN:
+def train(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float, model_class=None) -> nn.Module:
+    """Adam, one-cycle schedule, seeded shuffle: the teachers' recipe (``model_class`` default TeacherCNN)."""
     torch.manual_seed(seed)  # weight init and dropout
-    model = TeacherCNN()
+    model = (model_class or TeacherCNN)()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = -(-len(x) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps_per_epoch)

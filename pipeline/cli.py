@@ -6,7 +6,7 @@ import click
 
 from pipeline import cli_catalog
 from pipeline.cli_base import errors_to_click, log, main
-from pipeline.config import DEVICES, METHODS, POSTPROCESS, TARGET_FORMATS, CacheTeacherConfig, TrainStudentConfig, load_config
+from pipeline.config import DEVICES, LR_SCHEDULES, METHODS, POSTPROCESS, TARGET_FORMATS, CacheTeacherConfig, TrainStudentConfig, load_config
 
 
 @main.command("cache-teacher")
@@ -73,6 +73,8 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--batch-size", type=int, help="Examples per step (default 64).")
 @click.option("--lr", type=float, help="AdamW learning rate (default 1e-3).")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (default 0).")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default) or cosine decay to 0 over each stage.")
+@click.option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage (default 0).")
 @click.option("--seed", type=int, help="Seed: the same seed repeats the run (default 0).")
 @click.option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
 @click.option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")

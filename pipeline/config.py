@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")
 METHODS = ("kd", "ensemble", "progressive")
+LR_SCHEDULES = ("constant", "cosine")
 TARGET_FORMATS = ("topk", "sampled")
 
 
@@ -152,6 +153,8 @@ class TrainStudentConfig:
     batch_size: int = 64  # examples per step
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
+    lr_schedule: str = "constant"  # constant | cosine (to 0 over each stage's steps)
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over the first steps of each stage
     seed: int = 0  # seeds torch, the shuffle, and initialisation: same seed, same run
     eval_data: str = ""  # held-out dataset evaluated every epoch
     eval_cache: str = ""  # the teacher's cache of eval_data: adds agreement and KL to the teacher
@@ -209,4 +212,8 @@ class TrainStudentConfig:
             out.append(f"lr: {self.lr} must be > 0")
         if self.device not in DEVICES:
             out.append(f"device: {self.device!r} must be one of {DEVICES}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            out.append(f"lr_schedule: {self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        if self.warmup_steps < 0:
+            out.append(f"warmup_steps: {self.warmup_steps} must be >= 0")
         return out

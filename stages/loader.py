@@ -118,6 +118,25 @@ class StreamingLoader(IterableDataset):
         """Batches per epoch over all workers (an upper bound: each window may end in a short batch)."""
         return -(-self.data.num_rows // self.batch_size) + len(self.units)
 
+    def count_batches(self, epoch: int, workers: int = 0) -> int:
+        """Exactly the batches that epoch yields on this rank over ``workers`` DataLoader workers (0 = in-process).
+
+        Replays ``__iter__``'s unit order and shuffle windows from unit sizes alone, reading nothing.
+        """
+        slots = self.world_size * max(workers, 1)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
+        total = 0
+        for worker in range(max(workers, 1)):
+            size = 0
+            for i in order[self.rank * max(workers, 1) + worker :: slots]:
+                start, stop = self.units[i]
+                size += stop - start
+                if size >= self.buffer_examples:
+                    total, size = total + -(-size // self.batch_size), 0
+            total += -(-size // self.batch_size)
+        return total
+
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)

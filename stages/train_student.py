@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
 import shutil
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_model
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from pipeline.config import TrainStudentConfig, to_dict
@@ -25,7 +27,8 @@ from stages.dataset import LABEL_COLUMN, Dataset
 from stages.evaluate import evaluate, flatten, soft_targets, to_device
 from stages.export import export_onnx
 from stages.loader import StreamingLoader
-from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, cross_entropy_only
+from stages.ensemble_loss import EnsembleKDLoss
+from stages.losses import HiddenStateLoss, KDLoss, cross_entropy_only
 from stages.sampled_loss import SampledKDLoss, SampledTargets
 from stages.students import build_student, count_parameters
 
@@ -61,7 +64,7 @@ class Trainer:
         self.inputs = self._input_columns()
         if c.alpha < 1 and not self.token_level:
             self._check_labels()
-        self.num_outputs = self.caches[0].num_classes if self.caches else self._count_classes()
+        self.num_outputs = self.caches[0].num_classes if self.caches else self._count_outputs()
         self.temperature = c.temperature or (self.caches[0].temperature if self.caches else 1.0)
 
         if c.threads:
@@ -146,12 +149,23 @@ class Trainer:
 
     def _check_labels(self) -> None:
         if not self.data.has_labels or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count == self.data.num_rows:
-            raise DatasetError(
-                f"alpha {self.config.alpha} < 1 needs labels, but dataset {self.data.path} has none; "
-                "use --alpha 1 to train on the teacher's targets alone"
-            )
+            fix = ("use --alpha 1 to train on the teacher's targets alone" if self.caches else
+                   "cache a teacher on it (cache-teacher) and train on its targets with --cache and --alpha 1")
+            raise DatasetError(f"alpha {self.config.alpha} < 1 needs labels, but dataset {self.data.path} has none; {fix}")
 
-    def _count_classes(self) -> int:
+    def _count_outputs(self) -> int:
+        """Outputs of a student trained without a teacher cache (cross-entropy only).
+
+        Token level: the vocabulary of the held-out caches' teacher when one is given (so the student is scored
+        against that teacher, like the KD runs it is compared with), else the largest token id + 1 in the data.
+        Classification: the largest label + 1 (``_check_labels`` has made sure there are labels).
+        """
+        c = self.config
+        if self.token_level:
+            for data_path, ref in ((c.eval_data, c.eval_cache), (c.test_data, c.test_cache)):
+                if data_path and ref:
+                    return fmt.open_cache(fmt.resolve_cache(ref, c.cache_dir)).num_classes
+            return self._max_token() + 1
         labels = self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
         return int(max(v for v in labels.to_pylist() if v is not None)) + 1
 
@@ -234,7 +248,7 @@ class Trainer:
         projection = self._projection(layer, name)
         hidden_loss = HiddenStateLoss(self.config.hidden_loss)
         params = [p for p in self.model.parameters() if id(p) not in self.frozen] + list(projection.parameters())
-        optimizer = self._optimizer(params)
+        optimizer = self._optimizer(params, self.config.stage_epochs)
         for _ in range(self.config.stage_epochs):
             self._epoch(f"hidden:{layer}={name}", lambda b: self._hidden_step(b, layer, name, projection, hidden_loss), optimizer)
         if self.config.freeze_earlier:
@@ -242,14 +256,29 @@ class Trainer:
 
     def logit_stage(self) -> None:
         """Distil the logits (or train from scratch when alpha is 0), every layer trainable."""
-        optimizer = self._optimizer(list(self.model.parameters()))
+        optimizer = self._optimizer(list(self.model.parameters()), self.config.epochs)
         for _ in range(self.config.epochs):
             self._epoch("logits", self._kd_step, optimizer)
 
-    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+    def _optimizer(self, params: list[nn.Parameter], epochs: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        """AdamW and its per-step schedule over one stage of ``epochs`` epochs: warm-up, then constant or cosine."""
+        c = self.config
+        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        first = len(self.history) + 1  # the stage's first epoch number (the loader's shuffle seed)
+        total = max(sum(self.train_loader.count_batches(e, c.workers) for e in range(first, first + epochs)), 1)
+        warmup = c.warmup_steps
 
-    def _epoch(self, stage: str, step, optimizer: torch.optim.Optimizer) -> None:
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if c.lr_schedule == "constant":
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+
+        return optimizer, LambdaLR(optimizer, factor)
+
+    def _epoch(self, stage: str, step, optimizer_schedule: tuple[torch.optim.Optimizer, LambdaLR]) -> None:
+        optimizer, schedule = optimizer_schedule
         epoch = len(self.history) + 1
         sums: dict[str, float] = {}
         steps = 0
@@ -260,11 +289,13 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             optimizer.step()
+            schedule.step()
             for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
             bar.set_postfix(loss=f"{out.parts.get('total', out.parts.get('hidden', 0.0)):.4f}")
-        row = {"epoch": epoch, "stage": stage, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
+        row = {"epoch": epoch, "stage": stage, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t0,
+               "lr": schedule.get_last_lr()[0]}
         if self.eval_set is not None:
             metrics = evaluate(self.model, *self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab)
             row.update({f"eval_{k}": v for k, v in metrics.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +65,27 @@ def test_ranks_split_without_overlap_and_epochs_reshuffle(classifier_setup) -> N
     second = [i for b in loader for i in b.ids]
     assert first != second and sorted(first) == sorted(second)
     assert first == [i for b in _loader(classifier_setup, [cache]) for i in b.ids], "same seed and epoch: same order"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_count_batches_is_exact(classifier_setup, monkeypatch, workers) -> None:
+    """The learning-rate schedule's horizon: batches an epoch really yields, on every rank, shuffled or not.
+
+    Workers are played in-process (``get_worker_info`` answers as worker w of 2 would): the same split as
+    DataLoader workers, without forking (``test_every_row_exactly_once_and_paired`` forks real ones).
+    """
+    cache = _cache(classifier_setup, top_k=3, shard_size=70)
+    for kw in ({"buffer_examples": 100}, {"buffer_examples": 45, "batch_size": 16}, {"shuffle": False, "batch_size": 7},
+               {"rank": 1, "world_size": 3, "buffer_examples": 30, "batch_size": 8}):
+        loader = _loader(classifier_setup, [cache], **kw)
+        for epoch in (0, 3):
+            loader.set_epoch(epoch)
+            seen = 0
+            for worker in range(max(workers, 1)):
+                info = SimpleNamespace(num_workers=workers, id=worker) if workers else None
+                monkeypatch.setattr("stages.loader.get_worker_info", lambda info=info: info)
+                seen += sum(1 for _ in loader)
+            assert loader.count_batches(epoch, workers) == seen <= len(loader), kw
 
 
 def test_two_caches_with_different_shards_pair(classifier_setup) -> None:

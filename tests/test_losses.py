@@ -15,15 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import ConfigError
+from stages.ensemble_loss import EnsembleKDLoss, mixture
 from stages.losses import (
-    EnsembleKDLoss,
     HiddenStateLoss,
     KDLoss,
     LossOutput,
     SoftTargets,
     cross_entropy_only,
     masked_mean,
-    mixture,
     retemper,
 )
 

@@ -19,20 +19,6 @@ def results_module(monkeypatch):
     return results_mnist1d
 
 
-def test_section_is_created_then_replaced_alone(results_module, tmp_path) -> None:
-    path = tmp_path / "BENCHMARKS.md"
-    first = f"{results_module.START}\n## MNIST-1D\nold numbers\n{results_module.END}\n"
-    results_module.write_section(path, first)
-    assert path.read_text().startswith("# Benchmarks\n") and "old numbers" in path.read_text()
-
-    other = "## Language model\nsomeone else's table\n"
-    path.write_text(path.read_text() + "\n" + other)
-    results_module.write_section(path, first.replace("old numbers", "new numbers"))
-    text = path.read_text()
-    assert "new numbers" in text and "old numbers" not in text
-    assert text.endswith(other) and text.count(results_module.START) == 1
-
-
 @pytest.mark.slow
 def test_kd_with_transfer_set_beats_scratch_at_small_scale(results_module, tmp_path) -> None:
     """Scratch vs KD + a 10k transfer set, one seed, few epochs: the transfer row must come out ahead on test."""

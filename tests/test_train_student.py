@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -99,8 +100,8 @@ def test_progressive_stages_move_the_right_parameters(classifier_setup, tmp_path
     trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
     assert trainer.hidden_map == [(0, "hidden"), (1, "hidden")]
-    snapshot = lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}  # noqa: E731
-    changed = lambda a, b: {k for k in a if not torch.equal(a[k], b[k])}  # noqa: E731
+    snapshot = lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    changed = lambda a, b: {k for k in a if not torch.equal(a[k], b[k])}
 
     before = snapshot()
     trainer.hidden_stage(0, "hidden")
@@ -128,6 +129,40 @@ def test_causal_lm_student_on_token_cache(token_setup, tmp_path) -> None:
     assert run["test_perplexity"] > 1 and 0 <= run["test_agreement"] <= 1 and run["onnx_max_abs_diff"] < 1e-3
 
 
+def test_cross_entropy_only_lm_needs_no_cache(token_setup, tmp_path) -> None:
+    """A CE-only baseline LM: its width is the held-out caches' teacher vocabulary, else the largest id + 1."""
+    eval_cache = _cache(token_setup, top_k=8)
+    base = dict(data=str(token_setup["data"]), cache_dir=str(token_setup["cache_dir"]), student="causal-lm:layers=1,d_model=16,heads=2",
+                epochs=1, batch_size=8, alpha=0.0, export_onnx=False)
+    scored = train_student.run(TrainStudentConfig(**base, out=str(tmp_path / "ce"), eval_data=str(token_setup["data"]),
+                                                  eval_cache=str(eval_cache)), **QUIET)
+    assert scored["train_ce"] > 0 and "train_kd" not in scored and 0 <= scored["test_agreement"] <= 1 and scored["test_kl"] > 0
+    bare = train_student.Trainer(TrainStudentConfig(**base, out=str(tmp_path / "bare")), progress=False, log=lambda m: None)
+    bare.setup()
+    assert bare.token_level and bare.num_outputs == max(max(seq) for seq in token_setup["seqs"]) + 1
+
+
+def test_cosine_schedule_with_warmup(classifier_setup, tmp_path) -> None:
+    cache = _cache(classifier_setup, top_k=3)
+    config = _config(classifier_setup, tmp_path / "cos", cache=[str(cache)], lr=0.01, lr_schedule="cosine", warmup_steps=3, epochs=3)
+    trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
+    trainer.setup()
+    optimizer, schedule = trainer._optimizer(list(trainer.model.parameters()), config.epochs)
+    steps = sum(trainer.train_loader.count_batches(epoch) for epoch in (1, 2, 3))  # the stage's epochs are 1..3
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert np.allclose(lrs[:4], [0.01 / 3, 0.02 / 3, 0.01, 0.01], rtol=1e-12, atol=0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:])) and 0 < lrs[-1] < 0.01 * 0.01
+    trainer.train()
+    assert [round(row["lr"], 12) for row in trainer.history][-1] == 0.0  # a stage ends at lr 0
+    constant = _config(classifier_setup, tmp_path / "const", cache=[str(cache)], lr=0.01)
+    assert train_student.run(constant, **QUIET)["train_total"] > 0
+    assert {float(line.split(",")[-1]) for line in (tmp_path / "const" / "metrics.csv").read_text().splitlines()[1:]} == {0.01}
+
+
 # -- bad input: a clear message and a non-zero exit -----------------------------------------------------------
 
 def _invoke(setup: dict, tmp_path: Path, *extra: str, data=None):
@@ -151,10 +186,13 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
     _fails(_invoke(s, tmp_path, "--cache", str(cache), "--temperature", "-1"), "temperature: -1")
     _fails(_invoke(s, tmp_path, "--cache", str(cache), "--method", "progressive"), "holds none", "--hidden")
     _fails(_invoke(s, tmp_path, "--alpha", "0.5"), "needs at least one --cache")
+    _fails(_invoke(s, tmp_path, "--cache", str(cache), "--lr-schedule", "linear"), "'linear' is not one of")
+    _fails(_invoke(s, tmp_path, "--alpha", "0", "--warmup-steps", "-1"), "warmup_steps: -1")
 
     unlabelled = teachers.write_vectors(tmp_path / "nolabel.parquet", s["x"])
     unlabelled_cache = _cache(s, data=unlabelled, top_k=3)
     _fails(_invoke(s, tmp_path, "--cache", str(unlabelled_cache), "--alpha", "0.5", data=unlabelled), "needs labels", "--alpha 1")
+    _fails(_invoke(s, tmp_path, "--alpha", "0", data=unlabelled), "needs labels", "--cache and --alpha 1")
 
     other = teachers.write_vectors(tmp_path / "other.parquet", s["x"][::-1].copy(), np.arange(300) % 10)
     _fails(_invoke(s, tmp_path, "--cache", str(cache), data=other), "another dataset")
