@@ -470,6 +470,19 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def regenerate_command(argv: list[str]) -> str:
+    """This invocation's command without --report-only and --note, which change the text, not the results."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg == "--report-only" or arg.startswith("--note="):
+            skip = False
+            continue
+        skip = arg == "--note"
+        if not skip:
+            kept.append(arg)
+    return shlex.join(["python", "benchmarks/results_lm.py", *kept])
+
+
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",")]
 
@@ -542,7 +555,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     comparisons = [(a, b) for a, b in comparisons if a in rows and b in rows]
     cache_list = [caches[n] for n in caches if n.endswith("top64") or n.startswith("train_sampled")] + list(caches["probe"].values())
     result = {
-        "command": shlex.join(["python", "benchmarks/results_lm.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": regenerate_command(sys.argv[1:] if argv is None else argv),
         "out": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "seeds": seeds,
         "data": data["stats"], "caches": caches, "teacher": teacher, "grid": grid, "chosen": chosen, "rows": rows,
