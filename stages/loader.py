@@ -123,13 +123,13 @@ class StreamingLoader(IterableDataset):
 
         Replays ``__iter__``'s unit order and shuffle windows from unit sizes alone, reading nothing.
         """
-        slots = self.world_size * max(workers, 1)
+        per_rank = max(workers, 1)  # __iter__'s reader slots: one per worker, or the process itself
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
         total = 0
-        for worker in range(max(workers, 1)):
+        for worker in range(per_rank):
             size = 0
-            for i in order[self.rank * max(workers, 1) + worker :: slots]:
+            for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]:
                 start, stop = self.units[i]
                 size += stop - start
                 if size >= self.buffer_examples:
