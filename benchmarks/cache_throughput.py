@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.config import CacheTeacherConfig
+from stages.config import CacheTeacherConfig
 from stages import cache_teacher
 from stages.dataset import Dataset, column_to_array
 from stages.shard_runner import ShardRunner

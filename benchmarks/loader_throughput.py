@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.config import CacheTeacherConfig
+from stages.config import CacheTeacherConfig
 from stages import cache_teacher
 from stages.cache_format import open_cache
 from stages.dataset import Dataset

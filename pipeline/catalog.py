@@ -33,8 +33,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from pipeline.config import default_cache_root
-from pipeline.errors import CacheError, ConfigError, PipelineError
+from stages.config import default_cache_root
+from stages.errors import CacheError, ConfigError, PipelineError
 from stages import cache_format as fmt
 
 RUN_CONFIG = "config.json"  # a directory holding it is a run

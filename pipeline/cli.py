@@ -6,7 +6,7 @@ import click
 
 from pipeline import cli_catalog
 from pipeline.cli_base import errors_to_click, log, main
-from pipeline.config import DEVICES, LR_SCHEDULES, METHODS, POSTPROCESS, TARGET_FORMATS, CacheTeacherConfig, TrainStudentConfig, load_config
+from stages.config import DEVICES, LR_SCHEDULES, METHODS, POSTPROCESS, TARGET_FORMATS, CacheTeacherConfig, TrainStudentConfig, load_config
 
 
 @main.command("cache-teacher")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.errors import PipelineError
+from stages.errors import PipelineError
 
 
 def errors_to_click(fn):

@@ -16,7 +16,7 @@ import click
 
 from pipeline.catalog import Catalog, collect_garbage, remove_cache
 from pipeline.cli_base import errors_to_click, log
-from pipeline.errors import CacheError
+from stages.errors import CacheError
 from stages import cache_format as fmt
 
 FORMATS = ("table", "csv", "json")
@@ -307,7 +307,7 @@ def report(run_refs, out, cache_dir, runs_dir) -> None:
     """Plots (learning curves, final metrics, teacher reliability, tail mass) and a Markdown page. Prints report.md last."""
     from pathlib import Path
 
-    from stages.report import write_report
+    from pipeline.report import write_report
 
     catalog = Catalog(cache_dir, runs_dir)
     page = write_report(catalog, [catalog.run(r) for r in run_refs], Path(out))

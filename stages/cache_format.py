@@ -37,7 +37,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import CacheError
+from stages.errors import CacheError
 from stages.dataset import sha256_file
 
 FORMAT_VERSION = 1

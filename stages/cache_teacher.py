@@ -20,8 +20,8 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.config import CacheTeacherConfig, to_dict
-from pipeline.errors import CacheError, DatasetError, TeacherError
+from stages.config import CacheTeacherConfig, to_dict
+from stages.errors import CacheError, DatasetError, TeacherError
 from stages import cache_format as fmt
 from stages.dataset import ID_COLUMN, Dataset
 from stages.shard_runner import ShardRunner

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import DatasetError
+from stages.errors import DatasetError
 
 ID_COLUMN = "id"
 LABEL_COLUMN = "label"

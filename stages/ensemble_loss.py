@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from pipeline.errors import ConfigError
+from stages.errors import ConfigError
 from stages.losses import (
     LossOutput,
     SoftTargets,

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError, PipelineError
+from stages.errors import ConfigError, PipelineError
 
 # Largest allowed |onnx - torch| on the logits, as a fraction of max(1, max |torch logits|).
 ONNX_TOLERANCE = 1e-3

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.errors import CacheError, ConfigError, DatasetError
+from stages.errors import CacheError, ConfigError, DatasetError
 from stages.cache_format import HIDDEN_PREFIX, Cache
 from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from pipeline.errors import ConfigError
+from stages.errors import ConfigError
 
 IGNORE_INDEX = -100  # label of a position without a hard target (PyTorch's cross-entropy convention)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.errors import ConfigError
+from stages.errors import ConfigError
 from stages.losses import LossOutput, _check_temperature, _SoftTargetLoss, _upcast
 
 

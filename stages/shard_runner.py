@@ -8,8 +8,8 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.config import CacheTeacherConfig
-from pipeline.errors import DatasetError, TeacherError
+from stages.config import CacheTeacherConfig
+from stages.errors import DatasetError, TeacherError
 from stages import cache_format as fmt
 from stages import targets
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges

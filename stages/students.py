@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import ConfigError
+from stages.errors import ConfigError
 from stages.student_models import (
     CausalLMOptions,
     CausalLMStudent,

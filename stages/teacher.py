@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from pipeline.errors import TeacherError
+from stages.errors import TeacherError
 
 CLASSIFIER = "classifier"
 TOKEN = "token"

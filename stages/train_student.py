@@ -20,8 +20,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from pipeline.config import TrainStudentConfig, to_dict
-from pipeline.errors import CacheError, ConfigError, DatasetError
+from stages.config import TrainStudentConfig, to_dict
+from stages.errors import CacheError, ConfigError, DatasetError
 from stages import cache_format as fmt
 from stages.dataset import LABEL_COLUMN, Dataset
 from stages.evaluate import evaluate, flatten, soft_targets, to_device

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import CacheTeacherConfig
+from stages.config import CacheTeacherConfig
 from stages import cache_format as fmt
 from stages import cache_teacher
 from tests import teachers

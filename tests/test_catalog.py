@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import CacheTeacherConfig, TrainStudentConfig
+from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages import cache_teacher, train_student
 from stages.cache_format import open_cache
 from tests import teachers
@@ -206,7 +206,7 @@ def test_sampled_cache_in_list_show_and_positions(token_setup, tmp_path) -> None
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.config import CacheTeacherConfig
+    from stages.config import CacheTeacherConfig
     from stages import cache_teacher
 
     config = CacheTeacherConfig(teacher=str(token_setup["teacher"]), data=str(token_setup["data"]), cache_dir=str(tmp_path / "c"),

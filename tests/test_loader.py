@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import CacheTeacherConfig
-from pipeline.errors import CacheError
+from stages.config import CacheTeacherConfig
+from stages.errors import CacheError
 from stages import cache_format as fmt
 from stages import cache_teacher
 from stages.dataset import Dataset

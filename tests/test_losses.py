@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ConfigError
+from stages.errors import ConfigError
 from stages.ensemble_loss import EnsembleKDLoss, mixture
 from stages.losses import (
     HiddenStateLoss,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from pipeline.config import CacheTeacherConfig, TrainStudentConfig
-from pipeline.errors import ConfigError
+from stages.config import CacheTeacherConfig, TrainStudentConfig
+from stages.errors import ConfigError
 from stages import cache_format as fmt
 from stages import cache_teacher, targets, train_student
 from stages.losses import KDLoss, SoftTargets

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.errors import ConfigError, PipelineError
+from stages.errors import ConfigError, PipelineError
 from stages import export
 from stages.export import export_onnx
 from stages.students import StudentOutput, build_student, count_parameters, parse_student_spec

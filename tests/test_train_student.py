@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.config import CacheTeacherConfig, TrainStudentConfig
+from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages import cache_format as fmt
 from stages import cache_teacher, train_student
 from tests import teachers

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.catalog import Catalog, CacheEntry, RunEntry
-from pipeline.errors import PipelineError
+from stages.errors import PipelineError
 from stages.dataset import Dataset
 
 RELIABILITY_BINS = 10  # equal-width confidence bins of the reliability diagram

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.errors import ConfigError
+from stages.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")
