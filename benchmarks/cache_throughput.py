@@ -46,8 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
 
-from stages.config import CacheTeacherConfig
 from stages import cache_teacher
+from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset, column_to_array
 from stages.shard_runner import ShardRunner
 from stages.teacher import TOKEN, Teacher
@@ -76,7 +76,9 @@ def build_synthetic_teacher(path: Path, vocab: int, width: int, layers: int, see
         helper.make_node("Mul", ["h0_raw", "mask3"], ["h0"]),
     ]
     for i in range(layers):
-        inits.append(numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32), f"w{i}"))
+        inits.append(
+            numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32), f"w{i}")
+        )
         nodes += [
             helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"pre{i}"]),
             helper.make_node("Relu", [f"pre{i}"], [f"act{i}"]),
@@ -123,8 +125,24 @@ def text_tokens(tokenizer_json: Path) -> np.ndarray:
     from tokenizers import Tokenizer
 
     docs = []
-    for name in ("argparse", "collections", "dataclasses", "json", "pathlib", "subprocess", "threading", "logging",
-                 "unittest", "email.message", "http.client", "functools", "itertools", "textwrap", "zipfile", "csv"):
+    for name in (
+        "argparse",
+        "collections",
+        "dataclasses",
+        "json",
+        "pathlib",
+        "subprocess",
+        "threading",
+        "logging",
+        "unittest",
+        "email.message",
+        "http.client",
+        "functools",
+        "itertools",
+        "textwrap",
+        "zipfile",
+        "csv",
+    ):
         module = importlib.import_module(name)
         docs.append(inspect.getdoc(module) or "")
         for _, obj in sorted(vars(module).items()):
@@ -134,7 +152,9 @@ def text_tokens(tokenizer_json: Path) -> np.ndarray:
     return np.asarray(Tokenizer.from_file(str(tokenizer_json)).encode(text).ids, dtype=np.int64)
 
 
-def build_dataset(path: Path, positions: int, min_len: int, max_len: int, vocab: int, tokens: np.ndarray | None, seed: int = 0) -> int:
+def build_dataset(
+    path: Path, positions: int, min_len: int, max_len: int, vocab: int, tokens: np.ndarray | None, seed: int = 0
+) -> int:
     """Unpadded sequences of min_len..max_len tokens (uniform), ~``positions`` tokens in all; returns the count.
 
     Tokens are consecutive slices of ``tokens`` (real text) when given, else uniform random ids.
@@ -150,7 +170,9 @@ def build_dataset(path: Path, positions: int, min_len: int, max_len: int, vocab:
             cursor += n
         seqs.append(seq.tolist())
         total += n
-    table = pa.table({"id": pa.array(np.arange(len(seqs), dtype=np.int64)), "input_ids": pa.array(seqs, type=pa.list_(pa.int64()))})
+    table = pa.table(
+        {"id": pa.array(np.arange(len(seqs), dtype=np.int64)), "input_ids": pa.array(seqs, type=pa.list_(pa.int64()))}
+    )
     pq.write_table(table, path, row_group_size=1024)
     return len(seqs)
 
@@ -285,55 +307,103 @@ def summarise(rounds: list[dict], ks: list[int]) -> dict:
 def print_report(result: dict) -> None:
     s = result["summary"]
     t = result["setup"]
-    print(f"\nteacher: {t['teacher']} (V = {t['vocab']}, {t['weight_mflops_per_position']:.1f} MFLOP/position in weight matmuls)")
-    print(f"data: {t['sequences']} sequences, {t['positions']} positions ({t['min_len']}..{t['max_len']} tokens, {t['tokens']} tokens), "
-          f"batch {t['batch_size']}, threads {t['threads'] or 'auto'}, {t['rounds']} interleaved rounds")
-    print(f"\nbare ORT session.run: median {s['bare_positions_per_second']['median']:.0f} positions/s "
-          f"(rounds: {', '.join(f'{v:.0f}' for v in s['bare_positions_per_second']['rounds'])})")
-    print(f"\n{'k':>3} {'pipeline pos/s':>15} {'ratio':>6} {'per round':>20} {'steady ratio':>13} {'per round':>20} {'startup s':>10} "
-          f"{'B/pos disk':>11} {'B/pos logical':>14}")
+    print(
+        f"\nteacher: {t['teacher']} (V = {t['vocab']}, {t['weight_mflops_per_position']:.1f} MFLOP/position in weight matmuls)"
+    )
+    print(
+        f"data: {t['sequences']} sequences, {t['positions']} positions ({t['min_len']}..{t['max_len']} tokens, {t['tokens']} tokens), "
+        f"batch {t['batch_size']}, threads {t['threads'] or 'auto'}, {t['rounds']} interleaved rounds"
+    )
+    print(
+        f"\nbare ORT session.run: median {s['bare_positions_per_second']['median']:.0f} positions/s "
+        f"(rounds: {', '.join(f'{v:.0f}' for v in s['bare_positions_per_second']['rounds'])})"
+    )
+    print(
+        f"\n{'k':>3} {'pipeline pos/s':>15} {'ratio':>6} {'per round':>20} {'steady ratio':>13} {'per round':>20} {'startup s':>10} "
+        f"{'B/pos disk':>11} {'B/pos logical':>14}"
+    )
     for k, r in s["k"].items():
         rounds, steady = (", ".join(f"{v:.2f}" for v in r[name]) for name in ("ratio_rounds", "steady_ratio_rounds"))
-        print(f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>20} {r['steady_ratio']:>13.3f} "
-              f"{steady:>20} {r['startup_seconds']:>10.2f} {r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}")
+        print(
+            f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>20} {r['steady_ratio']:>13.3f} "
+            f"{steady:>20} {r['startup_seconds']:>10.2f} {r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}"
+        )
     last = list(s["k"].values())[-1]
     cols = ", ".join(f"{c} {b:.1f}" for c, b in last["column_bytes_per_position"].items())
     print(f"    on-disk bytes/position by column at k = {list(s['k'])[-1]}: {cols}")
     if result.get("placement"):
         runs = result["placement"]
-        print(f"\ntop-k placement at k = {result['placement_k']}: one subprocess per run, {len(next(iter(runs.values())))} interleaved round(s); "
-              "medians; peak RSS of the process (VmHWM)")
-        print(f"{'variant':>14} {'pos/s':>8} {'vs bare':>8} {'per-round vs bare':>24} {'peak RSS MiB':>13} {'after imports MiB':>18}")
+        print(
+            f"\ntop-k placement at k = {result['placement_k']}: one subprocess per run, {len(next(iter(runs.values())))} interleaved round(s); "
+            "medians; peak RSS of the process (VmHWM)"
+        )
+        print(
+            f"{'variant':>14} {'pos/s':>8} {'vs bare':>8} {'per-round vs bare':>24} {'peak RSS MiB':>13} {'after imports MiB':>18}"
+        )
         bare = [r["positions_per_second"] for r in runs.get("bare", [])]
         for name, rs in runs.items():
             rate = [r["positions_per_second"] for r in rs]
             ratio = f"{_median(rate) / _median(bare):.3f}" if bare else "-"
             per_round = ", ".join(f"{a / b:.3f}" for a, b in zip(rate, bare)) if bare else "-"
-            print(f"{name:>14} {_median(rate):>8.0f} {ratio:>8} {per_round:>24} {_median([r['peak_rss_mib'] for r in rs]):>13.0f} "
-                  f"{_median([r['import_rss_mib'] for r in rs]):>18.0f}")
+            print(
+                f"{name:>14} {_median(rate):>8.0f} {ratio:>8} {per_round:>24} {_median([r['peak_rss_mib'] for r in rs]):>13.0f} "
+                f"{_median([r['import_rss_mib'] for r in rs]):>18.0f}"
+            )
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", type=Path, help="token-level ONNX teacher (inputs input_ids, attention_mask); default: build the synthetic one")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        help="token-level ONNX teacher (inputs input_ids, attention_mask); default: build the synthetic one",
+    )
     p.add_argument("--vocab", type=int, default=50_257, help="synthetic teacher's vocabulary (GPT-2's size)")
     p.add_argument("--width", type=int, default=576, help="synthetic teacher's width d (SmolLM2-135M's)")
     p.add_argument("--layers", type=int, default=4, help="synthetic teacher's residual MatMul+Relu layers")
-    p.add_argument("--positions", type=int, default=24_000, help="token positions in the dataset (sized for an idle 2-core machine: ~20 s per bare measurement of the synthetic teacher; use fewer on a loaded one)")
+    p.add_argument(
+        "--positions",
+        type=int,
+        default=24_000,
+        help="token positions in the dataset (sized for an idle 2-core machine: ~20 s per bare measurement of the synthetic teacher; use fewer on a loaded one)",
+    )
     p.add_argument("--min-len", type=int, default=32, help="shortest sequence, tokens")
     p.add_argument("--max-len", type=int, default=128, help="longest sequence, tokens")
-    p.add_argument("--tokens", choices=("auto", "random", "text"), default="auto",
-                   help="sequence contents: random ids, or stdlib docstrings through the tokenizer.json next to --teacher (auto: text when there is one)")
+    p.add_argument(
+        "--tokens",
+        choices=("auto", "random", "text"),
+        default="auto",
+        help="sequence contents: random ids, or stdlib docstrings through the tokenizer.json next to --teacher (auto: text when there is one)",
+    )
     p.add_argument("--top-k", type=int, nargs="+", default=list(KS), help="k values measured in every round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (bare, then the pipeline at each k)")
-    p.add_argument("--batch-size", type=int, default=CacheTeacherConfig.batch_size, help="sequences per teacher call (the pipeline's default)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads; 0 = one per core (the pipeline's default)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=CacheTeacherConfig.batch_size,
+        help="sequences per teacher call (the pipeline's default)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime intra-op threads; 0 = one per core (the pipeline's default)",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="T of the cached softmax")
-    p.add_argument("--placement", nargs="*", choices=PLACEMENTS, default=list(PLACEMENTS),
-                   help="top-k placement variants, one subprocess each (give the flag alone to skip them)")
+    p.add_argument(
+        "--placement",
+        nargs="*",
+        choices=PLACEMENTS,
+        default=list(PLACEMENTS),
+        help="top-k placement variants, one subprocess each (give the flag alone to skip them)",
+    )
     p.add_argument("--placement-k", type=int, default=32, help="k for the top-k placement comparison")
     p.add_argument("--placement-rounds", type=int, default=1, help="interleaved rounds of the placement subprocesses")
-    p.add_argument("--workdir", type=Path, help="where the teacher, dataset and caches go (default: a temp dir, removed after)")
+    p.add_argument(
+        "--workdir", type=Path, help="where the teacher, dataset and caches go (default: a temp dir, removed after)"
+    )
     p.add_argument("--json", type=Path, help="also write every number as JSON here")
     p.add_argument("--child-spec", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -369,12 +439,22 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     data_path = workdir / "tokens.parquet"
     bare_teacher = Teacher(teacher_path, device="cpu", threads=args.threads)
     vocab = bare_teacher.info.num_classes or args.vocab
-    sequences = build_dataset(data_path, args.positions, args.min_len, args.max_len, vocab, text_tokens(tokenizer) if use_text else None)
+    sequences = build_dataset(
+        data_path, args.positions, args.min_len, args.max_len, vocab, text_tokens(tokenizer) if use_text else None
+    )
 
     def config(k: int, postprocess: str, cache_dir: Path) -> CacheTeacherConfig:
-        return CacheTeacherConfig(teacher=str(teacher_path), data=str(data_path), top_k=k, temperature=args.temperature,
-                                  cache_dir=str(cache_dir), batch_size=args.batch_size, device="cpu", threads=args.threads,
-                                  postprocess=postprocess)
+        return CacheTeacherConfig(
+            teacher=str(teacher_path),
+            data=str(data_path),
+            top_k=k,
+            temperature=args.temperature,
+            cache_dir=str(cache_dir),
+            batch_size=args.batch_size,
+            device="cpu",
+            threads=args.threads,
+            postprocess=postprocess,
+        )
 
     batches = pipeline_batches(bare_teacher, config(args.top_k[0], "torch", workdir))
     padded = sum(f["input_ids"].size for f, _ in batches)
@@ -396,7 +476,10 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "cpu_count": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"{setup['teacher']}: {positions} positions in {len(batches)} batches ({setup['padding_fraction']:.1%} padding)", flush=True)
+    print(
+        f"{setup['teacher']}: {positions} positions in {len(batches)} batches ({setup['padding_fraction']:.1%} padding)",
+        flush=True,
+    )
     bare_teacher.session.run([bare_teacher.info.logits_output], batches[0][0])  # warm the session's arena once
 
     rounds = []
@@ -406,10 +489,15 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         for k in args.top_k:
             run = time_pipeline(config(k, "torch", workdir / f"cache-r{r}-k{k}"))
             if run["positions"] != positions:
-                raise RuntimeError(f"the pipeline cached {run['positions']} positions, the bare batches hold {positions}")
+                raise RuntimeError(
+                    f"the pipeline cached {run['positions']} positions, the bare batches hold {positions}"
+                )
             entry["pipeline"][str(k)] = run
-            print(f" | k={k} {run['positions_per_second']:.0f} pos/s ({run['positions_per_second'] / entry['bare']['positions_per_second']:.3f})",
-                  end="", flush=True)
+            print(
+                f" | k={k} {run['positions_per_second']:.0f} pos/s ({run['positions_per_second'] / entry['bare']['positions_per_second']:.3f})",
+                end="",
+                flush=True,
+            )
         print(flush=True)
         rounds.append(entry)
     del bare_teacher, batches
@@ -419,10 +507,19 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         print(f"placement round {r + 1}:", end="", flush=True)
         for variant in args.placement:
             placement[variant].append(run_child(variant, config(args.placement_k, "torch", workdir), workdir))
-            print(f" | {variant} {placement[variant][-1]['positions_per_second']:.0f} pos/s, {placement[variant][-1]['peak_rss_mib']:.0f} MiB",
-                  end="", flush=True)
+            print(
+                f" | {variant} {placement[variant][-1]['positions_per_second']:.0f} pos/s, {placement[variant][-1]['peak_rss_mib']:.0f} MiB",
+                end="",
+                flush=True,
+            )
         print(flush=True)
-    return {"setup": setup, "rounds": rounds, "summary": summarise(rounds, args.top_k), "placement": placement, "placement_k": args.placement_k}
+    return {
+        "setup": setup,
+        "rounds": rounds,
+        "summary": summarise(rounds, args.top_k),
+        "placement": placement,
+        "placement_k": args.placement_k,
+    }
 
 
 if __name__ == "__main__":

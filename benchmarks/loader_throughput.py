@@ -39,9 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from stages.config import CacheTeacherConfig
 from stages import cache_teacher
 from stages.cache_format import open_cache
+from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset
 from stages.evaluate import flatten, soft_targets
 from stages.loader import Batch, StreamingLoader
@@ -66,9 +66,15 @@ class Case:
     buffer: int  # examples per shuffle window
 
     def loader(self) -> StreamingLoader:
-        return StreamingLoader(Dataset(self.data), [open_cache(self.cache)], input_columns=self.input_columns,
-                               batch_size=self.batch_size, token_level=self.token_level, buffer_examples=self.buffer,
-                               seed=0)
+        return StreamingLoader(
+            Dataset(self.data),
+            [open_cache(self.cache)],
+            input_columns=self.input_columns,
+            batch_size=self.batch_size,
+            token_level=self.token_level,
+            buffer_examples=self.buffer,
+            seed=0,
+        )
 
 
 def build_cache(config: CacheTeacherConfig) -> Path:
@@ -88,23 +94,45 @@ def token_case(work: Path, sequences: int, args: argparse.Namespace) -> Case:
         # Seed 0 for every size: the smaller dataset is the larger one's first rows.
         seqs = teachers.random_sequences(sequences, args.vocab, min_len=64, max_len=256, seed=0)
         ids = pa.array(np.arange(sequences))
-        pq.write_table(pa.table({"id": ids, "input_ids": pa.array([s.tolist() for s in seqs], pa.list_(pa.int64()))}),
-                       data, row_group_size=256)
+        pq.write_table(
+            pa.table({"id": ids, "input_ids": pa.array([s.tolist() for s in seqs], pa.list_(pa.int64()))}),
+            data,
+            row_group_size=256,
+        )
     # The shard size is not part of the cache key, so each shard size gets its own cache root.
     # batch_size 8: a [8, 256, V] float32 logits block is 400 MB at V = 49,152.
-    config = CacheTeacherConfig(teacher=str(teacher), data=str(data), top_k=args.top_k, temperature=1.0,
-                                cache_dir=str(work / f"cache-shard{args.token_shard}"), batch_size=8,
-                                shard_size=args.token_shard)
+    config = CacheTeacherConfig(
+        teacher=str(teacher),
+        data=str(data),
+        top_k=args.top_k,
+        temperature=1.0,
+        cache_dir=str(work / f"cache-shard{args.token_shard}"),
+        batch_size=8,
+        shard_size=args.token_shard,
+    )
     return Case(data, build_cache(config), ["input_ids"], True, args.token_batch, args.token_buffer)
 
 
 def mnist1d_case(work: Path, args: argparse.Namespace) -> Case:
     data = work / f"mnist1d-transfer-{args.transfer}.parquet"
     if not data.exists():
-        subprocess.run([sys.executable, str(REPO / "data" / "build_default.py"), "--transfer", str(args.transfer),
-                        "--transfer-seed", "1", "--transfer-out", str(data)], check=True, stdout=subprocess.DEVNULL)
-    config = CacheTeacherConfig(teacher=str(MNIST1D_TEACHER), data=str(data), top_k=10, temperature=4.0,
-                                cache_dir=str(work / "cache"))
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "data" / "build_default.py"),
+                "--transfer",
+                str(args.transfer),
+                "--transfer-seed",
+                "1",
+                "--transfer-out",
+                str(data),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    config = CacheTeacherConfig(
+        teacher=str(MNIST1D_TEACHER), data=str(data), top_k=10, temperature=4.0, cache_dir=str(work / "cache")
+    )
     return Case(data, build_cache(config), ["x"], False, args.mnist_batch, args.mnist_buffer)
 
 
@@ -194,19 +222,29 @@ def decoded_mib(case: Case) -> tuple[float, int]:
 
 def report(case: Case, student: torch.nn.Module, steps: int, workers_list: list[int]) -> dict:
     step_per_s, step_positions = student_rate(case, student, steps)
-    print(f"  student: {step_per_s:.2f} steps/s, {step_positions:,.0f} positions/s "
-          f"(batch {case.batch_size}, {steps} steps on pre-materialised batches)")
-    print(f"  {'workers':>9}{'batches/s':>11}{'positions/s':>14}{'first batch s':>15}{'loader/student':>16}"
-          f"{'inline share':>14}")
+    print(
+        f"  student: {step_per_s:.2f} steps/s, {step_positions:,.0f} positions/s "
+        f"(batch {case.batch_size}, {steps} steps on pre-materialised batches)"
+    )
+    print(
+        f"  {'workers':>9}{'batches/s':>11}{'positions/s':>14}{'first batch s':>15}{'loader/student':>16}"
+        f"{'inline share':>14}"
+    )
     figures = {"student_steps_per_s": step_per_s, "student_positions_per_s": step_positions, "loader": {}}
     for workers in workers_list:
         per_s, positions_per_s, first = epoch(case, workers)
         inline = (1 / per_s) / (1 / per_s + 1 / step_per_s)  # loader's part of a step when the two run in turn
-        print(f"  {workers:>9}{per_s:>11.1f}{positions_per_s:>14,.0f}{first:>15.2f}{per_s / step_per_s:>16.1f}"
-              f"{inline:>14.1%}")
-        figures["loader"][workers] = {"batches_per_s": per_s, "positions_per_s": positions_per_s,
-                                      "first_batch_s": first, "loader_over_student": per_s / step_per_s,
-                                      "inline_share": inline}
+        print(
+            f"  {workers:>9}{per_s:>11.1f}{positions_per_s:>14,.0f}{first:>15.2f}{per_s / step_per_s:>16.1f}"
+            f"{inline:>14.1%}"
+        )
+        figures["loader"][workers] = {
+            "batches_per_s": per_s,
+            "positions_per_s": positions_per_s,
+            "first_batch_s": first,
+            "loader_over_student": per_s / step_per_s,
+            "inline_share": inline,
+        }
     return figures
 
 
@@ -214,15 +252,21 @@ def memory(case: Case) -> dict:
     mib, shards = decoded_mib(case)
     first, second = fresh_peak_growth(case)
     rows = Dataset(case.data).num_rows
-    print(f"    {rows:>7,} examples, {shards:>3} shards, targets {mib:>5,.0f} MiB decoded: "
-          f"peak RSS growth {first:.0f} MiB after 1 epoch, {second:.0f} MiB after 2")
+    print(
+        f"    {rows:>7,} examples, {shards:>3} shards, targets {mib:>5,.0f} MiB decoded: "
+        f"peak RSS growth {first:.0f} MiB after 1 epoch, {second:.0f} MiB after 2"
+    )
     return {"examples": rows, "shards": shards, "decoded_mib": mib, "peak_growth_mib": [first, second]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "kd-bench",
-                        help="datasets, teachers and caches; kept, so a rerun reuses them")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "kd-bench",
+        help="datasets, teachers and caches; kept, so a rerun reuses them",
+    )
     parser.add_argument("--sequences", type=int, default=2000, help="token dataset size")
     parser.add_argument("--vocab", type=int, default=49152, help="token teacher and student vocabulary")
     parser.add_argument("--top-k", type=int, default=32, help="ids cached per token")
@@ -232,7 +276,9 @@ def main() -> None:
     parser.add_argument("--token-steps", type=int, default=5, help="timed causal-LM steps")
     parser.add_argument("--transfer", type=int, default=50000, help="MNIST-1D transfer set size")
     parser.add_argument("--mnist-batch", type=int, default=128, help="rows per MNIST-1D batch (run_default.sh's)")
-    parser.add_argument("--mnist-buffer", type=int, default=8192, help="MNIST-1D shuffle window (the trainer's default)")
+    parser.add_argument(
+        "--mnist-buffer", type=int, default=8192, help="MNIST-1D shuffle window (the trainer's default)"
+    )
     parser.add_argument("--mnist-steps", type=int, default=300, help="timed MLP steps")
     parser.add_argument("--workers", type=str, default="0,2", help="comma-separated DataLoader worker counts")
     parser.add_argument("--only", choices=["tokens", "mnist1d"], help="run one case")
@@ -245,15 +291,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     workers = [int(w) for w in args.workers.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} student thread(s), {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} student thread(s), {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     figures: dict[str, dict] = {}
     if args.only in (None, "tokens"):
-        print(f"tokens: {args.sequences:,} sequences of 64-256 tokens, V={args.vocab:,}, k={args.top_k}, "
-              f"shards of {args.token_shard} sequences, shuffle window {args.token_buffer}")
+        print(
+            f"tokens: {args.sequences:,} sequences of 64-256 tokens, V={args.vocab:,}, k={args.top_k}, "
+            f"shards of {args.token_shard} sequences, shuffle window {args.token_buffer}"
+        )
         case = token_case(args.work_dir, args.sequences, args)
         small = token_case(args.work_dir, args.sequences // 4, args)
-        figures["tokens"] = report(case, build_student(TOKEN_STUDENT, num_outputs=args.vocab), args.token_steps, workers)
+        figures["tokens"] = report(
+            case, build_student(TOKEN_STUDENT, num_outputs=args.vocab), args.token_steps, workers
+        )
         print("  memory, 0 workers:")
         figures["tokens"]["memory"] = [memory(small), memory(case)]
     if args.only in (None, "mnist1d"):
@@ -263,7 +315,9 @@ def main() -> None:
         print("  memory, 0 workers:")
         figures["mnist1d"]["memory"] = [memory(case)]
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **figures}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,14 @@ class TeacherGRU(nn.Module):
 def export_gru(model: TeacherGRU, example: torch.Tensor) -> onnx.ModelProto:
     """Dynamo export with a dynamic batch axis; the GRU becomes one ONNX GRU node."""
     program = torch.onnx.export(
-        model, (example,), dynamo=True, opset_version=bd.OPSET, input_names=["x"], output_names=["logits"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
+        model,
+        (example,),
+        dynamo=True,
+        opset_version=bd.OPSET,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        verbose=False,
     )
     proto = program.model_proto
     for node in proto.graph.node:
@@ -98,8 +104,11 @@ def build_cnn_seed1(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, path
     model = bd.train(x, y, **recipe)
     onnx.save(bd.export_onnx(model, x_test[:2]), str(path))
     hidden = bd.verify(path, model, x_test)  # logits and the four named hidden tensors against torch
-    card = {"architecture": "the bundled CNN's (data/mnist1d/teacher_cnn.json), another seed", "hidden": hidden,
-            "training": recipe | {"optimizer": "Adam", "lr_schedule": "OneCycleLR(max_lr=lr)"}}
+    card = {
+        "architecture": "the bundled CNN's (data/mnist1d/teacher_cnn.json), another seed",
+        "hidden": hidden,
+        "training": recipe | {"optimizer": "Adam", "lr_schedule": "OneCycleLR(max_lr=lr)"},
+    }
     return model, card
 
 
@@ -107,9 +116,11 @@ def build_gru(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, path: Path
     recipe = {"seed": 0, "epochs": 30, "batch_size": 64, "lr": 1e-2}
     model = bd.train(x, y, **recipe, model_class=TeacherGRU)  # the CNN's recipe applied to the GRU
     onnx.save(export_gru(model, x_test[:2]), str(path))
-    card = {"architecture": "x [batch, 40] -> [batch, 40, 1] -> bidirectional GRU(1, 32) -> outputs [batch, 40, 64] "
-                            "-> flatten [batch, 2560] -> Linear(2560, 10) -> logits; Dropout(0.3) before Linear in training",
-            "training": recipe | {"optimizer": "Adam", "lr_schedule": "OneCycleLR(max_lr=lr)"}}
+    card = {
+        "architecture": "x [batch, 40] -> [batch, 40, 1] -> bidirectional GRU(1, 32) -> outputs [batch, 40, 64] "
+        "-> flatten [batch, 2560] -> Linear(2560, 10) -> logits; Dropout(0.3) before Linear in training",
+        "training": recipe | {"optimizer": "Adam", "lr_schedule": "OneCycleLR(max_lr=lr)"},
+    }
     return model, card
 
 
@@ -150,7 +161,9 @@ def build(out_dir: Path, force: bool = False, log=print) -> dict[str, Path]:
             "test_accuracy": round(accuracy, 6),
             "onnx_max_abs_diff": verify_logits(path, model, x_test),
             "build_seconds": round(seconds, 1),
-            "versions": {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "onnx", "onnxscript", "onnxruntime-gpu")},
+            "versions": {
+                pkg: importlib.metadata.version(pkg) for pkg in ("torch", "onnx", "onnxscript", "onnxruntime-gpu")
+            },
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
         card_path.write_text(json.dumps(card, indent=2) + "\n")  # last: a model without a card is rebuilt

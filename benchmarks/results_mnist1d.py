@@ -89,28 +89,81 @@ class Row:
 
 
 ROWS = [
-    Row("scratch", "scratch MLP (labels only)", "labelled", (), {"student": MLP, "alpha": 0.0, "batch_size": 128},
-        {"lr": [1e-3, 3e-3], "student": [MLP, MLP + ",dropout=0.2"]}),
-    Row("kd-labelled", "KD, labelled train split only", "labelled", ("cnn",), {"batch_size": 128},
-        {"temperature": [2.0, 4.0, 8.0], "alpha": [0.5, 0.9]}, inherit=("scratch", ("lr", "student"))),
-    Row("kd-transfer", "KD + transfer set", "transfer", ("cnn",), {"student": MLP, "batch_size": 256, "lr": 3e-3},
-        {"temperature": [2.0, 4.0], "alpha": [0.9, 1.0]}),
-    Row("kd-transfer-cnn-seed1", "KD + transfer set, teacher CNN seed 1", "transfer", ("cnn_seed1",), {},
-        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha"))),
-    Row("kd-transfer-gru", "KD + transfer set, teacher GRU", "transfer", ("gru",), {},
-        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha"))),
-    Row("ensemble-prob", "ensemble of 3, probability mixture, + transfer", "transfer", ("cnn", "cnn_seed1", "gru"),
+    Row(
+        "scratch",
+        "scratch MLP (labels only)",
+        "labelled",
+        (),
+        {"student": MLP, "alpha": 0.0, "batch_size": 128},
+        {"lr": [1e-3, 3e-3], "student": [MLP, MLP + ",dropout=0.2"]},
+    ),
+    Row(
+        "kd-labelled",
+        "KD, labelled train split only",
+        "labelled",
+        ("cnn",),
+        {"batch_size": 128},
+        {"temperature": [2.0, 4.0, 8.0], "alpha": [0.5, 0.9]},
+        inherit=("scratch", ("lr", "student")),
+    ),
+    Row(
+        "kd-transfer",
+        "KD + transfer set",
+        "transfer",
+        ("cnn",),
+        {"student": MLP, "batch_size": 256, "lr": 3e-3},
+        {"temperature": [2.0, 4.0], "alpha": [0.9, 1.0]},
+    ),
+    Row(
+        "kd-transfer-cnn-seed1",
+        "KD + transfer set, teacher CNN seed 1",
+        "transfer",
+        ("cnn_seed1",),
+        {},
+        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha")),
+    ),
+    Row(
+        "kd-transfer-gru",
+        "KD + transfer set, teacher GRU",
+        "transfer",
+        ("gru",),
+        {},
+        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha")),
+    ),
+    Row(
+        "ensemble-prob",
+        "ensemble of 3, probability mixture, + transfer",
+        "transfer",
+        ("cnn", "cnn_seed1", "gru"),
         {"method": "ensemble", "ensemble_mode": "prob"},
-        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha"))),
-    Row("ensemble-logit", "ensemble of 3, logit average, + transfer", "transfer", ("cnn", "cnn_seed1", "gru"),
+        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha")),
+    ),
+    Row(
+        "ensemble-logit",
+        "ensemble of 3, logit average, + transfer",
+        "transfer",
+        ("cnn", "cnn_seed1", "gru"),
         {"method": "ensemble", "ensemble_mode": "logit"},
-        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha"))),
-    Row("kd-transfer-deep", "KD + transfer set, deeper MLP (control for progressive)", "transfer", ("cnn",),
-        {"student": DEEP}, inherit=("kd-transfer", ("batch_size", "lr", "temperature", "alpha"))),
-    Row("progressive", "progressive layer-wise (conv2, conv3) + transfer, deeper MLP", "transfer", ("cnn",),
+        inherit=("kd-transfer", ("student", "batch_size", "lr", "temperature", "alpha")),
+    ),
+    Row(
+        "kd-transfer-deep",
+        "KD + transfer set, deeper MLP (control for progressive)",
+        "transfer",
+        ("cnn",),
+        {"student": DEEP},
+        inherit=("kd-transfer", ("batch_size", "lr", "temperature", "alpha")),
+    ),
+    Row(
+        "progressive",
+        "progressive layer-wise (conv2, conv3) + transfer, deeper MLP",
+        "transfer",
+        ("cnn",),
         {"method": "progressive", "student": DEEP, "layer_map": "0=conv2,1=conv3", "stage_epochs": 3},
-        {"hidden_loss": ["mse", "cosine"]}, inherit=("kd-transfer", ("batch_size", "lr", "temperature", "alpha")),
-        hidden=("conv2", "conv3")),
+        {"hidden_loss": ["mse", "cosine"]},
+        inherit=("kd-transfer", ("batch_size", "lr", "temperature", "alpha")),
+        hidden=("conv2", "conv3"),
+    ),
 ]
 
 
@@ -159,7 +212,11 @@ def command_text(argv: list[str]) -> str:
 def prepare_data(data_dir: Path, transfer: int, transfer_seed: int) -> dict[str, Path]:
     """train_split / val / test / transfer (= train split + transfer set); files are kept and reused."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"train_split": data_dir / "train_split.parquet", "val": data_dir / "val.parquet", "test": DATA / "test.parquet"}
+    paths = {
+        "train_split": data_dir / "train_split.parquet",
+        "val": data_dir / "val.parquet",
+        "test": DATA / "test.parquet",
+    }
     train = pq.read_table(DATA / "train.parquet")
     held_out = np.zeros(train.num_rows, dtype=bool)
     held_out[np.random.default_rng(SPLIT_SEED).permutation(train.num_rows)[:VAL_ROWS]] = True
@@ -198,13 +255,31 @@ def cache_requests(rows: list[Row]) -> list[tuple[str, str, tuple[str, ...]]]:
     used = {"cnn"} | {t for row in rows for t in row.teachers}
     wanted = {(t, split, ()) for t in used for split in ("val", "test")}
     wanted |= {(t, "train_split" if row.data == "labelled" else "transfer", ()) for row in rows for t in row.teachers}
-    wanted |= {(row.teachers[0], "transfer" if row.data == "transfer" else "train_split", row.hidden) for row in rows if row.hidden}
+    wanted |= {
+        (row.teachers[0], "transfer" if row.data == "transfer" else "train_split", row.hidden)
+        for row in rows
+        if row.hidden
+    }
     return sorted(wanted)
 
 
 def cache_argv(teacher: Path, data: Path, cache_dir: Path, hidden: tuple[str, ...]) -> list[str]:
-    argv = ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--top-k", str(TOP_K),
-            "--temperature", str(CACHE_T), "--cache-dir", str(cache_dir), "--threads", "1", "--quiet"]
+    argv = [
+        "cache-teacher",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--top-k",
+        str(TOP_K),
+        "--temperature",
+        str(CACHE_T),
+        "--cache-dir",
+        str(cache_dir),
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     for name in hidden:
         argv += ["--hidden", name]
     return argv
@@ -273,7 +348,9 @@ class Benchmark:
             self.select_and_run()
         self.teacher_metrics = self.teacher_accuracies()
         # This process and every finished child (the workers, joined above): the whole script's CPU time.
-        cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+        cpu = sum(
+            u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+        )
         return self.summary(time.perf_counter() - started, cpu, load_before)
 
     def make_caches(self) -> None:
@@ -290,14 +367,26 @@ class Benchmark:
             path = Path(done["stdout"].strip().splitlines()[-1])
             manifest = json.loads((path / "manifest.json").read_text())
             self.caches[(teacher, dataset, hidden)] = CacheInfo(
-                teacher, dataset, list(hidden), str(path), manifest["key"], int(manifest["bytes"]), float(manifest["bytes_per_position"]),
-                int(manifest["num_positions"]), done["wall_seconds"], done["cpu_seconds"], command_text(argv))
+                teacher,
+                dataset,
+                list(hidden),
+                str(path),
+                manifest["key"],
+                int(manifest["bytes"]),
+                float(manifest["bytes_per_position"]),
+                int(manifest["num_positions"]),
+                done["wall_seconds"],
+                done["cpu_seconds"],
+                command_text(argv),
+            )
         print(f"{len(self.caches)} caches ready under {shown(self.cache_dir)}", file=sys.stderr)
 
     def cache_path(self, teacher: str, dataset: str, hidden: tuple[str, ...] = ()) -> str:
         return self.caches[(teacher, dataset, hidden)].path
 
-    def train_argv(self, row: Row, options: dict[str, object], epochs: int, seed: int, out: Path, final: bool) -> list[str]:
+    def train_argv(
+        self, row: Row, options: dict[str, object], epochs: int, seed: int, out: Path, final: bool
+    ) -> list[str]:
         dataset = "train_split" if row.data == "labelled" else "transfer"
         argv = ["train-student", "--data", str(self.data[dataset])]
         for i, teacher in enumerate(row.teachers):
@@ -335,9 +424,15 @@ class Benchmark:
                 waiting.remove(row)
                 base = self.base_options(row)
                 grids[row.name] = [
-                    submit(row, "select", self.train_argv(row, base | point, self.max_epochs(row), 0, out, final=False),
-                           out, point=point)
-                    for point in grid_points(row) for out in [self.runs / "select" / row.name / slug(point)]
+                    submit(
+                        row,
+                        "select",
+                        self.train_argv(row, base | point, self.max_epochs(row), 0, out, final=False),
+                        out,
+                        point=point,
+                    )
+                    for point in grid_points(row)
+                    for out in [self.runs / "select" / row.name / slug(point)]
                 ]
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in done:
@@ -348,10 +443,22 @@ class Benchmark:
                     continue
                 self.choose(row, grids[row.name])
                 self.finals[row.name] = [
-                    submit(row, "final", self.train_argv(row, self.chosen[row.name]["options"],
-                                                         self.chosen[row.name]["epochs"], seed, out, final=True),
-                           out, seed=seed)
-                    for seed in self.args.seeds for out in [self.runs / "final" / row.name / f"seed{seed}"]
+                    submit(
+                        row,
+                        "final",
+                        self.train_argv(
+                            row,
+                            self.chosen[row.name]["options"],
+                            self.chosen[row.name]["epochs"],
+                            seed,
+                            out,
+                            final=True,
+                        ),
+                        out,
+                        seed=seed,
+                    )
+                    for seed in self.args.seeds
+                    for out in [self.runs / "final" / row.name / f"seed{seed}"]
                 ]
         for runs in self.finals.values():
             for run in runs:
@@ -367,14 +474,29 @@ class Benchmark:
         for run in runs:
             curve = val_curve(run["out"])
             best = max(range(len(curve)), key=lambda i: (curve[i], -i))
-            scored.append({"point": run["point"], "val_accuracy": curve[best], "epochs": best + 1, "curve": curve,
-                           "command": command_text(run["argv"]), "wall_seconds": round(run["wall_seconds"], 1),
-                           "cpu_seconds": round(run["cpu_seconds"], 1)})
+            scored.append(
+                {
+                    "point": run["point"],
+                    "val_accuracy": curve[best],
+                    "epochs": best + 1,
+                    "curve": curve,
+                    "command": command_text(run["argv"]),
+                    "wall_seconds": round(run["wall_seconds"], 1),
+                    "cpu_seconds": round(run["cpu_seconds"], 1),
+                }
+            )
         winner = max(scored, key=lambda s: s["val_accuracy"])  # max keeps the first of equals
-        self.chosen[row.name] = {"options": self.base_options(row) | winner["point"], "epochs": winner["epochs"],
-                                 "val_accuracy": winner["val_accuracy"], "grid": scored}
-        print(f"{row.name}: chose {describe(winner['point'])}, {winner['epochs']} epochs "
-              f"(validation accuracy {winner['val_accuracy']:.4f})", file=sys.stderr)
+        self.chosen[row.name] = {
+            "options": self.base_options(row) | winner["point"],
+            "epochs": winner["epochs"],
+            "val_accuracy": winner["val_accuracy"],
+            "grid": scored,
+        }
+        print(
+            f"{row.name}: chose {describe(winner['point'])}, {winner['epochs']} epochs "
+            f"(validation accuracy {winner['val_accuracy']:.4f})",
+            file=sys.stderr,
+        )
 
     # ---- teachers' own accuracies, from their caches ----------------------------------------------------------
 
@@ -453,18 +575,29 @@ class Benchmark:
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def hardware(load_before: tuple[float, ...]) -> dict:
     import torch
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "load_average_start": [round(x, 1) for x in load_before],
-            "load_average_end": [round(x, 1) for x in os.getloadavg()], "torch": torch.__version__,
-            "python": platform.python_version(), "torch_threads_per_run": 1}
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor()
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_average_start": [round(x, 1) for x in load_before],
+        "load_average_end": [round(x, 1) for x in os.getloadavg()],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads_per_run": 1,
+    }
 
 
 # ---- BENCHMARKS.md -------------------------------------------------------------------------------------------
@@ -517,25 +650,38 @@ def render(results: dict) -> str:
     facts = results["teacher_facts"]
     transfer_caches = {c["teacher"]: c for c in results["caches"] if c["dataset"] == "transfer" and not c["hidden"]}
     for name, metrics in teachers.items():
-        desc = results["teacher_descriptions"].get(name, {
-            "ensemble-prob": "ensemble of the teachers above, probability mixture (argmax of the mean probability)",
-            "ensemble-logit": "ensemble of the teachers above, logit average (argmax of the mean logit)"}.get(name, name))
+        desc = results["teacher_descriptions"].get(
+            name,
+            {
+                "ensemble-prob": "ensemble of the teachers above, probability mixture (argmax of the mean probability)",
+                "ensemble-logit": "ensemble of the teachers above, logit average (argmax of the mean logit)",
+            }.get(name, name),
+        )
         cache = transfer_caches.get(name)
         size = f"{cache['bytes']:,} B, {cache['bytes_per_position']:.1f} B/position" if cache else "—"
         seconds = f"{cache['wall_seconds']:.1f}" if cache else "—"
         params = f"{facts[name]['parameters']:,}" if name in facts else "—"
-        lines.append(f"| {desc} | {params} | {pct(metrics['test_accuracy'])} | {pct(metrics['val_accuracy'])} | {size} "
-                     f"| {seconds} |")
-    built = [f"{name} {fact['build_seconds']:.0f} s (ONNX vs torch max |diff| {fact['onnx_max_abs_diff']:.1e})"
-             for name, fact in facts.items() if "build_seconds" in fact]
+        lines.append(
+            f"| {desc} | {params} | {pct(metrics['test_accuracy'])} | {pct(metrics['val_accuracy'])} | {size} "
+            f"| {seconds} |"
+        )
+    built = [
+        f"{name} {fact['build_seconds']:.0f} s (ONNX vs torch max |diff| {fact['onnx_max_abs_diff']:.1e})"
+        for name, fact in facts.items()
+        if "build_seconds" in fact
+    ]
     lines += [
         "",
         "All teachers trained on the full 4000 training rows, the validation rows included (as the bundled CNN "
         "was), so validation figures flatter anything that imitates them; they rank settings, the test split "
         "measures. Caches hold all 10 classes at T = 1 (the students re-temper exactly); *caching it* is the "
         "`cache-teacher` wall time on the 53,500-row train split + transfer set."
-        + (f" The extra teachers come from `python benchmarks/mnist1d_teachers.py` (run by this script when "
-           f"missing; wall time to train, export and check: {', '.join(built)})." if built else ""),
+        + (
+            f" The extra teachers come from `python benchmarks/mnist1d_teachers.py` (run by this script when "
+            f"missing; wall time to train, export and check: {', '.join(built)})."
+            if built
+            else ""
+        ),
         "",
         "### Students",
         "",
@@ -548,15 +694,25 @@ def render(results: dict) -> str:
         if scratch is not None and name != "scratch":
             gap = f"{(row['test_accuracy']['mean'] - scratch) / (cnn - scratch):.0%}"
         caches = row["train_caches"]
-        size = "none" if not caches else (
-            f"{sum(c['bytes'] for c in caches):,} B ({len(caches)}×), "
-            + "/".join(f"{c['bytes_per_position']:.0f}" for c in caches) + " B/position")
-        chosen = ", ".join((f"**{k}={_fmt(v)}**" if k in row["selected_on_validation"] else f"{k}={_fmt(v)}")
-                           for k, v in row["chosen"].items() if k != "student")
+        size = (
+            "none"
+            if not caches
+            else (
+                f"{sum(c['bytes'] for c in caches):,} B ({len(caches)}×), "
+                + "/".join(f"{c['bytes_per_position']:.0f}" for c in caches)
+                + " B/position"
+            )
+        )
+        chosen = ", ".join(
+            (f"**{k}={_fmt(v)}**" if k in row["selected_on_validation"] else f"{k}={_fmt(v)}")
+            for k, v in row["chosen"].items()
+            if k != "student"
+        )
         lines.append(
             f"| {row['title']} | `{row['student']}` | {row['student_parameters']:,} | **{mean_std(row['test_accuracy'])}** "
             f"| {mean_std(row['test_agreement_with_cnn'])} | {gap} | {pct(row['val_accuracy_seed0'])} "
-            f"| {row['train_seconds']['mean']:.0f} | {row['run_cpu_seconds']['mean']:.0f} | {size} | {chosen} |")
+            f"| {row['train_seconds']['mean']:.0f} | {row['run_cpu_seconds']['mean']:.0f} | {size} | {chosen} |"
+        )
     lines += [
         "",
         f"*gap closed* = (row − scratch) / (CNN teacher {pct(cnn)}% − scratch), on mean test accuracy. "
@@ -577,13 +733,22 @@ def render(results: dict) -> str:
     for name, row in rows.items():
         cells = "; ".join(f"{describe(s['point'])}: {pct(s['val_accuracy'])} @ {s['epochs']}" for s in row["selection"])
         lines.append(f"- **{name}**: {cells}")
-    lines += ["", "### Commands", "",
-              f"Each row's runs, for SEED in {' '.join(map(str, seeds))} (paths relative to the repository root; "
-              "run with `OMP_NUM_THREADS=1`). The first seed of kd-transfer omits `--no-onnx`: it also exports "
-              "`student.onnx` and checks it in ONNX Runtime.", ""]
+    lines += [
+        "",
+        "### Commands",
+        "",
+        f"Each row's runs, for SEED in {' '.join(map(str, seeds))} (paths relative to the repository root; "
+        "run with `OMP_NUM_THREADS=1`). The first seed of kd-transfer omits `--no-onnx`: it also exports "
+        "`student.onnx` and checks it in ONNX Runtime.",
+        "",
+    ]
     for name, row in rows.items():
         seed = row["runs"][-1]["seed"]
-        command = row["runs"][-1]["command"].replace(f"--seed {seed} ", "--seed $SEED ").replace(f"/seed{seed} ", "/seed$SEED ")
+        command = (
+            row["runs"][-1]["command"]
+            .replace(f"--seed {seed} ", "--seed $SEED ")
+            .replace(f"/seed{seed} ", "/seed$SEED ")
+        )
         lines += [f"{name}:", "", "```bash", command, "```", ""]
     lines += ["Caches (one `cache-teacher` each):", "", "```bash"]
     lines += [c["command"] for c in results["caches"]] + ["```", END]
@@ -591,10 +756,16 @@ def render(results: dict) -> str:
 
 
 def onnx_note(rows: dict) -> str:
-    exported = [(name, run["seed"], run["metrics"]["onnx_max_abs_diff"]) for name, row in rows.items()
-                for run in row["runs"] if "onnx_max_abs_diff" in run["metrics"]]
-    return "".join(f" The {name} student of seed {seed} was exported to `student.onnx`; ONNX Runtime matches "
-                   f"torch to {diff:.1e}." for name, seed, diff in exported)
+    exported = [
+        (name, run["seed"], run["metrics"]["onnx_max_abs_diff"])
+        for name, row in rows.items()
+        for run in row["runs"]
+        if "onnx_max_abs_diff" in run["metrics"]
+    ]
+    return "".join(
+        f" The {name} student of seed {seed} was exported to `student.onnx`; ONNX Runtime matches torch to {diff:.1e}."
+        for name, seed, diff in exported
+    )
 
 
 def versus(a: dict, b: dict) -> str:
@@ -613,27 +784,35 @@ def findings(results: dict) -> list[str]:
     cnn = teachers["cnn"]["test_accuracy"]
     if "scratch" in acc and "kd-transfer" in acc:
         closed = (acc["kd-transfer"] - acc["scratch"]) / (cnn - acc["scratch"])
-        out.append(f"- KD + transfer set: {pct(acc['kd-transfer'])}% against scratch {pct(acc['scratch'])}% closes "
-                   f"{closed:.0%} of the gap to the CNN teacher ({pct(cnn)}%): at least half "
-                   f"{'met' if closed >= 0.5 else 'NOT met'}; past 85% {'yes' if acc['kd-transfer'] > 0.85 else 'no'}.")
+        out.append(
+            f"- KD + transfer set: {pct(acc['kd-transfer'])}% against scratch {pct(acc['scratch'])}% closes "
+            f"{closed:.0%} of the gap to the CNN teacher ({pct(cnn)}%): at least half "
+            f"{'met' if closed >= 0.5 else 'NOT met'}; past 85% {'yes' if acc['kd-transfer'] > 0.85 else 'no'}."
+        )
     single = {t: teachers[t]["test_accuracy"] for t in ("cnn", "cnn_seed1", "gru") if t in teachers}
     for mode in ("ensemble-prob", "ensemble-logit"):
         if mode in teachers and len(single) > 1:
             best = max(single, key=single.get)
             verdict = "at least as good as" if teachers[mode]["test_accuracy"] >= single[best] else "WORSE than"
-            out.append(f"- Teacher {mode}: {pct(teachers[mode]['test_accuracy'])}%, {verdict} the best single teacher "
-                       f"({best}, {pct(single[best])}%).")
+            out.append(
+                f"- Teacher {mode}: {pct(teachers[mode]['test_accuracy'])}%, {verdict} the best single teacher "
+                f"({best}, {pct(single[best])}%)."
+            )
     students = {n: acc[n] for n in ("kd-transfer", "kd-transfer-cnn-seed1", "kd-transfer-gru") if n in acc}
     for mode in ("ensemble-prob", "ensemble-logit"):
         if mode in acc and students:
             best = max(students, key=students.get)
             verdict = "at least as good as" if acc[mode] >= students[best] else "below"
-            out.append(f"- Student {mode}: {mean_std(stats[mode])}%, {verdict} the best single-teacher student "
-                       f"({best}, {mean_std(stats[best])}%) {versus(stats[mode], stats[best])}.")
+            out.append(
+                f"- Student {mode}: {mean_std(stats[mode])}%, {verdict} the best single-teacher student "
+                f"({best}, {mean_std(stats[best])}%) {versus(stats[mode], stats[best])}."
+            )
     if "progressive" in acc and "kd-transfer-deep" in acc:
-        out.append(f"- Progressive into the deeper MLP: {mean_std(stats['progressive'])}% against "
-                   f"{mean_std(stats['kd-transfer-deep'])}% for plain KD into the same MLP "
-                   f"{versus(stats['progressive'], stats['kd-transfer-deep'])}.")
+        out.append(
+            f"- Progressive into the deeper MLP: {mean_std(stats['progressive'])}% against "
+            f"{mean_std(stats['kd-transfer-deep'])}% for plain KD into the same MLP "
+            f"{versus(stats['progressive'], stats['kd-transfer-deep'])}."
+        )
     return out if len(out) > 2 else []
 
 
@@ -643,16 +822,23 @@ def findings(results: dict) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="teachers, data, caches, runs, results.json")
-    parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN, help="file whose MNIST-1D section is written")
+    parser.add_argument(
+        "--markdown", type=Path, default=DEFAULT_MARKDOWN, help="file whose MNIST-1D section is written"
+    )
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated rows (default all)")
     parser.add_argument("--transfer", type=int, default=50_000, help="transfer-set size (fresh generator draws)")
     parser.add_argument("--transfer-seed", type=int, default=7, help="generator seed of the transfer set (not 42)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the final runs")
     parser.add_argument("--max-epochs-labelled", type=int, default=150, help="epochs of a selection run on 3500 rows")
-    parser.add_argument("--max-epochs-transfer", type=int, default=40, help="epochs of a selection run with the transfer set")
+    parser.add_argument(
+        "--max-epochs-transfer", type=int, default=40, help="epochs of a selection run with the transfer set"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    parser.add_argument("--render-only", action="store_true",
-                        help="rewrite the section from OUT_DIR/results.json without running anything")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the section from OUT_DIR/results.json without running anything",
+    )
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     args.argv = raw
@@ -669,7 +855,9 @@ def add_facts(results: dict, out_dir: Path) -> dict:
     for name, (path, _) in TEACHERS.items():
         card = (out_dir / path).with_suffix(".json")  # the extra teachers' paths are relative to the out dir
         if name != "cnn" and name in results["teachers"] and card.exists():
-            facts[name] = {k: json.loads(card.read_text())[k] for k in ("parameters", "build_seconds", "onnx_max_abs_diff")}
+            facts[name] = {
+                k: json.loads(card.read_text())[k] for k in ("parameters", "build_seconds", "onnx_max_abs_diff")
+            }
     results["teacher_facts"] = facts
     for row in results["rows"].values():
         config = json.loads((ROOT / row["runs"][0]["out"] / "config.json").read_text())

@@ -55,28 +55,83 @@ MARK_START, MARK_END = "<!-- text:start -->", "<!-- text:end -->"
 
 # -- stage one -------------------------------------------------------------------------------------------------
 def cache_split(data: Path, teacher: Path, cache_dir: Path, batch_size: int, threads: int, logs: Path) -> dict:
-    args = ["cache-teacher", "--teacher", str(teacher), "--data", str(data), "--top-k", "3", "--temperature", "1",
-            "--cache-dir", str(cache_dir), "--batch-size", str(batch_size), "--threads", str(threads), "--quiet"]
+    args = [
+        "cache-teacher",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--top-k",
+        "3",
+        "--temperature",
+        "1",
+        "--cache-dir",
+        str(cache_dir),
+        "--batch-size",
+        str(batch_size),
+        "--threads",
+        str(threads),
+        "--quiet",
+    ]
     path, seconds, _ = pipeline(args, logs / f"cache-{data.stem}.log")
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     stored = sum(s["bytes"] for s in manifest["shards"])
     return {
-        "split": data.stem, "key": manifest["key"], "path": path, "wall_seconds": round(seconds, 1),
+        "split": data.stem,
+        "key": manifest["key"],
+        "path": path,
+        "wall_seconds": round(seconds, 1),
         "hit": "cache hit" in (logs / f"cache-{data.stem}.log").read_text(),
-        "positions": manifest["num_positions"], "bytes": stored,
+        "positions": manifest["num_positions"],
+        "bytes": stored,
         "bytes_per_position": round(stored / manifest["num_positions"], 2),
     }
 
 
 # -- stage two -------------------------------------------------------------------------------------------------
-def train(run_dir: Path, spec: str, data: Path, caches: dict, *, alpha: float, temperature: float, lr: float,
-          epochs: int, seed: int) -> dict:
+def train(
+    run_dir: Path,
+    spec: str,
+    data: Path,
+    caches: dict,
+    *,
+    alpha: float,
+    temperature: float,
+    lr: float,
+    epochs: int,
+    seed: int,
+) -> dict:
     """One student run; metrics.json plus the per-epoch validation accuracy and the wall time."""
-    args = ["train-student", "--data", str(data / "train.parquet"), "--student", spec, "--alpha", str(alpha),
-            "--epochs", str(epochs), "--lr", str(lr), "--seed", str(seed), "--batch-size", "64",
-            "--eval-data", str(data / "val.parquet"), "--eval-cache", caches["val"]["path"],
-            "--test-data", str(data / "test.parquet"), "--test-cache", caches["test"]["path"],
-            "--out", str(run_dir), "--overwrite", "--no-onnx", "--quiet"]
+    args = [
+        "train-student",
+        "--data",
+        str(data / "train.parquet"),
+        "--student",
+        spec,
+        "--alpha",
+        str(alpha),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--seed",
+        str(seed),
+        "--batch-size",
+        "64",
+        "--eval-data",
+        str(data / "val.parquet"),
+        "--eval-cache",
+        caches["val"]["path"],
+        "--test-data",
+        str(data / "test.parquet"),
+        "--test-cache",
+        caches["test"]["path"],
+        "--out",
+        str(run_dir),
+        "--overwrite",
+        "--no-onnx",
+        "--quiet",
+    ]
     if alpha > 0:
         args += ["--cache", caches["train"]["path"], "--temperature", str(temperature)]
     _, seconds, _ = pipeline(args, run_dir.parent / f"{run_dir.name}.log")
@@ -93,24 +148,48 @@ def select(name: str, spec: str, data: Path, caches: dict, runs: Path, epochs: i
     the chosen run's test figures are read, as the seed-0 row of the results."""
     grid = []
     for lr in LRS:
-        m = train(runs / name / f"scratch-lr{lr:g}", spec, data, caches, alpha=0.0, temperature=1.0, lr=lr,
-                  epochs=epochs, seed=0)
+        m = train(
+            runs / name / f"scratch-lr{lr:g}",
+            spec,
+            data,
+            caches,
+            alpha=0.0,
+            temperature=1.0,
+            lr=lr,
+            epochs=epochs,
+            seed=0,
+        )
         grid.append({"method": "scratch", "lr": lr, "alpha": 0.0, "temperature": 1.0, "metrics": m})
     lr = max(grid, key=lambda g: g["metrics"]["val_curve"][-1])["lr"]
     for alpha, temperature in kd_grid:
-        m = train(runs / name / f"kd-a{alpha:g}-T{temperature:g}", spec, data, caches, alpha=alpha,
-                  temperature=temperature, lr=lr, epochs=epochs, seed=0)
+        m = train(
+            runs / name / f"kd-a{alpha:g}-T{temperature:g}",
+            spec,
+            data,
+            caches,
+            alpha=alpha,
+            temperature=temperature,
+            lr=lr,
+            epochs=epochs,
+            seed=0,
+        )
         grid.append({"method": "kd", "lr": lr, "alpha": alpha, "temperature": temperature, "metrics": m})
     for g in grid:
         g["val_accuracy"] = g["metrics"]["val_curve"][-1]
-        print(f"  select {name:18s} {g['method']:7s} lr {g['lr']:g} alpha {g['alpha']:g} T {g['temperature']:g} -> "
-              f"val {g['val_accuracy']:.4f}", flush=True)
-    return {method: max((g for g in grid if g["method"] == method), key=lambda g: g["val_accuracy"])
-            for method in ("scratch", "kd")} | {"grid": [{k: v for k, v in g.items() if k != "metrics"} for g in grid]}
+        print(
+            f"  select {name:18s} {g['method']:7s} lr {g['lr']:g} alpha {g['alpha']:g} T {g['temperature']:g} -> "
+            f"val {g['val_accuracy']:.4f}",
+            flush=True,
+        )
+    return {
+        method: max((g for g in grid if g["method"] == method), key=lambda g: g["val_accuracy"])
+        for method in ("scratch", "kd")
+    } | {"grid": [{k: v for k, v in g.items() if k != "metrics"} for g in grid]}
 
 
-def student_row(name: str, data: Path, caches: dict, runs: Path, epochs: int, seeds: list[int], threads: int,
-                kd_grid: list) -> dict:
+def student_row(
+    name: str, data: Path, caches: dict, runs: Path, epochs: int, seeds: list[int], threads: int, kd_grid: list
+) -> dict:
     """Selection, then scratch and KD for every seed with the chosen settings; one student, in one process."""
     torch.set_num_threads(threads)
     spec = STUDENTS[name]
@@ -119,17 +198,35 @@ def student_row(name: str, data: Path, caches: dict, runs: Path, epochs: int, se
     row = {"grid": chosen.pop("grid"), "select_seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     for method, c in chosen.items():
-        per_seed = [c["metrics"] if seed == 0 else
-                    train(runs / name / f"{method}-seed{seed}", spec, data, caches, alpha=c["alpha"],
-                          temperature=c["temperature"], lr=c["lr"], epochs=epochs, seed=seed)
-                    for seed in seeds]
+        per_seed = [
+            c["metrics"]
+            if seed == 0
+            else train(
+                runs / name / f"{method}-seed{seed}",
+                spec,
+                data,
+                caches,
+                alpha=c["alpha"],
+                temperature=c["temperature"],
+                lr=c["lr"],
+                epochs=epochs,
+                seed=seed,
+            )
+            for seed in seeds
+        ]
         row[method] = {k: c[k] for k in ("lr", "alpha", "temperature", "val_accuracy")} | {
-            key: [m[key] for m in per_seed] for key in ("test_accuracy", "test_agreement", "test_kl", "train_seconds")}
-        print(f"  final {name:18s} {method:7s} test accuracy {mean_std(row[method]['test_accuracy'])}, agreement "
-              f"{mean_std(row[method]['test_agreement'])}", flush=True)
+            key: [m[key] for m in per_seed] for key in ("test_accuracy", "test_agreement", "test_kl", "train_seconds")
+        }
+        print(
+            f"  final {name:18s} {method:7s} test accuracy {mean_std(row[method]['test_accuracy'])}, agreement "
+            f"{mean_std(row[method]['test_agreement'])}",
+            flush=True,
+        )
     row["final_seconds"] = time.perf_counter() - t0
     row["runs"] = len(row["grid"]) + 2 * len([s for s in seeds if s != 0])
-    row["parameters"] = json.loads((runs / name / f"scratch-lr{LRS[0]:g}" / "config.json").read_text())["student_parameters"]
+    row["parameters"] = json.loads((runs / name / f"scratch-lr{LRS[0]:g}" / "config.json").read_text())[
+        "student_parameters"
+    ]
     return row
 
 
@@ -143,10 +240,15 @@ def tfidf_baseline(texts: Path) -> dict | None:
     import pyarrow.parquet as pq
 
     table = pq.read_table(texts).to_pylist()
-    split = {s: ([r["text"] for r in table if r["split"] == s], [r["label"] for r in table if r["split"] == s])
-             for s in ("train", "val", "test")}
+    split = {
+        s: ([r["text"] for r in table if r["split"] == s], [r["label"] for r in table if r["split"] == s])
+        for s in ("train", "val", "test")
+    }
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, strip_accents="unicode")
-    x = {s: (vectorizer.fit_transform if s == "train" else vectorizer.transform)(split[s][0]) for s in ("train", "val", "test")}
+    x = {
+        s: (vectorizer.fit_transform if s == "train" else vectorizer.transform)(split[s][0])
+        for s in ("train", "val", "test")
+    }
     scores = {}
     for c in (0.3, 1.0, 3.0, 10.0):
         model = LogisticRegression(C=c, max_iter=2000).fit(x["train"], split["train"][1])
@@ -165,8 +267,11 @@ def markdown(result: dict) -> str:
     t, caches, rows = result["teacher"], result["caches"], result["students"]
     seeds = result["seeds"]
     rate = sum(t["splits"].values()) / t["feature_seconds"]
-    batch_note = (" (one tweet per call: this run predates stage one's per-batch padding of a classifier's token inputs)"
-                  if result["teacher_batch_size"] == 1 else " (padded per batch)")
+    batch_note = (
+        " (one tweet per call: this run predates stage one's per-batch padding of a classifier's token inputs)"
+        if result["teacher_batch_size"] == 1
+        else " (padded per batch)"
+    )
     heads = ", ".join(f"{g['features']}+{g['head']} {100 * g['val_accuracy']:.1f}%" for g in t["grid"])
     lines = [
         MARK_START,
@@ -197,12 +302,16 @@ def markdown(result: dict) -> str:
     ]
     base = result["tfidf"]
     if base:
-        lines.append(f"**Baseline.** TF-IDF (word 1–2-grams) + logistic regression on the same training subsample, C = "
-                     f"{base['C']:g} chosen on validation: test accuracy **{100 * base['test_accuracy']:.2f}%** (the issue "
-                     "quotes ~76% on the full corpus).")
+        lines.append(
+            f"**Baseline.** TF-IDF (word 1–2-grams) + logistic regression on the same training subsample, C = "
+            f"{base['C']:g} chosen on validation: test accuracy **{100 * base['test_accuracy']:.2f}%** (the issue "
+            "quotes ~76% on the full corpus)."
+        )
     else:
-        lines.append("**Baseline.** scikit-learn is not installed: the issue's figure, TF-IDF + logistic regression ≈ 76% "
-                     "on the full corpus, is quoted, not measured here.")
+        lines.append(
+            "**Baseline.** scikit-learn is not installed: the issue's figure, TF-IDF + logistic regression ≈ 76% "
+            "on the full corpus, is quoted, not measured here."
+        )
     lines += [
         "",
         "**Cache** (`pipeline cache-teacher --top-k 3 --temperature 1`: k = every class, so exact; one cache per split, "
@@ -214,7 +323,9 @@ def markdown(result: dict) -> str:
     ]
     for c in caches.values():
         hit = " (cache hit)" if c["hit"] else ""
-        lines.append(f"| {c['split']} | `{c['key']}` | {c['positions']:,} | {c['wall_seconds']:.1f}{hit} | {c['bytes']:,} | {c['bytes_per_position']:.2f} |")
+        lines.append(
+            f"| {c['split']} | `{c['key']}` | {c['positions']:,} | {c['wall_seconds']:.1f}{hit} | {c['bytes']:,} | {c['bytes_per_position']:.2f} |"
+        )
     lines += [
         "",
         f"**Rows** (test split; students: mean ± std over seeds {', '.join(map(str, seeds))}, hyperparameters chosen on "
@@ -227,7 +338,9 @@ def markdown(result: dict) -> str:
         f"{t['chosen']['features']} + {t['chosen']['head']} | |",
     ]
     if base:
-        lines.append(f"| TF-IDF + logistic regression | baseline | | {100 * base['test_accuracy']:.2f} | | C {base['C']:g} | |")
+        lines.append(
+            f"| TF-IDF + logistic regression | baseline | | {100 * base['test_accuracy']:.2f} | | C {base['C']:g} | |"
+        )
     for name, row in rows.items():
         s, k = row["scratch"], row["kd"]
         gap = [b - a for a, b in zip(s["test_accuracy"], k["test_accuracy"])]
@@ -243,7 +356,9 @@ def markdown(result: dict) -> str:
     for name, row in rows.items():
         gap = [b - a for a, b in zip(row["scratch"]["test_accuracy"], row["kd"]["test_accuracy"])]
         verdict = "met" if statistics.mean(gap) >= 0.02 else "not met"
-        goal.append(f"{name} {100 * statistics.mean(gap):+.2f} points ({verdict}; {sum(g > 0 for g in gap)} of {len(gap)} seeds positive)")
+        goal.append(
+            f"{name} {100 * statistics.mean(gap):+.2f} points ({verdict}; {sum(g > 0 for g in gap)} of {len(gap)} seeds positive)"
+        )
     lines += [
         "",
         "Goal, KD ≥ scratch + 2 points on test accuracy: " + "; ".join(goal) + ".",
@@ -271,14 +386,22 @@ def main() -> None:
     parser.add_argument("--students", default=",".join(STUDENTS), help=f"comma-separated, from {', '.join(STUDENTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the final runs")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of every student run")
-    parser.add_argument("--teacher-batch-size", type=int, default=64, help="cache-teacher --batch-size (tweets per ONNX call)")
+    parser.add_argument(
+        "--teacher-batch-size", type=int, default=64, help="cache-teacher --batch-size (tweets per ONNX call)"
+    )
     # One thread for ONNX Runtime and torch: on 2 cores shared with other jobs, a second spinning thread made one
     # epoch of transformer:layers=2,d_model=128 take 285 s instead of 54 s. Neither is part of any cache key.
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime and torch intra-op threads")
     parser.add_argument("--jobs", type=int, default=3, help="students trained side by side, one process each")
-    parser.add_argument("--kd-grid", default=",".join(f"{a:g}:{t:g}" for a, t in KD_GRID), help="KD (alpha:T,...) to select from")
-    parser.add_argument("--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="file whose text section is written")
-    parser.add_argument("--markdown-only", action="store_true", help="rewrite the section from results_text.json; run nothing")
+    parser.add_argument(
+        "--kd-grid", default=",".join(f"{a:g}:{t:g}" for a, t in KD_GRID), help="KD (alpha:T,...) to select from"
+    )
+    parser.add_argument(
+        "--markdown", type=Path, default=ROOT / "BENCHMARKS.md", help="file whose text section is written"
+    )
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="rewrite the section from results_text.json; run nothing"
+    )
     args = parser.parse_args()
     if args.markdown_only:
         write_section(args.markdown, markdown(json.loads((args.data / "results_text.json").read_text())))
@@ -297,30 +420,59 @@ def main() -> None:
     # The three splits are cached side by side too (one process each; wall times are per split, measured so).
     splits = ("train", "val", "test")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = pool.map(cache_split, [data / f"{s}.parquet" for s in splits], [data / "teacher.onnx"] * 3,
-                        [data / "cache"] * 3, [args.teacher_batch_size] * 3, [args.threads] * 3, [runs] * 3)
+        done = pool.map(
+            cache_split,
+            [data / f"{s}.parquet" for s in splits],
+            [data / "teacher.onnx"] * 3,
+            [data / "cache"] * 3,
+            [args.teacher_batch_size] * 3,
+            [args.threads] * 3,
+            [runs] * 3,
+        )
         caches = dict(zip(splits, done))
     for split, c in caches.items():
-        print(f"cache {split}: {c['positions']} positions, {c['wall_seconds']} s{' (hit)' if c['hit'] else ''}, "
-              f"{c['bytes']} bytes, {c['bytes_per_position']} bytes/position", flush=True)
+        print(
+            f"cache {split}: {c['positions']} positions, {c['wall_seconds']} s{' (hit)' if c['hit'] else ''}, "
+            f"{c['bytes']} bytes, {c['bytes_per_position']} bytes/position",
+            flush=True,
+        )
     tfidf = tfidf_baseline(data / "texts.parquet")
     if tfidf:
-        print(f"TF-IDF + LR: C {tfidf['C']}, val {tfidf['val_accuracy']:.4f}, test {tfidf['test_accuracy']:.4f}", flush=True)
+        print(
+            f"TF-IDF + LR: C {tfidf['C']}, val {tfidf['val_accuracy']:.4f}, test {tfidf['test_accuracy']:.4f}",
+            flush=True,
+        )
 
     # One process per student: each is one single-threaded job, so the students run side by side.
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(student_row, name, data, caches, runs, args.epochs, seeds, args.threads, kd_grid) for name in names}
+        futures = {
+            name: pool.submit(student_row, name, data, caches, runs, args.epochs, seeds, args.threads, kd_grid)
+            for name in names
+        }
         students = {name: future.result() for name, future in futures.items()}
     students_seconds = time.perf_counter() - t0
 
     command = "python benchmarks/text_teacher.py && python benchmarks/results_text.py"
-    extra = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-             if k not in ("data", "markdown", "markdown_only") and v != parser.get_default(k)]
+    extra = [
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if k not in ("data", "markdown", "markdown_only") and v != parser.get_default(k)
+    ]
     result = {
-        "command": command + "".join(" " + e for e in extra), "out": str(data), "teacher": teacher, "tfidf": tfidf,
-        "caches": caches, "seeds": seeds, "epochs": args.epochs, "kd_grid": kd_grid, "students": students, "students_seconds": students_seconds,
-        "jobs": args.jobs, "teacher_batch_size": args.teacher_batch_size, "wall_seconds": time.perf_counter() - started,
+        "command": command + "".join(" " + e for e in extra),
+        "out": str(data),
+        "teacher": teacher,
+        "tfidf": tfidf,
+        "caches": caches,
+        "seeds": seeds,
+        "epochs": args.epochs,
+        "kd_grid": kd_grid,
+        "students": students,
+        "students_seconds": students_seconds,
+        "jobs": args.jobs,
+        "teacher_batch_size": args.teacher_batch_size,
+        "wall_seconds": time.perf_counter() - started,
     }
     (data / "results_text.json").write_text(json.dumps(result, indent=2) + "\n")
     write_section(args.markdown, markdown(result))

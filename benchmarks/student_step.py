@@ -118,24 +118,42 @@ def main() -> None:
     def ratio(name: str, samples: dict[str, list[tuple[float, float]]], which: int) -> float:
         return statistics.median(a[which] / b[which] for a, b in zip(samples[name], samples["ce"]))
 
-    print(f"{'variant':<16}{'step CPU ms':>12}{'KD/CE':>7}{'step wall ms':>14}{'KD/CE':>7}"
-          f"{'loss CPU ms':>13}{'KD/CE':>7}{'loss share':>12}")
+    print(
+        f"{'variant':<16}{'step CPU ms':>12}{'KD/CE':>7}{'step wall ms':>14}{'KD/CE':>7}"
+        f"{'loss CPU ms':>13}{'KD/CE':>7}{'loss share':>12}"
+    )
     figures = {}
     for name in losses:
         figures[name] = {
-            "step_cpu_ms": median(steps[name], 0), "step_ratio_cpu": ratio(name, steps, 0),
-            "step_wall_ms": median(steps[name], 1), "step_ratio_wall": ratio(name, steps, 1),
-            "loss_cpu_ms": median(loss_times[name], 0), "loss_ratio_cpu": ratio(name, loss_times, 0),
+            "step_cpu_ms": median(steps[name], 0),
+            "step_ratio_cpu": ratio(name, steps, 0),
+            "step_wall_ms": median(steps[name], 1),
+            "step_ratio_wall": ratio(name, steps, 1),
+            "loss_cpu_ms": median(loss_times[name], 0),
+            "loss_ratio_cpu": ratio(name, loss_times, 0),
         }
         f = figures[name]
-        print(f"{name:<16}{f['step_cpu_ms']:>12.0f}{f['step_ratio_cpu']:>7.3f}{f['step_wall_ms']:>14.0f}"
-              f"{f['step_ratio_wall']:>7.3f}{f['loss_cpu_ms']:>13.0f}{f['loss_ratio_cpu']:>7.3f}"
-              f"{f['loss_cpu_ms'] / f['step_cpu_ms']:>12.1%}")
+        print(
+            f"{name:<16}{f['step_cpu_ms']:>12.0f}{f['step_ratio_cpu']:>7.3f}{f['step_wall_ms']:>14.0f}"
+            f"{f['step_ratio_wall']:>7.3f}{f['loss_cpu_ms']:>13.0f}{f['loss_ratio_cpu']:>7.3f}"
+            f"{f['loss_cpu_ms'] / f['step_cpu_ms']:>12.1%}"
+        )
     worst = max(f["step_ratio_cpu"] for name, f in figures.items() if name != "ce")
-    print(f"worst KD/CE step ratio (CPU time) {worst:.3f}: target <= {TARGET:.2f} {'met' if worst <= TARGET else 'NOT met'}")
+    print(
+        f"worst KD/CE step ratio (CPU time) {worst:.3f}: target <= {TARGET:.2f} {'met' if worst <= TARGET else 'NOT met'}"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "variants": figures,
-                                         "worst_step_ratio_cpu": worst}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "variants": figures,
+                    "worst_step_ratio_cpu": worst,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

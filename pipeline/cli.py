@@ -6,7 +6,16 @@ import click
 
 from pipeline import cli_catalog
 from pipeline.cli_base import errors_to_click, log, main
-from stages.config import DEVICES, LR_SCHEDULES, METHODS, POSTPROCESS, TARGET_FORMATS, CacheTeacherConfig, TrainStudentConfig, load_config
+from stages.config import (
+    DEVICES,
+    LR_SCHEDULES,
+    METHODS,
+    POSTPROCESS,
+    TARGET_FORMATS,
+    CacheTeacherConfig,
+    TrainStudentConfig,
+    load_config,
+)
 
 
 @main.command("cache-teacher")
@@ -14,17 +23,27 @@ from stages.config import DEVICES, LR_SCHEDULES, METHODS, POSTPROCESS, TARGET_FO
 @click.option("--data", type=click.Path(), help="Dataset: a Parquet file or a directory of them.")
 @click.option("--top-k", type=int, help="Ids cached per position (default: all classes up to 32).")
 @click.option("--temperature", type=float, help="Softmax temperature T of the cached targets (default 1).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline).")
+@click.option(
+    "--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline)."
+)
 @click.option("--batch-size", type=int, help="Examples per teacher call (default 64).")
 @click.option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: one per core).")
 @click.option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
 @click.option("--logits-output", help="Teacher output that holds the logits (default: the first output).")
-@click.option("--shard-size", type=int, help="Examples per shard, the unit of resume (default 16384 / 512 for token teachers).")
+@click.option(
+    "--shard-size", type=int, help="Examples per shard, the unit of resume (default 16384 / 512 for token teachers)."
+)
 @click.option("--postprocess", type=click.Choice(POSTPROCESS), help="Where top-k runs: torch, graph (in ONNX), auto.")
-@click.option("--pad-token-id", type=int, help="Id used to pad token inputs (default 0; padded positions are not cached).")
+@click.option(
+    "--pad-token-id", type=int, help="Id used to pad token inputs (default 0; padded positions are not cached)."
+)
 @click.option("--probe-positions", type=int, help="Positions for dense fidelity statistics (default 512).")
-@click.option("--target-format", type=click.Choice(TARGET_FORMATS), help="topk (default) or sampled (ids drawn from the teacher, with counts).")
+@click.option(
+    "--target-format",
+    type=click.Choice(TARGET_FORMATS),
+    help="topk (default) or sampled (ids drawn from the teacher, with counts).",
+)
 @click.option("--samples", type=int, help="Sampled format: draws per position (default 64).")
 @click.option("--sample-seed", type=int, help="Sampled format: seed of the draws (default 0).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
@@ -65,7 +84,9 @@ def inspect_teacher(model, show_all) -> None:
 @main.command("train-student")
 @click.option("--data", type=click.Path(), help="Training dataset (the one the caches were built from).")
 @click.option("--cache", multiple=True, help="Cache path, key or key prefix; repeat once per teacher.")
-@click.option("--student", help="Student: mlp, cnn1d, transformer, causal-lm (family:key=value,...) or module:function.")
+@click.option(
+    "--student", help="Student: mlp, cnn1d, transformer, causal-lm (family:key=value,...) or module:function."
+)
 @click.option("--method", type=click.Choice(METHODS), help="kd (default), ensemble (several caches) or progressive.")
 @click.option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0 = from scratch (default 0.5).")
 @click.option("--temperature", type=float, help="Distillation temperature (default: the cache's T).")
@@ -73,7 +94,9 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--batch-size", type=int, help="Examples per step (default 64).")
 @click.option("--lr", type=float, help="AdamW learning rate (default 1e-3).")
 @click.option("--weight-decay", type=float, help="AdamW weight decay (default 0).")
-@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default) or cosine decay to 0 over each stage.")
+@click.option(
+    "--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default) or cosine decay to 0 over each stage."
+)
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage (default 0).")
 @click.option("--seed", type=int, help="Seed: the same seed repeats the run (default 0).")
 @click.option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
@@ -83,13 +106,26 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--top-k", type=int, help="Use only the first K cached ids per position (exact; default all).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Where cache keys are looked up.")
 @click.option("--weights", help="Ensemble weights, comma-separated, one per cache (default uniform).")
-@click.option("--ensemble-mode", type=click.Choice(["prob", "logit"]), help="prob: mix probabilities (default); logit: average logits.")
+@click.option(
+    "--ensemble-mode",
+    type=click.Choice(["prob", "logit"]),
+    help="prob: mix probabilities (default); logit: average logits.",
+)
 @click.option("--renormalize/--tail", default=None, help="KD within the top-k only, or with the tail bucket (default).")
 @click.option("--layer-map", help="Progressive: STUDENT_LAYER=TEACHER_HIDDEN,... (default: spread evenly).")
-@click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), help="Progressive hidden-state loss (default mse).")
+@click.option(
+    "--hidden-loss", type=click.Choice(["mse", "cosine"]), help="Progressive hidden-state loss (default mse)."
+)
 @click.option("--stage-epochs", type=int, help="Progressive: epochs per hidden-state stage (default 2).")
-@click.option("--freeze-earlier/--no-freeze-earlier", default=None, help="Progressive: freeze layers of earlier stages.")
-@click.option("--truncate-vocab", is_flag=True, default=None, help="Student vocabulary wider than the teacher's: use its first V logits.")
+@click.option(
+    "--freeze-earlier/--no-freeze-earlier", default=None, help="Progressive: freeze layers of earlier stages."
+)
+@click.option(
+    "--truncate-vocab",
+    is_flag=True,
+    default=None,
+    help="Student vocabulary wider than the teacher's: use its first V logits.",
+)
 @click.option("--buffer", type=int, help="Examples per shuffle window (default 8192).")
 @click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
 @click.option("--device", type=click.Choice(DEVICES), help="Torch device for the student.")

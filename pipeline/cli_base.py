@@ -20,7 +20,9 @@ def errors_to_click(fn):
         except PipelineError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            click.echo("interrupted (cache-teacher keeps its complete shards and resumes after them when run again)", err=True)
+            click.echo(
+                "interrupted (cache-teacher keeps its complete shards and resumes after them when run again)", err=True
+            )
             sys.exit(130)
 
     return wrapper

@@ -16,20 +16,32 @@ import click
 
 from pipeline.catalog import Catalog, collect_garbage, remove_cache
 from pipeline.cli_base import errors_to_click, log
-from stages.errors import CacheError
 from stages import cache_format as fmt
+from stages.errors import CacheError
 
 FORMATS = ("table", "csv", "json")
 
 
 def _roots(fn):
-    fn = click.option("--runs-dir", type=click.Path(file_okay=False), help="Runs root (default $KD_RUNS_DIR or runs/).")(fn)
-    return click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline).")(fn)
+    fn = click.option(
+        "--runs-dir", type=click.Path(file_okay=False), help="Runs root (default $KD_RUNS_DIR or runs/)."
+    )(fn)
+    return click.option(
+        "--cache-dir",
+        type=click.Path(file_okay=False),
+        help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline).",
+    )(fn)
 
 
 def _format_option(fn):
-    return click.option("--format", "out_format", type=click.Choice(FORMATS), default="table", show_default=True,
-                        help="table for reading; csv or json for other tools.")(fn)
+    return click.option(
+        "--format",
+        "out_format",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="table for reading; csv or json for other tools.",
+    )(fn)
 
 
 def _plain(v):
@@ -66,10 +78,14 @@ def render(columns: list[str], rows: list[tuple], out_format: str = "table") -> 
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows([[json.dumps(_plain(v)) if isinstance(v, (list, dict)) else _cell(v) for v in row] for row in rows])
+        writer.writerows(
+            [[json.dumps(_plain(v)) if isinstance(v, (list, dict)) else _cell(v) for v in row] for row in rows]
+        )
         return buf.getvalue().rstrip("\n")
     cells = [[_cell(v) for v in row] for row in rows]
-    numeric = [all(isinstance(r[i], (int, float, decimal.Decimal)) or r[i] is None for r in rows) for i in range(len(columns))]
+    numeric = [
+        all(isinstance(r[i], (int, float, decimal.Decimal)) or r[i] is None for r in rows) for i in range(len(columns))
+    ]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
 
     def line(values: list[str]) -> str:
@@ -105,15 +121,22 @@ def caches_list(cache_dir, runs_dir, out_format) -> None:
     """One row per cache: key, teacher, dataset, kind, k, T, positions, size, created, status, runs that used it."""
     catalog = Catalog(cache_dir, runs_dir)
     if not catalog.caches:
-        log(f"no caches under {catalog.cache_root} (choose another with --cache-dir or $KD_CACHE_DIR; create one with `pipeline cache-teacher`)")
+        log(
+            f"no caches under {catalog.cache_root} (choose another with --cache-dir or $KD_CACHE_DIR; create one with `pipeline cache-teacher`)"
+        )
         return
     click.echo(render(*catalog.sql(_CACHE_LIST_SQL), out_format))
 
 
 def _stats_lines(stats: dict) -> list[str]:
-    names = {"tail_mass": "tail mass", "top1_prob": "top-1 probability",
-             "entropy_lower": "entropy >= (bound, nats)", "entropy_upper": "entropy <= (bound, nats)",
-             "distinct_ids": "distinct ids drawn", "top_draw_frequency": "top draw's frequency"}
+    names = {
+        "tail_mass": "tail mass",
+        "top1_prob": "top-1 probability",
+        "entropy_lower": "entropy >= (bound, nats)",
+        "entropy_upper": "entropy <= (bound, nats)",
+        "distinct_ids": "distinct ids drawn",
+        "top_draw_frequency": "top draw's frequency",
+    }
     present = {name: label for name, label in names.items() if name in stats}
     columns = ["statistic"] + list(stats[next(iter(present))])
     rows = [tuple([label] + list(stats[name].values())) for name, label in present.items()]
@@ -123,7 +146,9 @@ def _stats_lines(stats: dict) -> list[str]:
 @caches.command("show")
 @click.argument("key")
 @_roots
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest (without its shard list) and the statistics as JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the manifest (without its shard list) and the statistics as JSON."
+)
 @errors_to_click
 def caches_show(key, cache_dir, runs_dir, as_json) -> None:
     """A cache's manifest, its fidelity probe, and statistics over all its positions (DuckDB over the shards)."""
@@ -133,7 +158,11 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
     stats = catalog.statistics(entry)
     users = catalog.sql("SELECT DISTINCT run FROM run_caches WHERE cache_key = ? ORDER BY run", [entry.key])[1]
     if as_json:
-        shown = {k: v for k, v in m.items() if k != "shards"} | {"num_shards": len(m["shards"]), "statistics": stats, "runs": [u[0] for u in users]}
+        shown = {k: v for k, v in m.items() if k != "shards"} | {
+            "num_shards": len(m["shards"]),
+            "statistics": stats,
+            "runs": [u[0] for u in users],
+        }
         click.echo(json.dumps(_plain(shown), indent=2))
         return
     t, d, probe = m["teacher"], m["dataset"], m.get("fidelity") or {}
@@ -153,14 +182,24 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
     if probe:
         lines += [
             f"fidelity probe (manifest; the first {probe['positions']} positions, dense teacher vs. cache, measured at cache time):",
-            *([f"  KL(teacher || reconstructed from cache)  mean {probe['kl_mean']:.3g}  max {probe['kl_max']:.3g} nats"] if "kl_mean" in probe else []),
+            *(
+                [
+                    f"  KL(teacher || reconstructed from cache)  mean {probe['kl_mean']:.3g}  max {probe['kl_max']:.3g} nats"
+                ]
+                if "kl_mean" in probe
+                else []
+            ),
             f"  teacher entropy at T (dense, exact)      mean {probe['entropy_mean']:.4f} nats",
             f"  top-1 probability                        mean {probe['top1_prob_mean']:.4f}",
             f"  tail mass (outside the cached ids)       mean {probe['tail_mass_mean']:.4g}",
         ]
     else:
         lines.append("fidelity probe: none recorded (cached with --probe-positions 0)")
-    how = "the draws of each position" if m.get("target_format") == "sampled" else "entropy bracketed from the top-k and the tail"
+    how = (
+        "the draws of each position"
+        if m.get("target_format") == "sampled"
+        else "entropy bracketed from the top-k and the tail"
+    )
     lines += ["", f"over all {stats['positions']} positions (DuckDB over the shards; {how}):"]
     lines += ["  " + s for s in _stats_lines(stats)]
     click.echo("\n".join(lines))
@@ -181,7 +220,9 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
     failed = 0
     for entry in entries:
         if not keys and entry.status == "incomplete":  # not named: a leftover, not a failure
-            click.echo(f"skip  {entry.key}  incomplete (no manifest): resume it with the same cache-teacher command, or `pipeline caches gc`")
+            click.echo(
+                f"skip  {entry.key}  incomplete (no manifest): resume it with the same cache-teacher command, or `pipeline caches gc`"
+            )
             continue
         try:
             cache = fmt.open_cache(entry.path)
@@ -191,7 +232,9 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
             click.echo(f"FAIL  {entry.key}  {exc}")
             continue
         check = "row counts" if fast else "row counts and sha256"
-        click.echo(f"ok    {entry.key}  {len(cache.shards)} shard(s), {cache.manifest['num_positions']} positions: {check} match the manifest")
+        click.echo(
+            f"ok    {entry.key}  {len(cache.shards)} shard(s), {cache.manifest['num_positions']} positions: {check} match the manifest"
+        )
     if failed:
         raise click.ClickException(f"{failed} of {len(entries)} cache(s) failed verification")
 
@@ -206,7 +249,9 @@ def caches_rm(key, cache_dir, runs_dir, yes) -> None:
     catalog = Catalog(cache_dir, runs_dir)
     entry = catalog.cache(key)
     users = catalog.sql("SELECT count(DISTINCT run) FROM run_caches WHERE cache_key = ?", [entry.key])[1][0][0]
-    what = f"cache {entry.key} ({entry.status}, {entry.bytes_on_disk} bytes{f', used by {users} run(s)' if users else ''})"
+    what = (
+        f"cache {entry.key} ({entry.status}, {entry.bytes_on_disk} bytes{f', used by {users} run(s)' if users else ''})"
+    )
     if not yes:
         click.confirm(f"Remove {what} at {entry.path}?", abort=True)
     remove_cache(entry)
@@ -225,7 +270,11 @@ def caches_gc(cache_dir, runs_dir, dry_run) -> None:
         log(f"nothing to collect under {catalog.cache_root}: no incomplete caches")
         return
     for entry, action in done:
-        click.echo(f"{action:<10}  {entry.key}  {entry.bytes_on_disk} bytes" if not action.startswith("skipped") else f"{entry.key}  {action}")
+        click.echo(
+            f"{action:<10}  {entry.key}  {entry.bytes_on_disk} bytes"
+            if not action.startswith("skipped")
+            else f"{entry.key}  {action}"
+        )
     freed = sum(e.bytes_on_disk for e, a in done if a in ("removed", "would remove"))
     click.echo(f"{'would free' if dry_run else 'freed'} {freed} bytes")
 
@@ -244,7 +293,9 @@ def runs_list(cache_dir, runs_dir, out_format) -> None:
     """One row per run: configuration summary, final test metrics, and the caches it used."""
     catalog = Catalog(cache_dir, runs_dir)
     if not catalog.runs:
-        log(f"no runs under {catalog.runs_root} (train-student --out writes one; choose another with --runs-dir or $KD_RUNS_DIR)")
+        log(
+            f"no runs under {catalog.runs_root} (train-student --out writes one; choose another with --runs-dir or $KD_RUNS_DIR)"
+        )
         return
     columns, rows = catalog.sql("""
         SELECT run, status, method, student, alpha, temperature AS T, epochs, test_accuracy, test_agreement, test_kl,
@@ -268,14 +319,31 @@ def runs_compare(run_refs, cache_dir, runs_dir, show_all, out_format) -> None:
             log(f"note: run {r.name} has no metrics.json (not finished, or failed): its metrics are blank")
     configs = [r.config["config"] for r in chosen]
     keys = list(dict.fromkeys(k for c in configs for k in c))
-    shown = [k for k in keys if show_all or len(chosen) == 1 or len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
-    rows = [("status",) + tuple("complete" if r.metrics is not None else "incomplete (no metrics.json)" for r in chosen)]
+    shown = [
+        k
+        for k in keys
+        if show_all or len(chosen) == 1 or len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1
+    ]
+    rows = [
+        ("status",) + tuple("complete" if r.metrics is not None else "incomplete (no metrics.json)" for r in chosen)
+    ]
     rows += [(f"config.{k}",) + tuple(c.get(k) for c in configs) for k in shown]
-    rows.append(("caches",) + tuple(", ".join(f"{c['key']} ({c.get('teacher')}, k={c.get('top_k')}, T={c.get('temperature')})"
-                                              for c in r.config.get("caches", [])) or "none" for r in chosen))
+    rows.append(
+        ("caches",)
+        + tuple(
+            ", ".join(
+                f"{c['key']} ({c.get('teacher')}, k={c.get('top_k')}, T={c.get('temperature')})"
+                for c in r.config.get("caches", [])
+            )
+            or "none"
+            for r in chosen
+        )
+    )
     rows.append(("eval_cache",) + tuple(r.eval_cache_key for r in chosen))
     rows.append(("student_parameters",) + tuple(r.config.get("student_parameters") for r in chosen))
-    metric_keys = list(dict.fromkeys(k for r in chosen for k in (r.metrics or {}) if k not in ("cache_keys",) and k not in keys))
+    metric_keys = list(
+        dict.fromkeys(k for r in chosen for k in (r.metrics or {}) if k not in ("cache_keys",) and k not in keys)
+    )
     rows += [(k,) + tuple((r.metrics or {}).get(k) for r in chosen) for k in metric_keys]
     if not show_all and len(chosen) > 1:
         log(f"{len(keys) - len(shown)} identical configuration field(s) hidden; --all shows them")
@@ -300,7 +368,9 @@ def query(sql, cache_dir, runs_dir, out_format) -> None:
 
 @click.command("report")
 @click.argument("run_refs", metavar="RUN...", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the PNG plots and report.md.")
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Directory for the PNG plots and report.md."
+)
 @_roots
 @errors_to_click
 def report(run_refs, out, cache_dir, runs_dir) -> None:

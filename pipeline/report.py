@@ -23,9 +23,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.catalog import Catalog, CacheEntry, RunEntry
-from stages.errors import PipelineError
+from pipeline.catalog import CacheEntry, Catalog, RunEntry
 from stages.dataset import Dataset
+from stages.errors import PipelineError
 
 RELIABILITY_BINS = 10  # equal-width confidence bins of the reliability diagram
 TAIL_BINS = 40  # bins of the tail-mass histogram over [0, max tail mass]
@@ -68,7 +68,9 @@ def plot_learning_curves(runs: list[RunEntry], path: Path) -> list[str]:
     """One panel per metric that any run logged; returns the columns plotted."""
     columns = [c for c in _CURVES if any(row.get(c) is not None for r in runs for row in r.epochs)]
     if not columns:
-        raise PipelineError(f"the runs {', '.join(r.name for r in runs)} logged no epochs (metrics.csv is empty or missing)")
+        raise PipelineError(
+            f"the runs {', '.join(r.name for r in runs)} logged no epochs (metrics.csv is empty or missing)"
+        )
     ncols = min(3, len(columns))
     nrows = -(-len(columns) // ncols)
     fig = Figure(figsize=(5 * ncols, 3.6 * nrows), layout="constrained")
@@ -149,11 +151,28 @@ def plot_reliability(entry: CacheEntry, table: list[dict], path: Path, bins: int
     centres = [(r["bin"] + 0.5) * width for r in table]
     fig = Figure(figsize=(7.2, 7.2), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    top.bar(centres, [r["accuracy"] for r in table], width=width * 0.95, color="C0", alpha=0.7, edgecolor="black", label="accuracy in bin")
-    top.plot([r["confidence"] for r in table], [r["accuracy"] for r in table], "o", color="C3", label="(mean confidence, accuracy)")
+    top.bar(
+        centres,
+        [r["accuracy"] for r in table],
+        width=width * 0.95,
+        color="C0",
+        alpha=0.7,
+        edgecolor="black",
+        label="accuracy in bin",
+    )
+    top.plot(
+        [r["confidence"] for r in table],
+        [r["accuracy"] for r in table],
+        "o",
+        color="C3",
+        label="(mean confidence, accuracy)",
+    )
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    top.set_title(fontsize=11, label=f"Teacher reliability: {m['teacher']['name']} at T={m['temperature']:g}\n"
-                  f"cache {entry.key}, {n} labelled examples, accuracy {accuracy:.3f}, ECE {ece:.3f}")
+    top.set_title(
+        fontsize=11,
+        label=f"Teacher reliability: {m['teacher']['name']} at T={m['temperature']:g}\n"
+        f"cache {entry.key}, {n} labelled examples, accuracy {accuracy:.3f}, ECE {ece:.3f}",
+    )
     top.set_ylabel("accuracy of the top-1 class (fraction)")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1.15)  # headroom above accuracy 1 for the legend, which would hide bars anywhere else
@@ -170,22 +189,32 @@ def plot_reliability(entry: CacheEntry, table: list[dict], path: Path, bins: int
 
 def plot_tail_mass(catalog: Catalog, entry: CacheEntry, path: Path, bins: int = TAIL_BINS) -> dict:
     source = catalog.positions_sql(entry)
-    _, [(n, mean, top)] = catalog.sql(f"SELECT count(*), avg(tail_mass::DOUBLE), max(tail_mass::DOUBLE) FROM ({source})")
+    _, [(n, mean, top)] = catalog.sql(
+        f"SELECT count(*), avg(tail_mass::DOUBLE), max(tail_mass::DOUBLE) FROM ({source})"
+    )
     m = entry.manifest
     k, vocab = m["top_k"], m["teacher"]["num_classes"]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     if top > 0:
         w = top / bins
-        _, rows = catalog.sql(f"SELECT least(floor(tail_mass / {w}), {bins - 1})::INTEGER AS b, count(*) FROM ({source}) GROUP BY b ORDER BY b")
+        _, rows = catalog.sql(
+            f"SELECT least(floor(tail_mass / {w}), {bins - 1})::INTEGER AS b, count(*) FROM ({source}) GROUP BY b ORDER BY b"
+        )
         ax.bar([(b + 0.5) * w for b, _ in rows], [c for _, c in rows], width=w * 0.95, color="C1", edgecolor="black")
         ax.set_xlim(0, top * 1.02)
     else:
         ax.bar([0], [n], width=0.02, color="C1", edgecolor="black")
         ax.set_xlim(-0.05, 1)
-        ax.annotate(f"all {n} positions have tail mass 0\n(k = {k} of {vocab} classes: nothing lies outside the top-k)",
-                    xy=(0.02, n), xytext=(0.25, n * 0.6), arrowprops={"arrowstyle": "->"})
-    ax.set_title(f"Tail mass of cache {entry.key} (k={k} of V={vocab}, T={m['temperature']:g})\nmean {mean:.3g}, max {top:.3g}, {n} positions")
+        ax.annotate(
+            f"all {n} positions have tail mass 0\n(k = {k} of {vocab} classes: nothing lies outside the top-k)",
+            xy=(0.02, n),
+            xytext=(0.25, n * 0.6),
+            arrowprops={"arrowstyle": "->"},
+        )
+    ax.set_title(
+        f"Tail mass of cache {entry.key} (k={k} of V={vocab}, T={m['temperature']:g})\nmean {mean:.3g}, max {top:.3g}, {n} positions"
+    )
     ax.set_xlabel("tail mass: teacher probability outside the cached top-k")
     ax.set_ylabel("positions")
     ax.grid(axis="y", alpha=0.3)
@@ -216,19 +245,35 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         run.require_metrics()
     out.mkdir(parents=True, exist_ok=True)
     finals = [m for m in _FINAL if any(r.metrics.get(m) is not None for r in runs)]
-    lines = [f"# Distillation report: {', '.join(r.name for r in runs)}", "",
-             f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from the run directories under "
-             f"`{catalog.runs_root}` and the caches under `{catalog.cache_root}`.", "", "## Runs", "",
-             "| run | method | student | α | T | epochs | train cache(s) | " + " | ".join(finals) + " |",
-             "|---" * (7 + len(finals)) + "|"]
+    lines = [
+        f"# Distillation report: {', '.join(r.name for r in runs)}",
+        "",
+        f"Generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC from the run directories under "
+        f"`{catalog.runs_root}` and the caches under `{catalog.cache_root}`.",
+        "",
+        "## Runs",
+        "",
+        "| run | method | student | α | T | epochs | train cache(s) | " + " | ".join(finals) + " |",
+        "|---" * (7 + len(finals)) + "|",
+    ]
     for r in runs:
         c = r.config["config"]
         method = c.get("method") if c.get("alpha") else "scratch (α=0)"
-        lines.append(f"| {r.name} | {method} | `{c.get('student')}` | {c.get('alpha')} | {_fmt(r.metrics.get('temperature'))} | "
-                     f"{r.metrics.get('epochs')} | {', '.join(r.cache_keys) or '—'} | " + " | ".join(_fmt(r.metrics.get(m)) for m in finals) + " |")
+        lines.append(
+            f"| {r.name} | {method} | `{c.get('student')}` | {c.get('alpha')} | {_fmt(r.metrics.get('temperature'))} | "
+            f"{r.metrics.get('epochs')} | {', '.join(r.cache_keys) or '—'} | "
+            + " | ".join(_fmt(r.metrics.get(m)) for m in finals)
+            + " |"
+        )
     plot_learning_curves(runs, out / "learning_curves.png")
-    lines += ["", "## Learning curves", "", "Training-loss parts and eval metrics per epoch (from each run's metrics.csv).",
-              "", "![learning curves](learning_curves.png)"]
+    lines += [
+        "",
+        "## Learning curves",
+        "",
+        "Training-loss parts and eval metrics per epoch (from each run's metrics.csv).",
+        "",
+        "![learning curves](learning_curves.png)",
+    ]
     if plot_final_metrics(runs, out / "final_metrics.png"):
         lines += ["", "## Final metrics", "", "![final test metrics](final_metrics.png)"]
     entry, note = _teacher_cache(catalog, runs)
@@ -237,22 +282,37 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         lines.append(f"_{note}._")
     else:
         m = entry.manifest
-        lines += [f"Cache `{entry.key}`: teacher `{m['teacher']['name']}` (sha256 {m['teacher']['sha256'][:12]}), "
-                  f"top-{m['top_k']} at T={m['temperature']:g}, {m['num_positions']} positions, dataset `{m['dataset']['path']}`.", ""]
+        lines += [
+            f"Cache `{entry.key}`: teacher `{m['teacher']['name']}` (sha256 {m['teacher']['sha256'][:12]}), "
+            f"top-{m['top_k']} at T={m['temperature']:g}, {m['num_positions']} positions, dataset `{m['dataset']['path']}`.",
+            "",
+        ]
         table, why = reliability(catalog, entry)
         if table:
             s = plot_reliability(entry, table, out / "reliability.png")
-            lines += [f"Reliability at the cache's T={m['temperature']:g} (confidence is the top-1 probability at that temperature, "
-                      f"so T > 1 reads under-confident): accuracy {s['accuracy']:.4f}, ECE {s['ece']:.4f} over {s['examples']} labelled examples.",
-                      "", "![teacher reliability diagram](reliability.png)", "", "| confidence bin | examples | mean confidence | accuracy |",
-                      "|---|---|---|---|"]
-            lines += [f"| {r['bin'] / RELIABILITY_BINS:.1f}–{(r['bin'] + 1) / RELIABILITY_BINS:.1f} | {r['n']} | {r['confidence']:.4f} | "
-                      f"{r['accuracy']:.4f} |" for r in table]
+            lines += [
+                f"Reliability at the cache's T={m['temperature']:g} (confidence is the top-1 probability at that temperature, "
+                f"so T > 1 reads under-confident): accuracy {s['accuracy']:.4f}, ECE {s['ece']:.4f} over {s['examples']} labelled examples.",
+                "",
+                "![teacher reliability diagram](reliability.png)",
+                "",
+                "| confidence bin | examples | mean confidence | accuracy |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['bin'] / RELIABILITY_BINS:.1f}–{(r['bin'] + 1) / RELIABILITY_BINS:.1f} | {r['n']} | {r['confidence']:.4f} | "
+                f"{r['accuracy']:.4f} |"
+                for r in table
+            ]
         else:
             lines.append(f"_Reliability diagram skipped: {why}._")
         t = plot_tail_mass(catalog, entry, out / "tail_mass.png")
-        lines += ["", f"Tail mass (probability outside the cached top-k): mean {t['mean']:.4g}, max {t['max']:.4g} over {t['positions']} positions.",
-                  "", "![tail-mass histogram](tail_mass.png)"]
+        lines += [
+            "",
+            f"Tail mass (probability outside the cached top-k): mean {t['mean']:.4g}, max {t['max']:.4g} over {t['positions']} positions.",
+            "",
+            "![tail-mass histogram](tail_mass.png)",
+        ]
     page = out / "report.md"
     page.write_text("\n".join(lines) + "\n")
     return page

@@ -30,15 +30,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.errors import CacheError
 from stages.dataset import sha256_file
+from stages.errors import CacheError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -192,10 +192,14 @@ class Cache:
         for shard in self.shards:
             path = self.shard_path(shard)
             if not path.is_file():
-                raise CacheError(f"cache {self.path}: shard {shard['file']} is missing. Re-run cache-teacher to rebuild it.")
+                raise CacheError(
+                    f"cache {self.path}: shard {shard['file']} is missing. Re-run cache-teacher to rebuild it."
+                )
             rows = pq.ParquetFile(path).metadata.num_rows
             if rows != shard["rows"]:
-                raise CacheError(f"cache {self.path}: shard {shard['file']} has {rows} rows, manifest says {shard['rows']}")
+                raise CacheError(
+                    f"cache {self.path}: shard {shard['file']} has {rows} rows, manifest says {shard['rows']}"
+                )
             if checksums and sha256_file(path) != shard["sha256"]:
                 raise CacheError(
                     f"cache {self.path}: shard {shard['file']} fails its sha256 check (corrupted or modified). "
@@ -218,10 +222,14 @@ def resolve_cache(ref: str, root: str | Path) -> Path:
     root = Path(root)
     matches = sorted(p for p in root.glob(ref + "*") if p.is_dir()) if root.is_dir() and ref else []
     if not matches:
-        raise CacheError(f"no cache matches '{ref}': not a directory, and no key under {root} starts with it. List caches with `pipeline caches list`.")
+        raise CacheError(
+            f"no cache matches '{ref}': not a directory, and no key under {root} starts with it. List caches with `pipeline caches list`."
+        )
     if len(matches) > 1:
         names = ", ".join(p.name for p in matches[:5])
-        raise CacheError(f"'{ref}' is ambiguous: it starts {len(matches)} cache keys under {root} ({names}); give more characters")
+        raise CacheError(
+            f"'{ref}' is ambiguous: it starts {len(matches)} cache keys under {root} ({names}); give more characters"
+        )
     return matches[0]
 
 

@@ -20,10 +20,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from stages.config import CacheTeacherConfig, to_dict
-from stages.errors import CacheError, DatasetError, TeacherError
 from stages import cache_format as fmt
+from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import ID_COLUMN, Dataset
+from stages.errors import CacheError, DatasetError, TeacherError
 from stages.shard_runner import ShardRunner
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
@@ -63,14 +63,20 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
     check_hidden(model, config.hidden)
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
-    missing = [i.name for i in info.inputs if i.name not in dataset.columns and i.name not in ("attention_mask", "token_type_ids")]
+    missing = [
+        i.name
+        for i in info.inputs
+        if i.name not in dataset.columns and i.name not in ("attention_mask", "token_type_ids")
+    ]
     if missing:
         raise DatasetError(
             f"the teacher needs input(s) {missing} but dataset {config.data} has columns {dataset.columns}; "
             "add a column per teacher input, named like the input"
         )
     if config.target_format == "topk" and info.num_classes is not None and config.top_k > info.num_classes:
-        raise TeacherError(f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}")
+        raise TeacherError(
+            f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
+        )
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
@@ -86,7 +92,9 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
         cache_dir.mkdir(parents=True, exist_ok=True)
         lock = open(cache_dir / _LOCK, "w")
     except OSError as exc:
-        raise CacheError(f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir.") from exc
+        raise CacheError(
+            f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir."
+        ) from exc
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -95,7 +103,9 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
         return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
 
 
-def _fill(config, dataset: Dataset, inspected: tuple, request: dict, key: str, cache_dir: Path, progress: bool, log) -> CacheResult:
+def _fill(
+    config, dataset: Dataset, inspected: tuple, request: dict, key: str, cache_dir: Path, progress: bool, log
+) -> CacheResult:
     info = inspected[0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
@@ -104,13 +114,17 @@ def _fill(config, dataset: Dataset, inspected: tuple, request: dict, key: str, c
         shard_size = json.loads(request_path.read_text())["shard_size"]
     else:
         shard_size = config.shard_size or _DEFAULT_SHARD[info.kind]
-        fmt.write_json_atomic({"key": key, "request": request, "shard_size": shard_size, "config": to_dict(config)}, request_path)
+        fmt.write_json_atomic(
+            {"key": key, "request": request, "shard_size": shard_size, "config": to_dict(config)}, request_path
+        )
     done = fmt.read_journal(cache_dir)
     if done:
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")
     (cache_dir / fmt.JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in done))  # drop a torn tail
 
-    use_graph = config.target_format == "topk" and (config.postprocess == "graph" or (config.postprocess == "auto" and config.device == "cuda"))
+    use_graph = config.target_format == "topk" and (
+        config.postprocess == "graph" or (config.postprocess == "auto" and config.device == "cuda")
+    )
     teacher = Teacher(
         config.teacher,
         device=config.device,
@@ -122,12 +136,21 @@ def _fill(config, dataset: Dataset, inspected: tuple, request: dict, key: str, c
     )
     if teacher.provider != "CUDAExecutionProvider" and config.postprocess == "auto" and use_graph:
         use_graph = False
-    log(f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; " + ("sampled targets" if config.target_format == "sampled" else f"top-k in {'graph' if use_graph else 'torch'}"))
+    log(
+        f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
+        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {'graph' if use_graph else 'torch'}")
+    )
 
     num_shards = max(1, -(-dataset.num_rows // shard_size))
     started = time.perf_counter()
     positions_run = 0
-    bar = tqdm(total=dataset.num_rows, initial=min(len(done) * shard_size, dataset.num_rows), unit="ex", disable=not progress, desc="cache-teacher")
+    bar = tqdm(
+        total=dataset.num_rows,
+        initial=min(len(done) * shard_size, dataset.num_rows),
+        unit="ex",
+        disable=not progress,
+        desc="cache-teacher",
+    )
     runner = ShardRunner(teacher, dataset, config, info.kind)
     for s in range(len(done), num_shards):
         start, stop = s * shard_size, min((s + 1) * shard_size, dataset.num_rows)
@@ -162,7 +185,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
     return {
         "format_version": fmt.FORMAT_VERSION,
         "key": key,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "target_format": config.target_format,
         "teacher": {
             "path": str(Path(config.teacher).resolve()),
@@ -191,7 +214,11 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
         "bytes_per_position": total_bytes / max(num_positions, 1),
         "fidelity": probe,
         "shards": shards,
-        "run": {"seconds": round(elapsed, 3), "positions": positions_run, "positions_per_second": round(positions_run / max(elapsed, 1e-9), 1)},
+        "run": {
+            "seconds": round(elapsed, 3),
+            "positions": positions_run,
+            "positions_per_second": round(positions_run / max(elapsed, 1e-9), 1),
+        },
         "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "pyarrow": pa.__version__},
         "request": request,
         "config": to_dict(config),

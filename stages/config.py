@@ -96,7 +96,9 @@ def load_config(cls: type[C], config_file: str | None, overrides: dict[str, Any]
     for k, v in values.items():
         if k not in known:
             continue
-        default = known[k].default_factory() if known[k].default_factory is not dataclasses.MISSING else known[k].default
+        default = (
+            known[k].default_factory() if known[k].default_factory is not dataclasses.MISSING else known[k].default
+        )
         try:
             kwargs[k] = _coerce(v, default)
         except (TypeError, ValueError):
@@ -192,7 +194,9 @@ class TrainStudentConfig:
         if self.alpha > 0 and not self.cache:
             out.append(f"cache: alpha {self.alpha} > 0 needs at least one --cache (alpha 0 trains from scratch)")
         if self.method == "kd" and len(self.cache) > 1:
-            out.append(f"cache: {len(self.cache)} caches given with --method kd; use --method ensemble for several teachers")
+            out.append(
+                f"cache: {len(self.cache)} caches given with --method kd; use --method ensemble for several teachers"
+            )
         if self.method == "ensemble" and self.weights and len(self.weights) != len(self.cache):
             out.append(f"weights: {len(self.weights)} weights for {len(self.cache)} caches; give one per cache")
         if any(w <= 0 for w in self.weights):
@@ -205,7 +209,9 @@ class TrainStudentConfig:
             if getattr(self, name) < 1:
                 out.append(f"{name}: {getattr(self, name)} must be >= 1")
         if self.stage_epochs < 0 or self.workers < 0 or self.threads < 0:
-            out.append(f"stage_epochs ({self.stage_epochs}), workers ({self.workers}) and threads ({self.threads}) must be >= 0")
+            out.append(
+                f"stage_epochs ({self.stage_epochs}), workers ({self.workers}) and threads ({self.threads}) must be >= 0"
+            )
         if self.top_k < 0:
             out.append(f"top_k: {self.top_k} must be >= 1 (or 0 for every cached id)")
         if not self.lr > 0:

@@ -120,7 +120,9 @@ class Dataset:
         dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
         if len(dup):
             shown = ", ".join(str(v) for v in dup.to_pylist()[:5])
-            raise DatasetError(f"column '{ID_COLUMN}' has {len(dup)} duplicated value(s), e.g. {shown}; ids must be unique")
+            raise DatasetError(
+                f"column '{ID_COLUMN}' has {len(dup)} duplicated value(s), e.g. {shown}; ids must be unique"
+            )
 
     def fingerprint(self) -> str:
         """sha256 over the files' names (relative to the dataset root) and bytes: the dataset's identity.
@@ -155,7 +157,9 @@ def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray
         column = column.combine_chunks()
     if column.null_count:
         raise DatasetError(f"column '{name}' has {column.null_count} null rows; inputs must be present in every row")
-    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)):
+    if not (
+        pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)
+    ):
         return column.to_numpy(zero_copy_only=False)
     rows = column.to_pylist() if _depth(column.type) > 1 else None
     if rows is not None:

@@ -75,9 +75,7 @@ def _logp_at(teacher: SoftTargets, ids: Tensor, uncached: Tensor) -> Tensor:
     return torch.where(cached, logp, uncached.unsqueeze(-1))
 
 
-def _log_mixture(
-    teachers: Sequence[SoftTargets], weights: Sequence[float]
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _log_mixture(teachers: Sequence[SoftTargets], weights: Sequence[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The "prob" mixture in log space: ids [N, K], log P [N, K] (-inf where not valid), valid, tail [N]."""
     ids, valid = _union(teachers)
     log_p = torch.stack(

@@ -34,7 +34,13 @@ def soft_targets(t: dict[str, Tensor], temperature: float, vocab_size: int) -> S
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader, teacher: tuple[float, int] | None, *, device: torch.device, token_level: bool, vocab: int | None
+    model: nn.Module,
+    loader,
+    teacher: tuple[float, int] | None,
+    *,
+    device: torch.device,
+    token_level: bool,
+    vocab: int | None,
 ) -> dict[str, float]:
     """Metrics over a whole loader. ``teacher`` = (T, V) of the eval cache, or None when there is none."""
     model.eval()

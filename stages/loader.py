@@ -17,9 +17,9 @@ import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from stages.errors import CacheError, ConfigError, DatasetError
 from stages.cache_format import HIDDEN_PREFIX, Cache
 from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
+from stages.errors import CacheError, ConfigError, DatasetError
 
 IGNORE = -100  # label value for "no label": unlabelled rows, padding, the last token of a sequence
 _UNIT_WITHOUT_CACHE = 4096  # examples per unit when no cache is attached (plain evaluation)
@@ -91,8 +91,12 @@ class StreamingLoader(IterableDataset):
             if top_k and cache.target_format != "topk":
                 raise ConfigError(f"top_k {top_k} applies to top-k caches; cache {cache.key} holds sampled targets")
             if top_k > cache.top_k:
-                raise ConfigError(f"top_k {top_k} is more than cache {cache.key} holds ({cache.top_k}); use --top-k <= {cache.top_k}")
-        self.top_k = top_k  # a prefix of each cache's ids: still exact, since logp is normalised over the full vocabulary
+                raise ConfigError(
+                    f"top_k {top_k} is more than cache {cache.key} holds ({cache.top_k}); use --top-k <= {cache.top_k}"
+                )
+        self.top_k = (
+            top_k  # a prefix of each cache's ids: still exact, since logp is normalised over the full vocabulary
+        )
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
@@ -107,7 +111,9 @@ class StreamingLoader(IterableDataset):
         cuts = {0, n}
         for cache in self.caches:
             if cache.shards[-1]["examples"][1] != n:
-                raise CacheError(f"cache {cache.path} covers {cache.shards[-1]['examples'][1]} examples; the dataset has {n}")
+                raise CacheError(
+                    f"cache {cache.path} covers {cache.shards[-1]['examples'][1]} examples; the dataset has {n}"
+                )
             cuts |= {s["examples"][0] for s in cache.shards}
         if not self.caches:
             cuts |= set(range(0, n, _UNIT_WITHOUT_CACHE))
@@ -159,7 +165,9 @@ class StreamingLoader(IterableDataset):
 
     # -- reading ------------------------------------------------------------------------------------------
     def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
-        columns = [ID_COLUMN] + self.input_columns + ([LABEL_COLUMN] if self.data.has_labels and not self.token_level else [])
+        columns = (
+            [ID_COLUMN] + self.input_columns + ([LABEL_COLUMN] if self.data.has_labels and not self.token_level else [])
+        )
         table = self.data.read(start, stop, columns)
         ids = table.column(ID_COLUMN).to_numpy()
         inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
@@ -179,11 +187,17 @@ class StreamingLoader(IterableDataset):
                     "The cache was built from another dataset or another row order."
                 )
             if lengths is not None and not np.array_equal(lengths, counts):
-                raise CacheError(f"cache {cache.path} caches different positions than {self.caches[0].path} for rows {start}..{stop}")
+                raise CacheError(
+                    f"cache {cache.path} caches different positions than {self.caches[0].path} for rows {start}..{stop}"
+                )
             lengths, row_start = counts, starts
             rows.append(arrays)
         if lengths is None:  # no cache: positions are the tokens (or one per example)
-            lengths = np.array([len(r) for r in inputs[self.input_columns[0]]]) if self.token_level else np.ones(len(ids), np.int64)
+            lengths = (
+                np.array([len(r) for r in inputs[self.input_columns[0]]])
+                if self.token_level
+                else np.ones(len(ids), np.int64)
+            )
             row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         return _Block(ids, inputs, labels, lengths, row_start, rows)
 
@@ -207,7 +221,10 @@ class StreamingLoader(IterableDataset):
         targets = ["sample_ids", "sample_counts"] if sampled else ["topk_ids", "topk_logp", "logz"]
         table = pq.read_table(cache.shard_path(shard), columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
         if sampled:  # ragged distinct ids -> [rows, D] padded with weight 0
-            ids, counts = _padded(table.column("sample_ids"), cache.samples), _padded(table.column("sample_counts"), cache.samples)
+            ids, counts = (
+                _padded(table.column("sample_ids"), cache.samples),
+                _padded(table.column("sample_counts"), cache.samples),
+            )
             arrays = {"ids": ids.astype(np.int64), "weights": counts.astype(np.float32) / cache.samples}
         else:
             k, keep = cache.top_k, top_k or cache.top_k
@@ -225,7 +242,9 @@ class StreamingLoader(IterableDataset):
         counts = np.diff(np.concatenate([starts, [len(ids)]]))
         expected = shard["examples"][1] - shard["examples"][0]
         if len(starts) != expected:
-            raise CacheError(f"cache {cache.path}: shard {shard['file']} holds {len(starts)} examples, the manifest says {expected}")
+            raise CacheError(
+                f"cache {cache.path}: shard {shard['file']} holds {len(starts)} examples, the manifest says {expected}"
+            )
         return {"arrays": arrays, "starts": starts, "counts": counts}
 
     # -- batching -----------------------------------------------------------------------------------------
@@ -246,13 +265,26 @@ class StreamingLoader(IterableDataset):
                 for j, r in enumerate(rows):
                     arr[j, : len(r)] = r
                 if name == "input_ids" and "attention_mask" not in block.inputs:
-                    inputs["attention_mask"] = torch.from_numpy((np.arange(arr.shape[1]) < np.array([len(r) for r in rows])[:, None]).astype(np.int64))
+                    inputs["attention_mask"] = torch.from_numpy(
+                        (np.arange(arr.shape[1]) < np.array([len(r) for r in rows])[:, None]).astype(np.int64)
+                    )
             else:
                 arr = col[idx]
-            inputs[name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype))
+            inputs[name] = torch.from_numpy(
+                np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype)
+            )
         rows = block.row_start[idx]
-        targets = [{k: torch.from_numpy(_as_loss_dtype(v[rows])) for k, v in arrays.items() if k != "id"} for arrays in block.rows]
-        return Batch(inputs, torch.from_numpy(block.labels[idx]), torch.ones(len(idx), dtype=torch.bool), targets, block.ids[idx].tolist())
+        targets = [
+            {k: torch.from_numpy(_as_loss_dtype(v[rows])) for k, v in arrays.items() if k != "id"}
+            for arrays in block.rows
+        ]
+        return Batch(
+            inputs,
+            torch.from_numpy(block.labels[idx]),
+            torch.ones(len(idx), dtype=torch.bool),
+            targets,
+            block.ids[idx].tolist(),
+        )
 
     def _token_batch(self, block: _Block, idx: np.ndarray) -> Batch:
         lengths = block.lengths[idx]

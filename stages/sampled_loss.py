@@ -32,7 +32,9 @@ class SampledTargets:
 
     def __post_init__(self) -> None:
         if self.ids.shape != self.weights.shape or self.ids.dim() != 2:
-            raise ConfigError(f"SampledTargets: ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} must both be [N, D]")
+            raise ConfigError(
+                f"SampledTargets: ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} must both be [N, D]"
+            )
         _check_temperature(self.temperature)
 
 
@@ -52,7 +54,9 @@ class SampledKDLoss(_SoftTargetLoss):
                 "Train at the cache's temperature, or cache again at the T you want."
             )
         if student_logits.shape[-1] != targets.vocab_size:
-            raise ConfigError(f"student logits have {student_logits.shape[-1]} outputs; the sampled targets' vocabulary is {targets.vocab_size}")
+            raise ConfigError(
+                f"student logits have {student_logits.shape[-1]} outputs; the sampled targets' vocabulary is {targets.vocab_size}"
+            )
         x = _upcast(student_logits)
         scaled = x if self.temperature == 1 else x / self.temperature
         log_partition = torch.logsumexp(scaled, dim=-1)

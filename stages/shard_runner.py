@@ -8,11 +8,11 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from stages.config import CacheTeacherConfig
-from stages.errors import DatasetError, TeacherError
 from stages import cache_format as fmt
 from stages import targets
+from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
+from stages.errors import DatasetError, TeacherError
 from stages.teacher import CLASSIFIER, Teacher
 
 
@@ -89,7 +89,9 @@ class ShardRunner:
         if isinstance(column, list):
             shapes = {column[i].shape for i in idx}
             if len(shapes) > 1:
-                raise DatasetError(f"column '{inp.name}' has rows of different shapes {sorted(shapes)[:3]}; a classifier input needs one shape")
+                raise DatasetError(
+                    f"column '{inp.name}' has rows of different shapes {sorted(shapes)[:3]}; a classifier input needs one shape"
+                )
             batch = np.stack([column[i] for i in idx])
         else:
             batch = column[idx]
@@ -118,21 +120,31 @@ class ShardRunner:
         main, hidden, extra = outs[:n_main], outs[n_main : n_main + n_hidden], outs[n_main + n_hidden :]
         keep = None if mask is None else mask.reshape(-1)
         # [B, S, ...] per-position outputs (or already flat [B*S, ...]) -> the real positions' rows.
-        select = (lambda a, flat=False: (a if flat else a.reshape(-1, *a.shape[2:]))[keep]) if keep is not None else (lambda a, flat=False: a)
+        select = (
+            (lambda a, flat=False: (a if flat else a.reshape(-1, *a.shape[2:]))[keep])
+            if keep is not None
+            else (lambda a, flat=False: a)
+        )
         dense = extra[0] if extra else main[0]  # the full logits [.., V], when this run has them
         # Flat [positions, V] view of the logits, padding included: no copy of the real rows. Top-k over a few
         # padded rows costs less than gathering the real ones out of [B*S, V] (benchmarks/README.md).
-        flat = None if self.teacher.topk_in_graph and not extra else torch.from_numpy(dense).reshape(-1, dense.shape[-1])
+        flat = (
+            None if self.teacher.topk_in_graph and not extra else torch.from_numpy(dense).reshape(-1, dense.shape[-1])
+        )
         if self.teacher.topk_in_graph:
             top_ids, logp, logz = (select(torch.from_numpy(a)) for a in main)
             if self.num_classes is None:
-                raise TeacherError("in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess torch")
+                raise TeacherError(
+                    "in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess torch"
+                )
         else:
             vocab = flat.shape[-1]
             if self.num_classes is None:
                 self.num_classes = vocab
             if k > vocab:
-                raise TeacherError(f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}")
+                raise TeacherError(
+                    f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}"
+                )
             top_ids, logp, logz = (select(t, flat=True) for t in targets.topk_log_probs(flat, k, temperature))
         real_logits = None if flat is None else (lambda: select(flat, flat=True))
         bad = ~torch.isfinite(logz) | torch.isnan(logp).any(-1)
@@ -144,12 +156,19 @@ class ShardRunner:
             drawn, counts = targets.sample_counts(logits, temperature, torch.from_numpy(self._uniforms(idx, mask)))
             result = {"sample_ids": drawn.to(torch.int32).numpy(), "sample_counts": counts.to(torch.int16).numpy()}
         else:
-            result = {"ids": top_ids.to(torch.int32).numpy(), "logp": logp.numpy(), "logz": logz.numpy(), "tail": tail.numpy()}
+            result = {
+                "ids": top_ids.to(torch.int32).numpy(),
+                "logp": logp.numpy(),
+                "logz": logz.numpy(),
+                "tail": tail.numpy(),
+            }
         if mask is not None:
             result["counts"] = mask.sum(1)
         for name, h in zip(self.teacher.info.hidden, hidden):
             if mask is not None and h.shape[:2] != mask.shape:
-                raise TeacherError(f"hidden tensor '{name}' has shape {list(h.shape)}; a token-level teacher's hidden states must be [batch, seq, ...]")
+                raise TeacherError(
+                    f"hidden tensor '{name}' has shape {list(h.shape)}; a token-level teacher's hidden states must be [batch, seq, ...]"
+                )
             per_row = list(h.shape[2:] if mask is not None else h.shape[1:])
             self.hidden_shapes.setdefault(name, per_row)
             h = select(h)
@@ -248,7 +267,9 @@ class ShardRunner:
             columns["logz"] = pa.array(out["logz"])
             columns["tail_mass"] = pa.array(out["tail"])
         for h in self.teacher.info.hidden:
-            columns[fmt.HIDDEN_PREFIX + h] = _fixed_list(out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1])
+            columns[fmt.HIDDEN_PREFIX + h] = _fixed_list(
+                out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1]
+            )
         return pa.table(columns, schema=self.schema)
 
 

@@ -96,7 +96,8 @@ class CNN1dStudent(nn.Module):
         k = options.kernel
         channels = [1, *options.channels]
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(a, b, k, stride=2, padding=k // 2), nn.ReLU()) for a, b in zip(channels, channels[1:])
+            nn.Sequential(nn.Conv1d(a, b, k, stride=2, padding=k // 2), nn.ReLU())
+            for a, b in zip(channels, channels[1:])
         )
         length = input_dim
         for _ in options.channels:

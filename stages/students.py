@@ -19,9 +19,10 @@ import importlib.util
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -252,7 +253,9 @@ def _build_custom(
         )
     num_layers = getattr(model, "num_layers", len(out.hidden))
     if num_layers != len(out.hidden):
-        raise ConfigError(f"student {target!r} has num_layers={num_layers} but returned {len(out.hidden)} hidden tensors")
+        raise ConfigError(
+            f"student {target!r} has num_layers={num_layers} but returned {len(out.hidden)} hidden tensors"
+        )
     if isinstance(raw, StudentOutput):
         model.num_layers = num_layers
         return model

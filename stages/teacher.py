@@ -59,7 +59,9 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf raises DecodeError and friends; the type is not stable across versions
-        raise TeacherError(f"{path} is not an ONNX model ({type(exc).__name__}: {exc}). Export the teacher to ONNX first.") from exc
+        raise TeacherError(
+            f"{path} is not an ONNX model ({type(exc).__name__}: {exc}). Export the teacher to ONNX first."
+        ) from exc
     if not model.graph.node or not model.graph.output:
         raise TeacherError(f"{path} is not a usable ONNX model: its graph has no nodes or no outputs")
     if any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer):
@@ -112,9 +114,13 @@ def add_topk_head(model: onnx.ModelProto, logits: str, k: int, temperature: floa
         raise TeacherError(f"in-graph top-k needs ONNX opset >= 13; the teacher uses {opset}. Use --postprocess torch.")
     scaled = f"{logits}__kd_scaled"
     nodes = [
-        helper.make_node("Constant", [], ["kd_T"], value=helper.make_tensor("kd_T", TensorProto.FLOAT, [], [temperature])),
+        helper.make_node(
+            "Constant", [], ["kd_T"], value=helper.make_tensor("kd_T", TensorProto.FLOAT, [], [temperature])
+        ),
         helper.make_node("Constant", [], ["kd_k"], value=helper.make_tensor("kd_k", TensorProto.INT64, [1], [k])),
-        helper.make_node("Constant", [], ["kd_axis"], value=helper.make_tensor("kd_axis", TensorProto.INT64, [1], [-1])),
+        helper.make_node(
+            "Constant", [], ["kd_axis"], value=helper.make_tensor("kd_axis", TensorProto.INT64, [1], [-1])
+        ),
         helper.make_node("Cast", [logits], [f"{logits}__kd_f32"], to=TensorProto.FLOAT),
         helper.make_node("Div", [f"{logits}__kd_f32", "kd_T"], [scaled]),
         helper.make_node("TopK", [scaled, "kd_k"], ["kd_topk_values", TOPK_IDS], axis=-1, largest=1, sorted=1),
@@ -242,4 +248,3 @@ class Teacher:
         except Exception as exc:  # ORT's shape/type failures; name the teacher and the inputs
             shapes = {k: (v.shape, str(v.dtype)) for k, v in feeds.items()}
             raise TeacherError(f"teacher failed on inputs {shapes}: {exc}") from exc
-

@@ -20,14 +20,14 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from stages.config import TrainStudentConfig, to_dict
-from stages.errors import CacheError, ConfigError, DatasetError
 from stages import cache_format as fmt
+from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import LABEL_COLUMN, Dataset
+from stages.ensemble_loss import EnsembleKDLoss
+from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten, soft_targets, to_device
 from stages.export import export_onnx
 from stages.loader import StreamingLoader
-from stages.ensemble_loss import EnsembleKDLoss
 from stages.losses import HiddenStateLoss, KDLoss, cross_entropy_only
 from stages.sampled_loss import SampledKDLoss, SampledTargets
 from stages.students import build_student, count_parameters
@@ -56,11 +56,17 @@ class Trainer:
         self.out = Path(c.out)
         replace = self.out.exists() and any(self.out.iterdir())
         if replace and not c.overwrite:
-            raise ConfigError(f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite")
+            raise ConfigError(
+                f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite"
+            )
         self.data = Dataset(c.data)
         self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
         self._check_caches()
-        self.token_level = self.caches[0].kind == "token" if self.caches else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
+        self.token_level = (
+            self.caches[0].kind == "token"
+            if self.caches
+            else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
+        )
         self.inputs = self._input_columns()
         if c.alpha < 1 and not self.token_level:
             self._check_labels()
@@ -72,11 +78,15 @@ class Trainer:
         random.seed(c.seed)
         np.random.seed(c.seed)
         torch.manual_seed(c.seed)
-        self.device = torch.device("cuda" if c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available()) else "cpu")
+        self.device = torch.device(
+            "cuda" if c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
         self.model = self._build_student().to(self.device)
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
-        self.train_loader = self._loader(self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None)
+        self.train_loader = self._loader(
+            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None
+        )
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
@@ -101,7 +111,9 @@ class Trainer:
         data = Dataset(data_path)
         caches = [self._open_cache(cache_ref, data)] if cache_ref else []
         if caches and caches[0].target_format != "topk":
-            raise CacheError(f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it")
+            raise CacheError(
+                f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it"
+            )
         teacher = (caches[0].temperature, caches[0].num_classes) if caches else None
         return self._loader(data, caches, shuffle=False, top_k=0), teacher  # held-out KL over every cached id
 
@@ -128,7 +140,9 @@ class Trainer:
                     f"{cache.key} is {cache.kind} with {cache.num_classes}; an ensemble needs one output space"
                 )
         if any(cache.target_format == "sampled" for cache in self.caches) and self.config.method == "ensemble":
-            raise CacheError("--method ensemble mixes top-k caches; sampled caches train with --method kd or progressive")
+            raise CacheError(
+                "--method ensemble mixes top-k caches; sampled caches train with --method kd or progressive"
+            )
         if self.config.method == "progressive" and not first.hidden:
             raise CacheError(
                 f"--method progressive needs hidden states, and cache {first.key} holds none. "
@@ -144,14 +158,25 @@ class Trainer:
         if self.token_level:
             cols = ["input_ids"]  # the loader builds the mask; token-level students read ids only
         if not cols or any(col not in self.data.columns for col in cols):
-            raise DatasetError(f"dataset {self.data.path} lacks the model input column(s) {cols}; it has {self.data.columns}")
+            raise DatasetError(
+                f"dataset {self.data.path} lacks the model input column(s) {cols}; it has {self.data.columns}"
+            )
         return cols
 
     def _check_labels(self) -> None:
-        if not self.data.has_labels or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count == self.data.num_rows:
-            fix = ("use --alpha 1 to train on the teacher's targets alone" if self.caches else
-                   "cache a teacher on it (cache-teacher) and train on its targets with --cache and --alpha 1")
-            raise DatasetError(f"alpha {self.config.alpha} < 1 needs labels, but dataset {self.data.path} has none; {fix}")
+        if (
+            not self.data.has_labels
+            or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count
+            == self.data.num_rows
+        ):
+            fix = (
+                "use --alpha 1 to train on the teacher's targets alone"
+                if self.caches
+                else "cache a teacher on it (cache-teacher) and train on its targets with --cache and --alpha 1"
+            )
+            raise DatasetError(
+                f"alpha {self.config.alpha} < 1 needs labels, but dataset {self.data.path} has none; {fix}"
+            )
 
     def _count_outputs(self) -> int:
         """Outputs of a student trained without a teacher cache (cross-entropy only).
@@ -194,8 +219,14 @@ class Trainer:
             return None
         if width > teacher and self.config.truncate_vocab:
             return teacher
-        hint = " (the student's vocabulary is padded; pass --truncate-vocab to train on its first V logits)" if width > teacher else ""
-        raise ConfigError(f"the student has {width} outputs but the cache's teacher has {teacher}: they differ by {width - teacher}{hint}")
+        hint = (
+            " (the student's vocabulary is padded; pass --truncate-vocab to train on its first V logits)"
+            if width > teacher
+            else ""
+        )
+        raise ConfigError(
+            f"the student has {width} outputs but the cache's teacher has {teacher}: they differ by {width - teacher}{hint}"
+        )
 
     def _layer_map(self) -> list[tuple[int, str]]:
         """(student layer, teacher hidden name) pairs, in student-layer order."""
@@ -219,8 +250,16 @@ class Trainer:
 
     def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None):
         loader = StreamingLoader(
-            data, caches, input_columns=self.inputs, batch_size=self.config.batch_size, token_level=self.token_level,
-            hidden=hidden, shuffle=shuffle, buffer_examples=self.config.buffer, seed=self.config.seed, top_k=self.config.top_k if top_k is None else top_k,
+            data,
+            caches,
+            input_columns=self.inputs,
+            batch_size=self.config.batch_size,
+            token_level=self.token_level,
+            hidden=hidden,
+            shuffle=shuffle,
+            buffer_examples=self.config.buffer,
+            seed=self.config.seed,
+            top_k=self.config.top_k if top_k is None else top_k,
         )
         return loader
 
@@ -231,7 +270,9 @@ class Trainer:
     def _iterate(self, loader: StreamingLoader, epoch: int):
         loader.set_epoch(epoch)
         if self.config.workers:
-            return torch.utils.data.DataLoader(loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False)
+            return torch.utils.data.DataLoader(
+                loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False
+            )
         return loader
 
     # -- training -----------------------------------------------------------------------------------------
@@ -250,7 +291,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if id(p) not in self.frozen] + list(projection.parameters())
         optimizer = self._optimizer(params, self.config.stage_epochs)
         for _ in range(self.config.stage_epochs):
-            self._epoch(f"hidden:{layer}={name}", lambda b: self._hidden_step(b, layer, name, projection, hidden_loss), optimizer)
+            self._epoch(
+                f"hidden:{layer}={name}",
+                lambda b: self._hidden_step(b, layer, name, projection, hidden_loss),
+                optimizer,
+            )
         if self.config.freeze_earlier:
             self.frozen |= {id(p) for p in self._params_used(layer, name, projection)}
 
@@ -283,7 +328,13 @@ class Trainer:
         sums: dict[str, float] = {}
         steps = 0
         t0 = time.perf_counter()
-        bar = tqdm(self._iterate(self.train_loader, epoch), total=len(self.train_loader), disable=not self.progress, desc=f"epoch {epoch} {stage}", leave=False)
+        bar = tqdm(
+            self._iterate(self.train_loader, epoch),
+            total=len(self.train_loader),
+            disable=not self.progress,
+            desc=f"epoch {epoch} {stage}",
+            leave=False,
+        )
         for batch in bar:
             out = step(to_device(batch, self.device))
             optimizer.zero_grad(set_to_none=True)
@@ -294,10 +345,17 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
             bar.set_postfix(loss=f"{out.parts.get('total', out.parts.get('hidden', 0.0)):.4f}")
-        row = {"epoch": epoch, "stage": stage, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}, "seconds": time.perf_counter() - t0,
-               "lr": schedule.get_last_lr()[0]}
+        row = {
+            "epoch": epoch,
+            "stage": stage,
+            **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+            "seconds": time.perf_counter() - t0,
+            "lr": schedule.get_last_lr()[0],
+        }
         if self.eval_set is not None:
-            metrics = evaluate(self.model, *self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab)
+            metrics = evaluate(
+                self.model, *self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab
+            )
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
         self.log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
@@ -307,7 +365,8 @@ class Trainer:
         if not self.caches:
             return cross_entropy_only(logits, labels, mask)
         soft = [
-            SampledTargets(t["ids"], t["weights"], c.temperature, c.num_classes) if c.target_format == "sampled"
+            SampledTargets(t["ids"], t["weights"], c.temperature, c.num_classes)
+            if c.target_format == "sampled"
             else soft_targets(t, c.temperature, c.num_classes)
             for t, c in zip(targets, self.caches)
         ]
@@ -321,7 +380,11 @@ class Trainer:
             keep = batch.mask
             student, teacher = student[keep], teacher[keep]
         student = student.reshape(student.shape[0], -1)
-        return loss(projection(student.float()), teacher.float(), torch.ones(student.shape[0], dtype=torch.bool, device=student.device))
+        return loss(
+            projection(student.float()),
+            teacher.float(),
+            torch.ones(student.shape[0], dtype=torch.bool, device=student.device),
+        )
 
     def _projection(self, layer: int, name: str) -> nn.Module:
         """A learned map from the student's width to the teacher's; identity when they already match."""
@@ -335,7 +398,9 @@ class Trainer:
     def _params_used(self, layer: int, name: str, projection: nn.Module) -> list[nn.Parameter]:
         """Student parameters the hidden-state loss of this stage reaches (its gradient is non-zero)."""
         self.model.zero_grad(set_to_none=True)
-        self._hidden_step(self._first_batch(), layer, name, projection, HiddenStateLoss(self.config.hidden_loss)).total.backward()
+        self._hidden_step(
+            self._first_batch(), layer, name, projection, HiddenStateLoss(self.config.hidden_loss)
+        ).total.backward()
         used = [p for p in self.model.parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
         self.model.zero_grad(set_to_none=True)
         return used
@@ -350,18 +415,39 @@ class Trainer:
             writer.writeheader()
             writer.writerows(self.history)
         caches = [
-            {"key": cache.key, "path": str(cache.path.resolve()), "teacher": cache.manifest["teacher"]["name"],
-             "teacher_sha256": cache.manifest["teacher"]["sha256"], "top_k": cache.top_k, "temperature": cache.temperature}
+            {
+                "key": cache.key,
+                "path": str(cache.path.resolve()),
+                "teacher": cache.manifest["teacher"]["name"],
+                "teacher_sha256": cache.manifest["teacher"]["sha256"],
+                "top_k": cache.top_k,
+                "temperature": cache.temperature,
+            }
             for cache in self.caches
         ]
-        resolved = to_dict(c) | {"temperature": self.temperature, "layer_map": ",".join(f"{l}={n}" for l, n in self.hidden_map)}
-        fmt.write_json_atomic({"config": resolved, "caches": caches, "student_parameters": count_parameters(self.model)}, self.out / "config.json")
-        metrics = {"method": c.method, "alpha": c.alpha, "temperature": self.temperature, "student": c.student,
-                   "epochs": len(self.history), "train_seconds": round(self.train_seconds, 2), "cache_keys": [x["key"] for x in caches]}
+        resolved = to_dict(c) | {
+            "temperature": self.temperature,
+            "layer_map": ",".join(f"{l}={n}" for l, n in self.hidden_map),
+        }
+        fmt.write_json_atomic(
+            {"config": resolved, "caches": caches, "student_parameters": count_parameters(self.model)},
+            self.out / "config.json",
+        )
+        metrics = {
+            "method": c.method,
+            "alpha": c.alpha,
+            "temperature": self.temperature,
+            "student": c.student,
+            "epochs": len(self.history),
+            "train_seconds": round(self.train_seconds, 2),
+            "cache_keys": [x["key"] for x in caches],
+        }
         final = self.history[-1] if self.history else {}
         metrics.update({k: v for k, v in final.items() if k.startswith(("train_", "eval_"))})
         if self.test_set is not None:
-            test = evaluate(self.model, *self.test_set, device=self.device, token_level=self.token_level, vocab=self.vocab)
+            test = evaluate(
+                self.model, *self.test_set, device=self.device, token_level=self.token_level, vocab=self.vocab
+            )
         else:  # no separate test set: the held-out eval set's final figures are the test figures
             test = {k[5:]: v for k, v in final.items() if k.startswith("eval_")}
         metrics.update({"test_" + k: v for k, v in test.items()})
@@ -372,5 +458,8 @@ class Trainer:
             metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / "student.onnx")
             self.model.to(self.device)
         fmt.write_json_atomic(metrics, self.out / METRICS)
-        self.log(f"run saved to {self.out}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_")))
+        self.log(
+            f"run saved to {self.out}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
+        )
         return metrics

@@ -25,4 +25,10 @@ def token_setup(tmp_path: Path) -> dict:
     seqs = teachers.random_sequences(40, 50)
     weights = teachers.make_token_teacher(tmp_path / "tok.onnx")
     data = teachers.write_sequences(tmp_path / "seq.parquet", seqs)
-    return {"teacher": tmp_path / "tok.onnx", "data": data, "seqs": seqs, "weights": weights, "cache_dir": tmp_path / "cache"}
+    return {
+        "teacher": tmp_path / "tok.onnx",
+        "data": data,
+        "seqs": seqs,
+        "weights": weights,
+        "cache_dir": tmp_path / "cache",
+    }

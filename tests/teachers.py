@@ -75,7 +75,10 @@ def make_token_teacher(path: Path, vocab: int = 50, dim: int = 8, seed: int = 0)
         helper.make_node("MatMul", ["mixed", "head"], ["logits"]),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
-    inits += [numpy_helper.from_array(np.array([2], np.int64), "axis2"), numpy_helper.from_array(np.array(1, np.int64), "axis1")]
+    inits += [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(np.array(1, np.int64), "axis1"),
+    ]
     graph = helper.make_graph(
         nodes,
         "token_teacher",
@@ -100,7 +103,10 @@ def token_forward(w: dict, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def make_sequence_classifier(path: Path, vocab: int = 50, dim: int = 8, classes: int = 3, seed: int = 0) -> dict:
     """input_ids, attention_mask [B, S] -> masked mean of embeddings -> logits [B, C] (padding must be masked)."""
     rng = np.random.default_rng(seed)
-    w = {"emb": rng.normal(0, 1, (vocab, dim)).astype(np.float32), "head": rng.normal(0, 1, (dim, classes)).astype(np.float32)}
+    w = {
+        "emb": rng.normal(0, 1, (vocab, dim)).astype(np.float32),
+        "head": rng.normal(0, 1, (dim, classes)).astype(np.float32),
+    }
     nodes = [
         helper.make_node("Gather", ["emb", "input_ids"], ["embed"]),
         helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
@@ -112,7 +118,10 @@ def make_sequence_classifier(path: Path, vocab: int = 50, dim: int = 8, classes:
         helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
-    inits += [numpy_helper.from_array(np.array([2], np.int64), "axis2"), numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    inits += [
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
     graph = helper.make_graph(
         nodes,
         "sequence_classifier",
@@ -143,7 +152,9 @@ def write_vectors(path: Path, x: np.ndarray, labels: np.ndarray | None = None, i
 
 def write_sequences(path: Path, seqs: list[np.ndarray], ids=None) -> Path:
     ids = np.arange(len(seqs)) if ids is None else ids
-    table = pa.table({"id": pa.array(ids), "input_ids": pa.array([s.tolist() for s in seqs], type=pa.list_(pa.int64()))})
+    table = pa.table(
+        {"id": pa.array(ids), "input_ids": pa.array([s.tolist() for s in seqs], type=pa.list_(pa.int64()))}
+    )
     pq.write_table(table, path, row_group_size=16)
     return path
 

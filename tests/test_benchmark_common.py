@@ -43,7 +43,9 @@ def test_rewriting_every_current_section_leaves_benchmarks_md_unchanged(write_se
     assert copy.read_text() == original
 
 
-@pytest.mark.parametrize("bad", ["no markers", "<!-- a:start -->\nx\n<!-- b:end -->", "<!-- a:end -->\nx\n<!-- a:start -->", ""])
+@pytest.mark.parametrize(
+    "bad", ["no markers", "<!-- a:start -->\nx\n<!-- b:end -->", "<!-- a:end -->\nx\n<!-- a:start -->", ""]
+)
 def test_a_section_without_matching_markers_is_refused(write_section, tmp_path, bad) -> None:
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n")

@@ -17,14 +17,16 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages.config import CacheTeacherConfig
 from stages import cache_format as fmt
 from stages import cache_teacher
+from stages.config import CacheTeacherConfig
 from tests import teachers
 
 
 def _run(setup: dict, **overrides) -> cache_teacher.CacheResult:
-    config = CacheTeacherConfig(teacher=str(setup["teacher"]), data=str(setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides)
+    config = CacheTeacherConfig(
+        teacher=str(setup["teacher"]), data=str(setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides
+    )
     return cache_teacher.run(config, progress=False, log=lambda m: None)
 
 
@@ -41,13 +43,23 @@ def _check_rows(table: pa.Table, logits: np.ndarray, k: int, t: float) -> None:
     expected_ids = torch.topk(ref, k, -1).indices.numpy()
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(logp, np.take_along_axis(ref.numpy(), ids, 1), atol=1e-5)
-    np.testing.assert_allclose(table.column("logz").to_numpy(), torch.logsumexp(torch.from_numpy(logits).double() / t, -1), rtol=1e-5)
+    np.testing.assert_allclose(
+        table.column("logz").to_numpy(), torch.logsumexp(torch.from_numpy(logits).double() / t, -1), rtol=1e-5
+    )
     np.testing.assert_allclose(table.column("tail_mass").to_numpy(), 1 - np.exp(logp).sum(1), atol=1e-5)
 
 
 @pytest.mark.parametrize("postprocess", ["torch", "graph"])
 def test_classifier_round_trip(classifier_setup, postprocess) -> None:
-    result = _run(classifier_setup, top_k=4, temperature=2.0, hidden=["hidden"], shard_size=128, batch_size=50, postprocess=postprocess)
+    result = _run(
+        classifier_setup,
+        top_k=4,
+        temperature=2.0,
+        hidden=["hidden"],
+        shard_size=128,
+        batch_size=50,
+        postprocess=postprocess,
+    )
     table = _read(result.path)
     logits, hidden = teachers.classifier_forward(classifier_setup["weights"], classifier_setup["x"])
     assert table.column("id").to_pylist() == list(range(300))
@@ -66,7 +78,9 @@ def test_classifier_round_trip(classifier_setup, postprocess) -> None:
 @pytest.mark.parametrize("postprocess", ["torch", "graph"])
 def test_token_round_trip_with_padding(token_setup, postprocess) -> None:
     # Batches of 7 mixed lengths force padding; cached values must equal each sequence run alone, unpadded.
-    result = _run(token_setup, top_k=5, temperature=1.5, hidden=["embed"], shard_size=16, batch_size=7, postprocess=postprocess)
+    result = _run(
+        token_setup, top_k=5, temperature=1.5, hidden=["embed"], shard_size=16, batch_size=7, postprocess=postprocess
+    )
     table = _read(result.path)
     seqs = token_setup["seqs"]
     assert table.num_rows == sum(len(s) for s in seqs)
@@ -103,8 +117,18 @@ def test_identical_request_is_a_cache_hit(classifier_setup, monkeypatch) -> None
 
 
 def test_cli_prints_cache_path_last_and_reports_hit(classifier_setup) -> None:
-    args = ["cache-teacher", "--teacher", str(classifier_setup["teacher"]), "--data", str(classifier_setup["data"]),
-            "--top-k", "3", "--cache-dir", str(classifier_setup["cache_dir"]), "--quiet"]
+    args = [
+        "cache-teacher",
+        "--teacher",
+        str(classifier_setup["teacher"]),
+        "--data",
+        str(classifier_setup["data"]),
+        "--top-k",
+        "3",
+        "--cache-dir",
+        str(classifier_setup["cache_dir"]),
+        "--quiet",
+    ]
     runner = CliRunner()
     first = runner.invoke(main, args)
     assert first.exit_code == 0, first.output
@@ -119,10 +143,27 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
     x = np.random.default_rng(3).normal(size=(3000, 8)).astype(np.float32)
     teachers.make_classifier(tmp_path / "clf.onnx")
     teachers.write_vectors(tmp_path / "big.parquet", x)
-    base = [sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", str(tmp_path / "clf.onnx"),
-            "--data", str(tmp_path / "big.parquet"), "--top-k", "3", "--shard-size", "10", "--batch-size", "5", "--quiet"]
+    base = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "cache-teacher",
+        "--teacher",
+        str(tmp_path / "clf.onnx"),
+        "--data",
+        str(tmp_path / "big.parquet"),
+        "--top-k",
+        "3",
+        "--shard-size",
+        "10",
+        "--batch-size",
+        "5",
+        "--quiet",
+    ]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(base + ["--cache-dir", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        base + ["--cache-dir", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     journal = None
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -154,9 +195,19 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
 
 # -- bad input: a clear message, a non-zero exit, and no manifest anywhere ----------------------------------
 
+
 def _invoke(setup: dict, *extra: str, teacher=None, data=None, cache_dir=None):
-    args = ["cache-teacher", "--teacher", str(teacher or setup["teacher"]), "--data", str(data or setup["data"]),
-            "--cache-dir", str(cache_dir or setup["cache_dir"]), "--quiet", *extra]
+    args = [
+        "cache-teacher",
+        "--teacher",
+        str(teacher or setup["teacher"]),
+        "--data",
+        str(data or setup["data"]),
+        "--cache-dir",
+        str(cache_dir or setup["cache_dir"]),
+        "--quiet",
+        *extra,
+    ]
     return CliRunner().invoke(main, args)
 
 
@@ -177,7 +228,9 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
     _assert_fails(_invoke(s, "--top-k", "11"), "larger than", "10", cache_root=root)
     _assert_fails(_invoke(s, "--temperature", "0"), "temperature", "must be > 0", cache_root=root)
     _assert_fails(_invoke(s, "--temperature", "-2"), "temperature", cache_root=root)
-    _assert_fails(_invoke(s, "--hidden", "no_such_tensor"), "no_such_tensor", "not in the teacher graph", cache_root=root)
+    _assert_fails(
+        _invoke(s, "--hidden", "no_such_tensor"), "no_such_tensor", "not in the teacher graph", cache_root=root
+    )
 
     teachers.write_vectors(tmp_path / "dup.parquet", s["x"][:10], ids=np.array([0, 1, 2, 3, 3, 5, 6, 7, 8, 9]))
     _assert_fails(_invoke(s, data=tmp_path / "dup.parquet"), "duplicated", "3", cache_root=root)
@@ -195,14 +248,18 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    _assert_fails(_invoke(s, cache_dir=blocker / "sub"), "cannot write the cache directory", cache_root=blocker.parent / "nowhere")
+    _assert_fails(
+        _invoke(s, cache_dir=blocker / "sub"), "cannot write the cache directory", cache_root=blocker.parent / "nowhere"
+    )
 
 
 def test_config_file_with_unknown_key_reports_every_problem(classifier_setup, tmp_path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('top_k = -1\ntemprature = 2.0\nbatch_size = -1\n')
+    cfg.write_text("top_k = -1\ntemprature = 2.0\nbatch_size = -1\n")
     result = _invoke(classifier_setup, "--config", str(cfg))
-    _assert_fails(result, "unknown key 'temprature'", "top_k: -1", "batch_size: -1", cache_root=classifier_setup["cache_dir"])
+    _assert_fails(
+        result, "unknown key 'temprature'", "top_k: -1", "batch_size: -1", cache_root=classifier_setup["cache_dir"]
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the request would succeed")
@@ -223,7 +280,9 @@ def test_sequence_classifier_over_unpadded_token_inputs(tmp_path) -> None:
     weights = teachers.make_sequence_classifier(tmp_path / "seqclf.onnx")
     seqs = teachers.random_sequences(30, 50, seed=4)
     data = teachers.write_sequences(tmp_path / "seqs.parquet", seqs)
-    config = CacheTeacherConfig(teacher=str(tmp_path / "seqclf.onnx"), data=str(data), cache_dir=str(tmp_path / "c"), top_k=3, batch_size=8)
+    config = CacheTeacherConfig(
+        teacher=str(tmp_path / "seqclf.onnx"), data=str(data), cache_dir=str(tmp_path / "c"), top_k=3, batch_size=8
+    )
     result = cache_teacher.run(config, progress=False, log=lambda m: None)
     table = _read(result.path)
     assert table.column("id").to_pylist() == list(range(30)) and set(table.column("position").to_pylist()) == {0}

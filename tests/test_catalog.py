@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages import cache_teacher, train_student
 from stages.cache_format import open_cache
+from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
 
 
@@ -26,20 +26,44 @@ def world(classifier_setup: dict, tmp_path: Path) -> dict:
     """Two teachers' caches of one dataset (k = V in 3 shards; k = 3 < V), a KD run and a from-scratch run."""
     s = classifier_setup
     root, runs = s["cache_dir"], tmp_path / "runs"
-    full = cache_teacher.run(CacheTeacherConfig(teacher=str(s["teacher"]), data=str(s["data"]), top_k=10, temperature=2.0,
-                                                cache_dir=str(root), shard_size=128), progress=False, log=lambda m: None)
+    full = cache_teacher.run(
+        CacheTeacherConfig(
+            teacher=str(s["teacher"]),
+            data=str(s["data"]),
+            top_k=10,
+            temperature=2.0,
+            cache_dir=str(root),
+            shard_size=128,
+        ),
+        progress=False,
+        log=lambda m: None,
+    )
     other = teachers.make_classifier(tmp_path / "clf2.onnx", seed=1)
-    top3 = cache_teacher.run(CacheTeacherConfig(teacher=str(tmp_path / "clf2.onnx"), data=str(s["data"]), top_k=3,
-                                                cache_dir=str(root)), progress=False, log=lambda m: None)
-    common = dict(data=str(s["data"]), epochs=1, export_onnx=False, cache_dir=str(root), eval_data=str(s["data"]), student="mlp")
-    train_student.run(TrainStudentConfig(cache=[full.path.name[:6]], alpha=0.5, eval_cache=full.path.name, out=str(runs / "exp" / "kd"), **common),
-                      progress=False, log=lambda m: None)
-    train_student.run(TrainStudentConfig(alpha=0.0, out=str(runs / "exp" / "scratch"), **common), progress=False, log=lambda m: None)
+    top3 = cache_teacher.run(
+        CacheTeacherConfig(teacher=str(tmp_path / "clf2.onnx"), data=str(s["data"]), top_k=3, cache_dir=str(root)),
+        progress=False,
+        log=lambda m: None,
+    )
+    common = dict(
+        data=str(s["data"]), epochs=1, export_onnx=False, cache_dir=str(root), eval_data=str(s["data"]), student="mlp"
+    )
+    train_student.run(
+        TrainStudentConfig(
+            cache=[full.path.name[:6]], alpha=0.5, eval_cache=full.path.name, out=str(runs / "exp" / "kd"), **common
+        ),
+        progress=False,
+        log=lambda m: None,
+    )
+    train_student.run(
+        TrainStudentConfig(alpha=0.0, out=str(runs / "exp" / "scratch"), **common), progress=False, log=lambda m: None
+    )
     return {**s, "root": root, "runs": runs, "full": full, "top3": top3, "other_weights": other}
 
 
 def cli(world: dict, *args: str, **kwargs):
-    result = CliRunner().invoke(main, [*args, "--cache-dir", str(world["root"]), "--runs-dir", str(world["runs"])], **kwargs)
+    result = CliRunner().invoke(
+        main, [*args, "--cache-dir", str(world["root"]), "--runs-dir", str(world["runs"])], **kwargs
+    )
     return result
 
 
@@ -82,7 +106,11 @@ def test_caches_show_statistics_agree_with_the_shards_and_the_probe(world):
             assert lower - 1e-6 <= entropy <= upper + 1e-6 and lower < upper
         assert shown["fidelity"]["positions"] == (128 if k == 10 else 300)  # the probe: the first shard's positions
     text = cli(world, "caches", "show", world["top3"].path.name).output
-    assert "fidelity probe" in text and "KL(teacher || reconstructed from cache)" in text and "entropy >= (bound, nats)" in text
+    assert (
+        "fidelity probe" in text
+        and "KL(teacher || reconstructed from cache)" in text
+        and "entropy >= (bound, nats)" in text
+    )
 
 
 def test_unknown_and_ambiguous_keys_are_clear_errors(world):
@@ -111,7 +139,9 @@ def test_catalog_reflects_a_cache_corrupted_or_removed_on_disk(world):
     shutil.rmtree(world["full"].path)
     listed = cli(world, "caches", "list").output
     assert key not in listed and world["top3"].path.name in listed
-    runs = json.loads(cli(world, "query", "SELECT run, cache_keys FROM runs WHERE run = 'exp/kd'", "--format", "json").output)
+    runs = json.loads(
+        cli(world, "query", "SELECT run, cache_keys FROM runs WHERE run = 'exp/kd'", "--format", "json").output
+    )
     assert runs == [{"run": "exp/kd", "cache_keys": [key]}]  # the run still records it, the catalog no longer has it
     assert cli(world, "caches", "show", key).exit_code == 1
 
@@ -206,20 +236,40 @@ def test_sampled_cache_in_list_show_and_positions(token_setup, tmp_path) -> None
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from stages.config import CacheTeacherConfig
     from stages import cache_teacher
+    from stages.config import CacheTeacherConfig
 
-    config = CacheTeacherConfig(teacher=str(token_setup["teacher"]), data=str(token_setup["data"]), cache_dir=str(tmp_path / "c"),
-                                target_format="sampled", samples=8)
+    config = CacheTeacherConfig(
+        teacher=str(token_setup["teacher"]),
+        data=str(token_setup["data"]),
+        cache_dir=str(tmp_path / "c"),
+        target_format="sampled",
+        samples=8,
+    )
     key = cache_teacher.run(config, progress=False, log=lambda m: None).path.name
     runner = CliRunner()
-    listed = runner.invoke(main, ["caches", "list", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")])
+    listed = runner.invoke(
+        main, ["caches", "list", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")]
+    )
     assert listed.exit_code == 0 and "sampled" in listed.output
-    shown = runner.invoke(main, ["caches", "show", key[:6], "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")])
+    shown = runner.invoke(
+        main, ["caches", "show", key[:6], "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")]
+    )
     assert shown.exit_code == 0, shown.output
     assert "8 draws" in shown.output and "distinct ids drawn" in shown.output
     total = sum(len(s) for s in token_setup["seqs"])
-    queried = runner.invoke(main, ["query", "SELECT count(*), sum(list_sum(sample_counts)), count(topk_ids) FROM positions",
-                                   "--format", "csv", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")])
+    queried = runner.invoke(
+        main,
+        [
+            "query",
+            "SELECT count(*), sum(list_sum(sample_counts)), count(topk_ids) FROM positions",
+            "--format",
+            "csv",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert queried.exit_code == 0, queried.output
     assert queried.stdout.strip().splitlines()[-1].split(",") == [str(total), str(total * 8), "0"]

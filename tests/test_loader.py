@@ -10,17 +10,19 @@ import pyarrow as pa
 import pytest
 import torch
 
-from stages.config import CacheTeacherConfig
-from stages.errors import CacheError
 from stages import cache_format as fmt
 from stages import cache_teacher
+from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset
+from stages.errors import CacheError
 from stages.loader import IGNORE, StreamingLoader
 from tests import teachers
 
 
 def _cache(setup: dict, **overrides) -> fmt.Cache:
-    config = CacheTeacherConfig(teacher=str(setup["teacher"]), data=str(setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides)
+    config = CacheTeacherConfig(
+        teacher=str(setup["teacher"]), data=str(setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides
+    )
     return fmt.open_cache(cache_teacher.run(config, progress=False, log=lambda m: None).path)
 
 
@@ -75,8 +77,12 @@ def test_count_batches_is_exact(classifier_setup, monkeypatch, workers) -> None:
     DataLoader workers, without forking (``test_every_row_exactly_once_and_paired`` forks real ones).
     """
     cache = _cache(classifier_setup, top_k=3, shard_size=70)
-    for kw in ({"buffer_examples": 100}, {"buffer_examples": 45, "batch_size": 16}, {"shuffle": False, "batch_size": 7},
-               {"rank": 1, "world_size": 3, "buffer_examples": 30, "batch_size": 8}):
+    for kw in (
+        {"buffer_examples": 100},
+        {"buffer_examples": 45, "batch_size": 16},
+        {"shuffle": False, "batch_size": 7},
+        {"rank": 1, "world_size": 3, "buffer_examples": 30, "batch_size": 8},
+    ):
         loader = _loader(classifier_setup, [cache], **kw)
         for epoch in (0, 3):
             loader.set_epoch(epoch)
@@ -105,7 +111,14 @@ def test_token_batches_place_targets_at_their_positions(token_setup) -> None:
     cache = _cache(token_setup, top_k=4, shard_size=8)
     expected = _rows_by_id(cache)
     seqs = token_setup["seqs"]
-    loader = StreamingLoader(Dataset(token_setup["data"]), [cache], input_columns=["input_ids"], batch_size=6, token_level=True, buffer_examples=10)
+    loader = StreamingLoader(
+        Dataset(token_setup["data"]),
+        [cache],
+        input_columns=["input_ids"],
+        batch_size=6,
+        token_level=True,
+        buffer_examples=10,
+    )
     count = 0
     for batch in loader:
         for j, i in enumerate(batch.ids):
@@ -122,7 +135,9 @@ def test_token_batches_place_targets_at_their_positions(token_setup) -> None:
 
 def test_cache_of_other_rows_is_refused(classifier_setup, tmp_path) -> None:
     cache = _cache(classifier_setup, top_k=3)
-    shuffled = teachers.write_vectors(tmp_path / "other.parquet", classifier_setup["x"], ids=np.arange(300)[::-1].copy())
+    shuffled = teachers.write_vectors(
+        tmp_path / "other.parquet", classifier_setup["x"], ids=np.arange(300)[::-1].copy()
+    )
     loader = StreamingLoader(Dataset(shuffled), [cache], input_columns=["x"], batch_size=32, token_level=False)
     with pytest.raises(CacheError, match="does not pair"):
         next(iter(loader))

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.errors import ConfigError
 from stages.ensemble_loss import EnsembleKDLoss, mixture
+from stages.errors import ConfigError
 from stages.losses import (
     HiddenStateLoss,
     KDLoss,

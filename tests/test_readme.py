@@ -23,7 +23,11 @@ def test_readme_has_main_job_and_test_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     script = (ROOT / ".ci" / "run").read_text()
     extracted = subprocess.run(
-        ["bash", "-c", "grep -m1 -A1 '^# tests$' README.md | tail -n1"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["bash", "-c", "grep -m1 -A1 '^# tests$' README.md | tail -n1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     assert extracted == _command_after("# tests")
     assert "grep -m1 -A1 '^# tests$' README.md" in script

@@ -11,27 +11,43 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages import cache_teacher, train_student
+from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
 
 QUIET = {"progress": False, "log": lambda m: None}
 
 
 def _cache(setup: dict, data: Path, top_k: int = 3, temperature: float = 2.0) -> Path:
-    config = CacheTeacherConfig(teacher=str(setup["teacher"]), data=str(data), top_k=top_k, temperature=temperature, cache_dir=str(setup["cache_dir"]))
+    config = CacheTeacherConfig(
+        teacher=str(setup["teacher"]),
+        data=str(data),
+        top_k=top_k,
+        temperature=temperature,
+        cache_dir=str(setup["cache_dir"]),
+    )
     return cache_teacher.run(config, **QUIET).path
 
 
 def _train(setup: dict, data: Path, out: Path, cache: Path | None, alpha: float, eval_data: bool = True) -> None:
-    config = TrainStudentConfig(data=str(data), cache=[cache.name] if cache else [], alpha=alpha, out=str(out), epochs=2, export_onnx=False,
-                                cache_dir=str(setup["cache_dir"]), eval_data=str(data) if eval_data else "",
-                                eval_cache=cache.name if cache and eval_data else "")
+    config = TrainStudentConfig(
+        data=str(data),
+        cache=[cache.name] if cache else [],
+        alpha=alpha,
+        out=str(out),
+        epochs=2,
+        export_onnx=False,
+        cache_dir=str(setup["cache_dir"]),
+        eval_data=str(data) if eval_data else "",
+        eval_cache=cache.name if cache and eval_data else "",
+    )
     train_student.run(config, **QUIET)
 
 
 def _report(setup: dict, runs: Path, out: Path, *names: str):
-    return CliRunner().invoke(main, ["report", *names, "--out", str(out), "--cache-dir", str(setup["cache_dir"]), "--runs-dir", str(runs)])
+    return CliRunner().invoke(
+        main, ["report", *names, "--out", str(out), "--cache-dir", str(setup["cache_dir"]), "--runs-dir", str(runs)]
+    )
 
 
 def _decodes(path: Path) -> tuple[int, int]:
@@ -62,7 +78,9 @@ def test_report_plots_and_page(classifier_setup, tmp_path):
     p /= p.sum(1, keepdims=True)
     confidence, correct = p.max(1), (p.argmax(1) == np.arange(300) % 10).astype(float)
     bins = np.minimum((confidence * 10).astype(int), 9)
-    ece = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins))
+    ece = sum(
+        abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean() for b in np.unique(bins)
+    )
     found = re.search(r"accuracy ([0-9.]+), ECE ([0-9.]+) over (\d+) labelled examples", page)
     assert found, page
     assert float(found[1]) == pytest.approx(correct.mean(), abs=1e-4)
@@ -70,7 +88,9 @@ def test_report_plots_and_page(classifier_setup, tmp_path):
     assert int(found[3]) == 300
     tail = re.search(r"tail mass.*: mean ([0-9.e-]+), max ([0-9.e-]+) over 300 positions", page, re.IGNORECASE)
     top3 = np.sort(p, 1)[:, -3:].sum(1)
-    assert float(tail[1]) == pytest.approx((1 - top3).mean(), rel=1e-3) and float(tail[2]) == pytest.approx((1 - top3).max(), rel=1e-3)
+    assert float(tail[1]) == pytest.approx((1 - top3).mean(), rel=1e-3) and float(tail[2]) == pytest.approx(
+        (1 - top3).max(), rel=1e-3
+    )
 
 
 def test_report_without_labels_or_caches_explains_what_it_skipped(classifier_setup, tmp_path):

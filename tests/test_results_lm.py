@@ -53,16 +53,46 @@ def test_lm_benchmark_topk_kd_beats_ce_small(tmp_path) -> None:
 
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
-    args = [sys.executable, "benchmarks/results_lm.py", "--teacher", str(tmp_path / "teacher.onnx"), "--data-dir", str(data),
-            "--out", str(tmp_path / "out"), "--student", "causal-lm:layers=1,d_model=32,heads=2", "--epochs", "3",
-            "--batch-size", "16", "--lrs", "3e-3", "--alphas", "0.5,1.0", "--seeds", "0", "--jobs", "2",
-            "--samples-grid", "2,4,8,16,32,64", "--markdown", str(markdown)]
+    args = [
+        sys.executable,
+        "benchmarks/results_lm.py",
+        "--teacher",
+        str(tmp_path / "teacher.onnx"),
+        "--data-dir",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+        "--student",
+        "causal-lm:layers=1,d_model=32,heads=2",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lrs",
+        "3e-3",
+        "--alphas",
+        "0.5,1.0",
+        "--seeds",
+        "0",
+        "--jobs",
+        "2",
+        "--samples-grid",
+        "2,4,8,16,32,64",
+        "--markdown",
+        str(markdown),
+    ]
     done = subprocess.run(args, check=False, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
 
     result = json.loads((tmp_path / "out" / "results_lm.json").read_text())
     rows = result["rows"]
-    assert set(rows) == {"CE only", "top-k k=8", "top-k k=32", "top-k k=64", f"sampled N={result['caches']['matched']['8']}"}
+    assert set(rows) == {
+        "CE only",
+        "top-k k=8",
+        "top-k k=32",
+        "top-k k=64",
+        f"sampled N={result['caches']['matched']['8']}",
+    }
     ce, kd = rows["CE only"]["test_perplexity"][0], rows["top-k k=64"]["test_perplexity"][0]
     assert kd < ce, (kd, ce)
     assert rows["CE only"]["alpha"] == 0 and rows["top-k k=64"]["alpha"] > 0

