@@ -231,7 +231,7 @@ class Cache:
     def _fault(self, shard: dict, problem: str) -> CacheError:
         return CacheError(
             f"cache {self.path}: shard {shard['file']} {problem}. "
-            f"Remove the cache (pipeline caches rm {self.key}) and run cache-teacher again."
+            f"Remove the cache (pipeline caches rm {self.path.name}) and run cache-teacher again."
         )
 
     @contextmanager
@@ -362,7 +362,8 @@ def open_cache(path: str | Path) -> Cache:
             f"cache {path} has format_version {version!r}; this pipeline reads version {FORMAT_VERSION}. "
             "Rebuild the cache with this version of cache-teacher."
         )
-    fix = f"Remove the cache (pipeline caches rm {manifest.get('key', path.name)}) and run cache-teacher again."
+    rm = f"pipeline caches rm {path.name}"
+    fix = f"Remove the cache ({rm}) and run cache-teacher again."
     for field in ("key", "teacher", "dataset", "top_k", "temperature", "shards", "num_positions", "request"):
         if field not in manifest:
             raise CacheError(f"cache {path}: {MANIFEST} lacks the field '{field}'. {fix}")
@@ -370,7 +371,8 @@ def open_cache(path: str | Path) -> Cache:
     if recorded is not None and recorded != manifest_checksum(manifest):
         raise CacheError(
             f"cache {path}: {MANIFEST} was changed after cache-teacher wrote it (it no longer matches its "
-            f"{MANIFEST_CHECKSUM}), so its targets cannot be trusted. Restore the original, or: {fix}"
+            f"{MANIFEST_CHECKSUM}), so its targets cannot be trusted. Restore the original {MANIFEST}, "
+            f"or remove the cache ({rm}) and run cache-teacher again."
         )
     request_key = cache_key(manifest["request"]) if isinstance(manifest["request"], dict) else None
     problem = manifest_problem(manifest, request_key)

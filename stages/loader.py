@@ -236,7 +236,7 @@ class StreamingLoader(IterableDataset):
             raise CacheError(
                 f"cache {cache.path}: shard {shard['file']} holds class id {arrays['ids'].max()}, but the manifest "
                 f"says the teacher has {cache.num_classes} classes. Remove the cache (pipeline caches rm "
-                f"{cache.key}) and run cache-teacher again."
+                f"{cache.path.name}) and run cache-teacher again."
             )
         arrays["id"] = table.column("id").to_numpy()
         for h in hidden:
