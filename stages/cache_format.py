@@ -277,10 +277,9 @@ class Cache:
                 f"has the columns {schema.names}, but the manifest ({self.target_format} targets, hidden states "
                 f"{list(self.hidden)}) implies {expected.names} with the types of shard_schema",
             )
-        if str(id_type) != self.manifest["dataset"]["id_type"]:
-            raise self._fault(
-                shard, f"has ids of type {id_type}, the manifest says {self.manifest['dataset']['id_type']}"
-            )
+        recorded = self.manifest["dataset"].get("id_type")
+        if str(id_type) != recorded:
+            raise self._fault(shard, f"has ids of type {id_type}, the manifest says {recorded}")
         rows = meta.num_rows
         if rows != shard["rows"]:
             raise self._fault(shard, f"has {rows} rows, the manifest says {shard['rows']}")

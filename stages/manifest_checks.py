@@ -42,6 +42,8 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
         if field in request and request[field] != value:
             return f"says {field} {value!r}, but the request the cache was built for (its key) says {request[field]!r}"
     num_classes = teacher.get("num_classes")
+    if target_format == "topk" and not (_is_count(m["top_k"]) and m["top_k"] > 0):
+        return f"has a malformed top_k {m['top_k']!r}"
     if target_format == "topk" and isinstance(num_classes, int) and m["top_k"] > num_classes:
         return f"says top_k {m['top_k']} of only {num_classes} classes"
     if not isinstance(shards, list) or not shards:
