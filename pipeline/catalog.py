@@ -371,9 +371,19 @@ class Catalog:
         try:
             self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
         except duckdb.Error as exc:
-            raise CacheError(
+            raise self._shard_fault(exc) or CacheError(
                 f"cannot read the caches' shards: {exc}. Check them with `pipeline caches verify`."
             ) from exc
+
+    def _shard_fault(self, exc: duckdb.Error) -> CacheError | None:
+        """The cache behind a DuckDB error that names one of its shard files, with its own verdict and fix."""
+        for entry in self.caches:
+            if entry.status == "complete" and any(str(p) in str(exc) for p in entry.shard_files()):
+                try:
+                    fmt.open_cache(entry.path).verify(checksums=False)  # footers only: cheap
+                except CacheError as fault:
+                    return fault
+        return None
 
     @staticmethod
     def positions_sql(entry: CacheEntry) -> str:
@@ -388,7 +398,7 @@ class Catalog:
         try:
             result = self.con.execute(query, params or [])
         except duckdb.Error as exc:
-            raise PipelineError(str(exc)) from exc
+            raise self._shard_fault(exc) or PipelineError(str(exc)) from exc
         if result.description is None:
             return [], []
         return [d[0] for d in result.description], result.fetchall()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import fcntl
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,23 +158,53 @@ def _fill(
     for s in range(len(done), num_shards):
         start, stop = s * shard_size, min((s + 1) * shard_size, dataset.num_rows)
         table, probe = runner.run(start, stop, bar)
-        entry = fmt.write_shard(table, cache_dir / fmt.SHARD_PATTERN.format(s))
-        entry.update(shard=s, examples=[start, stop], provider=teacher.provider)
-        if probe is not None:
-            entry["probe"] = probe
-        fmt.append_journal(cache_dir, entry)
+        shard_path = cache_dir / fmt.SHARD_PATTERN.format(s)
+        with _writing(shard_path, len(done)):
+            entry = fmt.write_shard(table, shard_path)
+            # The shapes and vocabulary the runner learnt: a resume that computes no shard still knows them.
+            entry.update(
+                shard=s,
+                examples=[start, stop],
+                provider=teacher.provider,
+                hidden=runner.hidden_shapes,
+                num_classes=runner.num_classes,
+            )
+            if probe is not None:
+                entry["probe"] = probe
+            fmt.append_journal(cache_dir, entry)
         done.append(entry)
         positions_run += table.num_rows
     bar.close()
     elapsed = time.perf_counter() - started
 
     manifest = _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run)
-    fmt.write_json_atomic(manifest, cache_dir / fmt.MANIFEST)
+    with _writing(cache_dir / fmt.MANIFEST, len(done)):
+        manifest = fmt.write_manifest(manifest, cache_dir)
     log(
         f"cached {manifest['num_positions']} positions in {len(done)} shard(s), "
         f"{manifest['bytes_per_position']:.1f} bytes/position, {elapsed:.1f}s"
     )
     return CacheResult(cache_dir, False, manifest)
+
+
+@contextmanager
+def _writing(path: Path, kept: int) -> Iterator[None]:
+    """A failed write (above all a full disk) becomes a CacheError that says the complete shards are kept.
+
+    The writers leave no temp file and the manifest is not written, so the same command resumes after the
+    ``kept`` shards already journalled.
+    """
+    try:
+        yield
+    except OSError as exc:
+        where = f"{kept} complete shard(s) kept in {path.parent}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(
+                f"disk full while writing {path.name}: {where}; free space and re-run the same command to resume"
+            ) from exc
+        raise CacheError(
+            f"cannot write {path}: {exc.strerror or exc}; {where}; fix that and re-run the same command to resume"
+        ) from exc
 
 
 def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run) -> dict:
@@ -181,6 +214,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
     num_positions = sum(e["rows"] for e in done)
     total_bytes = sum(e["bytes"] for e in done)
     probe = next((e["probe"] for e in done if "probe" in e), None)
+    learnt = done[-1] if "hidden" in done[-1] else {"hidden": runner.hidden_shapes, "num_classes": runner.num_classes}
     shards = [{k: e[k] for k in ("file", "rows", "sha256", "bytes", "examples")} for e in done]
     return {
         "format_version": fmt.FORMAT_VERSION,
@@ -194,7 +228,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "inputs": [{"name": i.name, "dtype": np.dtype(i.dtype).name, "shape": list(i.shape)} for i in info.inputs],
             "logits_output": info.logits_output,
             "kind": info.kind,
-            "num_classes": runner.num_classes,
+            "num_classes": learnt["num_classes"],
         },
         "dataset": {
             "path": str(Path(config.data).resolve()),
@@ -206,7 +240,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
         "samples": config.samples if config.target_format == "sampled" else 0,
         "sample_seed": config.sample_seed if config.target_format == "sampled" else None,
         "temperature": float(config.temperature),
-        "hidden": runner.hidden_shapes,
+        "hidden": learnt["hidden"],
         "providers": sorted({e["provider"] for e in done}),
         "num_examples": dataset.num_rows,
         "num_positions": num_positions,

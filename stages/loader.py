@@ -215,11 +215,9 @@ class StreamingLoader(IterableDataset):
 
     @staticmethod
     def _decode_shard(cache: Cache, shard: dict, hidden: list[str], top_k: int) -> dict:
-        import pyarrow.parquet as pq
-
         sampled = cache.target_format == "sampled"
         targets = ["sample_ids", "sample_counts"] if sampled else ["topk_ids", "topk_logp", "logz"]
-        table = pq.read_table(cache.shard_path(shard), columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
+        table = cache.read_shard(shard, columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
         if sampled:  # ragged distinct ids -> [rows, D] padded with weight 0
             ids, counts = (
                 _padded(table.column("sample_ids"), cache.samples),
@@ -233,6 +231,13 @@ class StreamingLoader(IterableDataset):
                 "logp": np.ascontiguousarray(_flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
                 "logz": table.column("logz").to_numpy(),
             }
+        if cache.num_classes and arrays["ids"].size and arrays["ids"].max() >= cache.num_classes:
+            # Only a manifest without a checksum can get here: its num_classes is not the teacher's.
+            raise CacheError(
+                f"cache {cache.path}: shard {shard['file']} holds class id {arrays['ids'].max()}, but the manifest "
+                f"says the teacher has {cache.num_classes} classes. Remove the cache (pipeline caches rm "
+                f"{cache.path.name}) and run cache-teacher again."
+            )
         arrays["id"] = table.column("id").to_numpy()
         for h in hidden:
             arrays[HIDDEN_PREFIX + h] = _flat(table.column(HIDDEN_PREFIX + h)).reshape(table.num_rows, -1)

@@ -120,6 +120,8 @@ class Trainer:
     def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
         cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
         cache.verify(checksums=True)
+        if not cache.checksummed:
+            self.log(f"note: cache {cache.key} predates manifest checksums; checked against its key and shards only")
         want, have = cache.manifest["dataset"]["fingerprint"], data.fingerprint()
         if have != want:
             raise CacheError(
