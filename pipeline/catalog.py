@@ -38,7 +38,7 @@ from stages.errors import CacheError, ConfigError, PipelineError
 RUN_CONFIG = "config.json"  # a directory holding it is a run
 RUN_METRICS = "metrics.json"  # written last by train-student: a run without it did not finish
 RUN_EPOCHS = "metrics.csv"
-_KEY_NAME = re.compile(r"^[0-9a-f]{%d}$" % fmt.KEY_LENGTH)
+_KEY_NAME = re.compile(rf"^[0-9a-f]{{{fmt.KEY_LENGTH}}}$")
 # Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.
 _TOPK_COLUMNS = "topk_ids, topk_logp, logz, tail_mass"
 _SAMPLED_COLUMNS = "sample_ids, sample_counts"

@@ -418,7 +418,7 @@ class Trainer:
         ]
         resolved = to_dict(c) | {
             "temperature": self.temperature,
-            "layer_map": ",".join(f"{l}={n}" for l, n in self.hidden_map),
+            "layer_map": ",".join(f"{layer}={name}" for layer, name in self.hidden_map),
         }
         fmt.write_json_atomic(
             {"config": resolved, "caches": caches, "student_parameters": count_parameters(self.model)},
