@@ -4,7 +4,9 @@ A cache is a directory named by its key::
 
     <root>/<key>/
         shard-00000.parquet ...   one row per cached position, in dataset order
+        request.json              what is being cached and the shard size, written first (resume reads it)
         progress.jsonl            one line per finished shard (the resume journal; kept for the record)
+        .lock                     flock held by the cache-teacher process writing the directory
         manifest.json             written LAST, atomically, only when every shard is complete
 
 No manifest means not complete, whatever else is there. The manifest carries ``manifest_sha256``, the sha256
@@ -31,6 +33,8 @@ float16 written with BYTE_STREAM_SPLIT).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -51,6 +55,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 JOURNAL = "progress.jsonl"
+REQUEST = "request.json"
+LOCK = ".lock"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 HIDDEN_PREFIX = "hidden."
 KEY_LENGTH = 16  # hex characters of sha256: 64 bits, ample for one machine's caches
@@ -144,6 +150,24 @@ def write_manifest(manifest: dict, cache_dir: Path) -> dict:
     sealed = manifest | {MANIFEST_CHECKSUM: manifest_checksum(manifest)}
     write_json_atomic(sealed, cache_dir / MANIFEST)
     return sealed
+
+
+def try_lock(cache_dir: Path, create: bool = True):
+    """An exclusive non-blocking flock on the cache's lock file, held until the returned handle closes (use it
+    as a context manager); None when another process (a running cache-teacher) holds it.
+
+    ``create=False`` (a dry run) leaves a directory without a lock file untouched: nobody can be holding it.
+    Raises OSError when the lock file cannot be created.
+    """
+    if not create and not (cache_dir / LOCK).exists():
+        return contextlib.nullcontext()
+    handle = open(cache_dir / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def append_journal(cache_dir: Path, entry: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import errno
-import fcntl
 import json
 import time
 from collections.abc import Iterator
@@ -32,8 +31,6 @@ from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
 _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
-REQUEST = "request.json"
-_LOCK = ".lock"
 
 
 @dataclass
@@ -93,15 +90,13 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(cache_dir / _LOCK, "w")
+        lock = fmt.try_lock(cache_dir)
     except OSError as exc:
         raise CacheError(
             f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir."
         ) from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish") from exc
+    if lock is None:
+        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
     with lock:
         return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
 
@@ -112,7 +107,7 @@ def _fill(
     info = inspected[0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
-    request_path = cache_dir / REQUEST
+    request_path = cache_dir / fmt.REQUEST
     if request_path.is_file():
         shard_size = json.loads(request_path.read_text())["shard_size"]
     else:
@@ -125,23 +120,14 @@ def _fill(
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")
     (cache_dir / fmt.JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in done))  # drop a torn tail
 
-    use_graph = config.target_format == "topk" and (
-        config.postprocess == "graph" or (config.postprocess == "auto" and config.device == "cuda")
-    )
-    teacher = Teacher(
-        config.teacher,
-        device=config.device,
-        threads=config.threads,
-        hidden=sorted(config.hidden),
-        logits_output=config.logits_output or None,
-        topk_in_graph=(config.top_k, float(config.temperature)) if use_graph else None,
-        inspected=inspected,
-    )
-    if teacher.provider != "CUDAExecutionProvider" and config.postprocess == "auto" and use_graph:
-        use_graph = False
+    teacher = _load_teacher(config, inspected, topk_in_graph=config.postprocess == "graph")
+    postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
+    if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
+        teacher = None  # release the first session's device memory before the second loads
+        teacher = _load_teacher(config, inspected, topk_in_graph=True)
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
-        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {'graph' if use_graph else 'torch'}")
+        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")
     )
 
     num_shards = max(1, -(-dataset.num_rows // shard_size))
@@ -168,6 +154,7 @@ def _fill(
                 provider=teacher.provider,
                 hidden=runner.hidden_shapes,
                 num_classes=runner.num_classes,
+                postprocess=postprocess,
             )
             if probe is not None:
                 entry["probe"] = probe
@@ -207,6 +194,31 @@ def _writing(path: Path, kept: int) -> Iterator[None]:
         ) from exc
 
 
+def choose_postprocess(postprocess: str, target_format: str, provider: str) -> str:
+    """Where top-k runs, decided once the session has loaded and says which provider really runs.
+
+    ``auto`` picks "graph" only on the CUDA provider, where keeping the full logits on the device pays; on CPU
+    "torch" is faster (benchmarks/cache_throughput.py). Sampled targets need the full logits: always "torch".
+    """
+    if target_format == "sampled":
+        return "torch"
+    if postprocess == "auto":
+        return "graph" if provider == "CUDAExecutionProvider" else "torch"
+    return postprocess
+
+
+def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: bool) -> Teacher:
+    return Teacher(
+        config.teacher,
+        device=config.device,
+        threads=config.threads,
+        hidden=sorted(config.hidden),
+        logits_output=config.logits_output or None,
+        topk_in_graph=(config.top_k, float(config.temperature)) if topk_in_graph else None,
+        inspected=inspected,
+    )
+
+
 def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run) -> dict:
     import onnxruntime
 
@@ -242,6 +254,8 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
         "temperature": float(config.temperature),
         "hidden": learnt["hidden"],
         "providers": sorted({e["provider"] for e in done}),
+        # Where top-k ran, per session like providers (a journal written before this field lacks it).
+        "postprocess": sorted({e["postprocess"] for e in done if "postprocess" in e}),
         "num_examples": dataset.num_rows,
         "num_positions": num_positions,
         "bytes": total_bytes,
