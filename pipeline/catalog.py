@@ -5,7 +5,9 @@ Where the truth lives: in the files the two stages already write, and nowhere el
 Every command builds the catalog afresh from them in an in-memory DuckDB connection and throws it away; no
 catalog database is ever stored, so nothing can go stale: delete or corrupt a cache and the next command sees
 it. Building is cheap: it reads small JSON/CSV files and directory listings; Parquet shards are read only when
-a query touches ``positions`` (or ``caches show`` computes its statistics).
+a query touches ``positions`` (or ``caches show`` computes its statistics). Either root may be an object-store
+URI (s3://bucket/prefix): DuckDB then scans the shards as Arrow datasets read through pyarrow's filesystem, so
+it needs no httpfs extension (no download).
 
 Views (SQL names; the README, "Catalog, queries and reports", lists every column):
 
@@ -21,19 +23,22 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from stages import cache_format as fmt
+from stages import storage
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
+from stages.storage import ObjectPath
 
 RUN_CONFIG = "config.json"  # a directory holding it is a run
 RUN_METRICS = "metrics.json"  # written last by train-student: a run without it did not finish
@@ -124,13 +129,13 @@ class CacheEntry:
     """One directory under the cache root. ``manifest`` is None unless the cache is complete and readable."""
 
     key: str
-    path: Path
+    path: Path | ObjectPath
     status: str  # complete | incomplete (no manifest) | missing shards | unreadable (bad manifest)
     manifest: dict | None
     bytes_on_disk: int
     problem: str = ""
 
-    def shard_files(self) -> list[Path]:
+    def shard_files(self) -> list[Path | ObjectPath]:
         return [self.path / s["file"] for s in self.manifest["shards"]] if self.manifest else []
 
 
@@ -139,7 +144,7 @@ class RunEntry:
     """One run directory. ``metrics`` is None while the run has not finished (no metrics.json)."""
 
     name: str
-    path: Path
+    path: Path | ObjectPath
     config: dict
     metrics: dict | None
     cache_keys: list[str]
@@ -155,15 +160,15 @@ class RunEntry:
         return self.metrics
 
 
-def _iso_mtime(path: Path) -> str:
+def _iso_mtime(path: Path | ObjectPath) -> str:
     return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
 
 
-def _dir_bytes(path: Path) -> int:
+def _dir_bytes(path: Path | ObjectPath) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def read_cache_entry(path: Path) -> CacheEntry:
+def read_cache_entry(path: Path | ObjectPath) -> CacheEntry:
     """One cache directory as it is on disk now: its status, and its manifest when complete and readable."""
     status, manifest, problem = "incomplete", None, ""
     if (path / fmt.MANIFEST).is_file():
@@ -176,7 +181,7 @@ def read_cache_entry(path: Path) -> CacheEntry:
     return CacheEntry(path.name, path, status, manifest, _dir_bytes(path), problem)
 
 
-def scan_caches(root: Path) -> list[CacheEntry]:
+def scan_caches(root: Path | ObjectPath) -> list[CacheEntry]:
     """Every directory directly under ``root``, oldest first, each with its status."""
     if not root.is_dir():
         return []
@@ -195,11 +200,11 @@ def _key_of(ref: str, keys: set[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _read_epochs(path: Path) -> list[dict]:
+def _read_epochs(path: Path | ObjectPath) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    with open(path, newline="") as fh:
+    with io.StringIO(path.read_text(), newline="") as fh:
         for row in csv.DictReader(fh):
             parsed: dict = {}
             for k, v in row.items():
@@ -213,17 +218,16 @@ def _read_epochs(path: Path) -> list[dict]:
     return rows
 
 
-def scan_runs(root: Path, cache_keys: set[str]) -> list[RunEntry]:
+def scan_runs(root: Path | ObjectPath, cache_keys: set[str]) -> list[RunEntry]:
     """Every directory under ``root`` holding config.json (not looking inside a run for more runs)."""
     runs: list[RunEntry] = []
     if not root.is_dir():
         return runs
-    for dirpath, dirnames, filenames in os.walk(root):
+    for path, dirnames, filenames in storage.walk(root):
         dirnames.sort()
         if RUN_CONFIG not in filenames:
             continue
         dirnames.clear()  # a run's subdirectories are part of it, not runs of their own
-        path = Path(dirpath)
         try:
             saved = json.loads((path / RUN_CONFIG).read_text())
             metrics = json.loads((path / RUN_METRICS).read_text()) if (path / RUN_METRICS).is_file() else None
@@ -324,8 +328,8 @@ class Catalog:
     def __init__(
         self, cache_root: str | Path | None = None, runs_root: str | Path | None = None, positions: bool = False
     ):
-        self.cache_root = Path(cache_root or default_cache_root())
-        self.runs_root = Path(runs_root or default_runs_root())
+        self.cache_root = storage.location(cache_root or default_cache_root())
+        self.runs_root = storage.location(runs_root or default_runs_root())
         self.caches = scan_caches(self.cache_root)
         keys = {c.key for c in self.caches}
         self.runs = scan_runs(self.runs_root, keys)
@@ -382,13 +386,28 @@ class Catalog:
                     return fault
         return None
 
-    @staticmethod
-    def positions_sql(entry: CacheEntry) -> str:
+    def positions_sql(self, entry: CacheEntry) -> str:
         """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
-        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in entry.shard_files())
         sampled = entry.manifest.get("target_format") == "sampled"
         columns = f"{_NO_TOPK}, {_SAMPLED_COLUMNS}" if sampled else f"{_TOPK_COLUMNS}, {_NO_SAMPLED}"
-        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM read_parquet([{files}])"
+        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM {self._shards_source(entry)}"
+
+    def _shards_source(self, entry: CacheEntry) -> str:
+        """What DuckDB scans for one cache's shards: read_parquet over local files, or, on an object store, an
+        Arrow dataset registered under the cache's key (streamed through pyarrow's filesystem, never downloaded
+        whole)."""
+        files = entry.shard_files()
+        if not isinstance(entry.path, ObjectPath):
+            return "read_parquet([" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "])"
+        name = f"shards_{entry.key}"
+        try:
+            self.con.register(name, pads.dataset([p.path for p in files], filesystem=entry.path.fs, format="parquet"))
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(
+                f"cannot read the shards of cache {entry.key} ({entry.path}): {exc}. "
+                "Check them with `pipeline caches verify`."
+            ) from exc
+        return name
 
     def sql(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """Run SQL over the views: (column names, rows). A DuckDB error comes back as its own message."""
@@ -473,7 +492,7 @@ class Catalog:
 
     def run(self, ref: str) -> RunEntry:
         """A run by path, by name under the runs root (e.g. default/kd), or by a unique trailing part of its name (kd)."""
-        wanted = Path(ref).resolve()
+        wanted = storage.location(ref).resolve()
         for run in self.runs:
             if run.path.resolve() == wanted or run.name == ref:
                 return run
@@ -482,7 +501,7 @@ class Catalog:
             return matches[0]
         if len(matches) > 1:
             raise ConfigError(f"run '{ref}' is ambiguous: {', '.join(r.name for r in matches)}; give the full name")
-        if Path(ref).is_dir():
+        if storage.location(ref).is_dir():
             raise ConfigError(f"{ref} is not a run directory (no {RUN_CONFIG}); train-student --out writes one")
         raise ConfigError(
             f"no run '{ref}' under {self.runs_root}; list runs with `pipeline runs list` (or set --runs-dir)"
@@ -502,7 +521,7 @@ def remove_cache(entry: CacheEntry) -> None:
     if lock is None:
         raise CacheError(f"cache {entry.key} is being written by a running cache-teacher; wait for it or stop it first")
     with lock:
-        shutil.rmtree(entry.path)
+        storage.rmtree(entry.path)
 
 
 def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, str]]:
@@ -523,6 +542,6 @@ def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, s
             continue
         with lock:
             if not dry_run:
-                shutil.rmtree(entry.path)
+                storage.rmtree(entry.path)
         done.append((entry, "would remove" if dry_run else "removed"))
     return done

@@ -13,6 +13,11 @@ No manifest means not complete, whatever else is there. The manifest carries ``m
 of the canonical JSON of every other field, so an edit is caught; it must agree with itself (manifest_checks)
 and, in ``Cache.verify``, with the shards' Parquet metadata (schema, id type, row counts, list sizes).
 
+The root may be an object store (``s3://bucket/prefix``, see stages.storage). There is no rename there, so each
+shard and JSON file is written as one object (a PUT appears whole or not at all), the journal is rewritten whole
+after each shard, and the manifest is still written last; a resume re-checks every journalled shard's sha256.
+Instead of flock, ``.lock`` is a lease object naming its holder (host, pid), deleted when the writer finishes.
+
 Shard row layout (FORMAT_VERSION 1):
 
     id          the dataset row's id (same Arrow type as the dataset)
@@ -39,6 +44,8 @@ import hashlib
 import json
 import math
 import os
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,9 +54,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages import storage
 from stages.dataset import sha256_file
 from stages.errors import CacheError
 from stages.manifest_checks import manifest_problem
+from stages.storage import ObjectPath
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,17 +115,33 @@ def _temp_for(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_shard(table: pa.Table, path: Path) -> dict:
-    """Write one shard atomically (temp name, fsync, rename) and return its journal entry."""
+def _write_parquet(table: pa.Table, where) -> None:
+    pq.write_table(
+        table,
+        where,
+        compression="zstd",
+        use_dictionary=["id"],
+        row_group_size=ROW_GROUP_POSITIONS,
+        write_statistics=["id", "position", "logz", "tail_mass"],
+    )
+
+
+def write_shard(table: pa.Table, path: Path | ObjectPath) -> dict:
+    """Write one shard atomically (temp name, fsync, rename; on an object store one PUT) and return its journal
+    entry."""
+    if isinstance(path, ObjectPath):
+        buffer = pa.BufferOutputStream()
+        _write_parquet(table, buffer)
+        data = buffer.getvalue().to_pybytes()
+        path.write_bytes(data)
+        return {
+            "file": path.name,
+            "rows": table.num_rows,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
     with _temp_for(path) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            use_dictionary=["id"],
-            row_group_size=ROW_GROUP_POSITIONS,
-            write_statistics=["id", "position", "logz", "tail_mass"],
-        )
+        _write_parquet(table, tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -124,7 +149,10 @@ def write_shard(table: pa.Table, path: Path) -> dict:
     return {"file": path.name, "rows": table.num_rows, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
+def write_json_atomic(obj: dict, path: Path | ObjectPath) -> None:
+    if isinstance(path, ObjectPath):  # one PUT: atomic on an object store
+        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        return
     with _temp_for(path) as tmp:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False)
@@ -145,20 +173,22 @@ def manifest_checksum(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_manifest(manifest: dict, cache_dir: Path) -> dict:
+def write_manifest(manifest: dict, cache_dir: Path | ObjectPath) -> dict:
     """Seal the manifest with its checksum and write it atomically: the last step of a complete cache."""
     sealed = manifest | {MANIFEST_CHECKSUM: manifest_checksum(manifest)}
     write_json_atomic(sealed, cache_dir / MANIFEST)
     return sealed
 
 
-def try_lock(cache_dir: Path, create: bool = True):
+def try_lock(cache_dir: Path | ObjectPath, create: bool = True):
     """An exclusive non-blocking flock on the cache's lock file, held until the returned handle closes (use it
     as a context manager); None when another process (a running cache-teacher) holds it.
 
     ``create=False`` (a dry run) leaves a directory without a lock file untouched: nobody can be holding it.
-    Raises OSError when the lock file cannot be created.
+    Raises OSError when the lock file cannot be created. On an object store, a lease object (``_Lease``).
     """
+    if isinstance(cache_dir, ObjectPath):
+        return _Lease.take(cache_dir / LOCK, create)
     if not create and not (cache_dir / LOCK).exists():
         return contextlib.nullcontext()
     handle = open(cache_dir / LOCK, "a")
@@ -170,14 +200,69 @@ def try_lock(cache_dir: Path, create: bool = True):
     return handle
 
 
-def append_journal(cache_dir: Path, entry: dict) -> None:
+class _Lease:
+    """The object-store stand-in for flock: a ``.lock`` object naming its holder, deleted when the block ends.
+
+    Best effort, not a mutual exclusion: object stores offer no atomic create here, so two writers starting in
+    the same instant can both win. It stops the common mistake (a second run of the same command while the
+    first is going). A lease left by a killed process on this host is taken over; one from another host must
+    be deleted by hand (the CLI message says so).
+    """
+
+    def __init__(self, path: ObjectPath | None):
+        self.path = path
+
+    @classmethod
+    def take(cls, path: ObjectPath, create: bool) -> _Lease | None:
+        if path.exists():
+            try:
+                holder = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                holder = {}  # not a lease this code wrote: treat it as held
+            if not _dead_here(holder):
+                return None
+        if not create:
+            return cls(None)  # a dry run holds nothing
+        token = uuid.uuid4().hex
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token}))
+        if json.loads(path.read_text()).get("token") != token:  # another writer put its lease after ours
+            return None
+        return cls(path)
+
+    def __enter__(self) -> _Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _dead_here(holder: dict) -> bool:
+    """True when the lease's holder was a process on this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return False
+
+
+def append_journal(cache_dir: Path | ObjectPath, entry: dict) -> None:
+    line = json.dumps(entry) + "\n"
+    if isinstance(cache_dir, ObjectPath):  # no append on object stores: rewrite it whole (one line per shard)
+        journal = cache_dir / JOURNAL
+        journal.write_text((journal.read_text() if journal.exists() else "") + line)
+        return
     with open(cache_dir / JOURNAL, "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def read_journal(cache_dir: Path) -> list[dict]:
+def read_journal(cache_dir: Path | ObjectPath) -> list[dict]:
     """Finished shards from an interrupted run, each re-checked against its file; stops at the first bad one.
 
     A torn last line (the process died mid-write) or a shard whose file is missing or changed ends the list:
@@ -203,7 +288,7 @@ def read_journal(cache_dir: Path) -> list[dict]:
 class Cache:
     """A complete cache, opened through its manifest."""
 
-    path: Path
+    path: Path | ObjectPath
     manifest: dict
 
     @property
@@ -244,7 +329,7 @@ class Cache:
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
-    def shard_path(self, shard: dict) -> Path:
+    def shard_path(self, shard: dict) -> Path | ObjectPath:
         return self.path / shard["file"]
 
     @property
@@ -268,11 +353,11 @@ class Cache:
 
     def parquet_file(self, shard: dict) -> pq.ParquetFile:
         with self._reading(shard):
-            return pq.ParquetFile(self.shard_path(shard))
+            return pq.ParquetFile(storage.open_input(self.shard_path(shard)))
 
     def read_shard(self, shard: dict, columns: list[str] | None = None) -> pa.Table:
         with self._reading(shard):
-            return pq.read_table(self.shard_path(shard), columns=columns)
+            return pq.read_table(storage.open_input(self.shard_path(shard)), columns=columns)
 
     def verify(self, checksums: bool = True) -> None:
         """Check every shard against the manifest; raise CacheError naming the first fault.
@@ -341,12 +426,12 @@ class Cache:
                 yield table  # outside the error guard: the consumer's own errors are not the shard's
 
 
-def resolve_cache(ref: str, root: str | Path) -> Path:
-    """A cache named by path, by key, or by a unique prefix of a key under ``root``."""
-    as_path = Path(ref)
+def resolve_cache(ref: str, root: str | Path | ObjectPath) -> Path | ObjectPath:
+    """A cache named by path or URI, by key, or by a unique prefix of a key under ``root``."""
+    as_path = storage.location(ref)
     if as_path.is_dir():
         return as_path
-    root = Path(root)
+    root = storage.location(root)
     matches = sorted(p for p in root.glob(ref + "*") if p.is_dir()) if root.is_dir() and ref else []
     if not matches:
         raise CacheError(
@@ -360,9 +445,9 @@ def resolve_cache(ref: str, root: str | Path) -> Path:
     return matches[0]
 
 
-def open_cache(path: str | Path) -> Cache:
+def open_cache(path: str | Path | ObjectPath) -> Cache:
     """Open a complete cache; refuse an incomplete one or a format this code does not know."""
-    path = Path(path)
+    path = storage.location(path)
     if not path.is_dir():
         raise CacheError(f"cache not found: {path}")
     manifest_path = path / MANIFEST

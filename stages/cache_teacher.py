@@ -23,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from stages import cache_format as fmt
+from stages import storage
 from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.shard_runner import ShardRunner
+from stages.storage import ObjectPath
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
@@ -35,7 +37,7 @@ _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
 
 @dataclass
 class CacheResult:
-    path: Path
+    path: Path | ObjectPath
     hit: bool
     manifest: dict
 
@@ -80,7 +82,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
-    cache_dir = Path(config.cache_dir) / key
+    cache_dir = storage.location(config.cache_dir) / key
 
     if (cache_dir / fmt.MANIFEST).is_file():
         cache = fmt.open_cache(cache_dir)
@@ -96,13 +98,25 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
             f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir."
         ) from exc
     if lock is None:
-        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
+        stale = (
+            f" (if none is, e.g. it was killed on another host, delete {cache_dir / fmt.LOCK} and re-run)"
+            if isinstance(cache_dir, ObjectPath)
+            else ""
+        )
+        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish{stale}")
     with lock:
         return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
 
 
 def _fill(
-    config, dataset: Dataset, inspected: tuple, request: dict, key: str, cache_dir: Path, progress: bool, log
+    config,
+    dataset: Dataset,
+    inspected: tuple,
+    request: dict,
+    key: str,
+    cache_dir: Path | ObjectPath,
+    progress: bool,
+    log,
 ) -> CacheResult:
     info = inspected[0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
@@ -175,7 +189,7 @@ def _fill(
 
 
 @contextmanager
-def _writing(path: Path, kept: int) -> Iterator[None]:
+def _writing(path: Path | ObjectPath, kept: int) -> Iterator[None]:
     """A failed write (above all a full disk) becomes a CacheError that says the complete shards are kept.
 
     The writers leave no temp file and the manifest is not written, so the same command resumes after the
@@ -243,7 +257,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "num_classes": learnt["num_classes"],
         },
         "dataset": {
-            "path": str(Path(config.data).resolve()),
+            "path": storage.display(config.data),
             "fingerprint": request["dataset_fingerprint"],
             "num_rows": dataset.num_rows,
             "id_type": str(dataset.schema.field(ID_COLUMN).type),

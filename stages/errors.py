@@ -19,3 +19,7 @@ class TeacherError(PipelineError):
 
 class CacheError(PipelineError):
     """A cache is missing, incomplete, corrupted, or does not match what was asked."""
+
+
+class StorageError(PipelineError):
+    """An object store (s3:// ...) cannot be reached or refuses a request: a bad URI, bucket or credentials."""

@@ -10,6 +10,7 @@ import csv
 import math
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from stages import cache_format as fmt
+from stages import storage
 from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import LABEL_COLUMN, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
@@ -51,11 +53,14 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         c = self.config
-        self.out = Path(c.out)
-        replace = self.out.exists() and any(self.out.iterdir())
+        # The run directory; on an object store the run is written to a local staging directory (self.out) and
+        # uploaded when it is complete, metrics.json last, so a run there has metrics.json only when it finished.
+        self.target = storage.location(c.out)
+        self.out = self.target if isinstance(self.target, Path) else Path(tempfile.mkdtemp(prefix="kd-run-"))
+        replace = self.target.exists() and any(self.target.iterdir())
         if replace and not c.overwrite:
             raise ConfigError(
-                f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite"
+                f"run directory {self.target} exists and is not empty; choose another --out or pass --overwrite"
             )
         self.data = Dataset(c.data)
         self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
@@ -95,8 +100,8 @@ class Trainer:
         else:
             self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
-            shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+            storage.rmtree(self.target)
+        self.target.mkdir(parents=True, exist_ok=True)
         self.log(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
             f"alpha {c.alpha}, T {self.temperature}; {self.data.num_rows} training examples"
@@ -451,8 +456,11 @@ class Trainer:
             metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / "student.onnx")
             self.model.to(self.device)
         fmt.write_json_atomic(metrics, self.out / METRICS)
+        if self.target != self.out:
+            storage.upload_tree(self.out, self.target, last=METRICS)
+            shutil.rmtree(self.out)
         self.log(
-            f"run saved to {self.out}: "
+            f"run saved to {self.target}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
         )
         return metrics
