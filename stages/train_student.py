@@ -56,7 +56,9 @@ class Trainer:
         # The run directory; on an object store the run is written to a local staging directory (self.out) and
         # uploaded when it is complete, metrics.json last, so a run there has metrics.json only when it finished.
         self.target = storage.location(c.out)
-        self.out = self.target if isinstance(self.target, Path) else Path(tempfile.mkdtemp(prefix="kd-run-"))
+        # TemporaryDirectory removes itself when the trainer is collected, so a failed run leaves nothing behind.
+        self._staging = None if isinstance(self.target, Path) else tempfile.TemporaryDirectory(prefix="kd-run-")
+        self.out = self.target if self._staging is None else Path(self._staging.name)
         replace = self.target.exists() and any(self.target.iterdir())
         if replace and not c.overwrite:
             raise ConfigError(
@@ -456,9 +458,9 @@ class Trainer:
             metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / "student.onnx")
             self.model.to(self.device)
         fmt.write_json_atomic(metrics, self.out / METRICS)
-        if self.target != self.out:
+        if self._staging is not None:
             storage.upload_tree(self.out, self.target, last=METRICS)
-            shutil.rmtree(self.out)
+            self._staging.cleanup()
         self.log(
             f"run saved to {self.target}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))

@@ -7,6 +7,9 @@ creates a bucket; everything then goes through pyarrow's own S3 client, as it wo
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import boto3
 import pytest
@@ -136,8 +139,11 @@ def test_a_held_lease_refuses_a_second_writer(classifier_setup, s3) -> None:
     (key_dir / fmt.LOCK).write_text(json.dumps({"host": "another-host", "pid": 1, "token": "x"}))
     with pytest.raises(Exception, match=r"another cache-teacher .* delete s3://.*/\.lock"):
         cache_teacher.run(_config(classifier_setup, f"{s3}/c"), **QUIET)
-    (key_dir / fmt.LOCK).unlink()
-    assert not cache_teacher.run(_config(classifier_setup, f"{s3}/c"), **QUIET).hit
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # its pid no longer runs once it is waited for
+    dead.wait()
+    (key_dir / fmt.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "y"}))
+    assert not cache_teacher.run(_config(classifier_setup, f"{s3}/c"), **QUIET).hit  # a killed writer's lease
+    assert not (key_dir / fmt.LOCK).exists()
 
 
 def test_train_student_streams_from_an_s3_cache_and_s3_data_into_an_s3_run(classifier_setup, s3, tmp_path) -> None:
@@ -169,6 +175,9 @@ def test_train_student_streams_from_an_s3_cache_and_s3_data_into_an_s3_run(class
     names = {p.name for p in run.iterdir()}
     assert {"metrics.json", "metrics.csv", "config.json", "checkpoint.safetensors"} <= names
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] == remote["test_accuracy"]
+    listed = _cli("runs", "list", "--runs-dir", f"{s3}/runs", "--cache-dir", f"{s3}/caches", "--format", "json")
+    assert listed.exit_code == 0, listed.output
+    assert [(r["run"], r["status"]) for r in json.loads(listed.output)] == [("kd", "complete")]
 
 
 def _cli(*args: str):
