@@ -157,9 +157,12 @@ class ObjectPath:
         return self._info().type == pafs.FileType.Directory
 
     def stat(self) -> _Stat:
+        """Size and modification time; a "directory" has no times of its own, so it takes its newest object's."""
         info = self._info()
-        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-        return _Stat(info.size or 0, mtime)
+        if info.type == pafs.FileType.Directory:
+            times = [i.mtime.timestamp() for i in self._listing(recursive=True) if i.mtime is not None]
+            return _Stat(0, max(times, default=0.0))
+        return _Stat(info.size or 0, info.mtime.timestamp() if info.mtime is not None else 0.0)
 
     def _listing(self, recursive: bool) -> list[pafs.FileInfo]:
         with self._guard("list"):

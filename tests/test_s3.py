@@ -208,6 +208,17 @@ def test_caches_list_verify_and_query_on_s3(classifier_setup, s3, tmp_path) -> N
     assert bad.exit_code == 1 and "shard-00001.parquet" in bad.output and "sha256" in bad.output
     assert f"ok    {a.name}" in bad.output
 
+    shown = _cli("caches", "show", a.name[:6], "--json", *roots)
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["statistics"]["positions"] == 300  # DuckDB over the shards on S3
+
+    leftover = storage.location(f"{root}/{'0' * 16}")
+    (leftover / fmt.REQUEST).write_text("{}")  # an interrupted run's directory: no manifest
+    assert "incomplete" in _cli("caches", "list", *roots).output
+    collected = _cli("caches", "gc", *roots)
+    assert collected.exit_code == 0 and "removed" in collected.output, collected.output
+    assert not leftover.exists() and a.exists()
+
     removed = _cli("caches", "rm", b.name, "--yes", *roots)
     assert removed.exit_code == 0, removed.output
     assert not b.exists() and b.name not in _cli("caches", "list", *roots).output
