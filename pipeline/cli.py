@@ -87,6 +87,11 @@ def inspect_teacher(model, show_all) -> None:
 @click.option(
     "--student", help="Student: mlp, cnn1d, transformer, causal-lm (family:key=value,...) or module:function."
 )
+@click.option(
+    "--inputs",
+    help="Float columns a vector student reads, comma-separated and concatenated in this order "
+    "(default: the teacher's inputs).",
+)
 @click.option("--method", type=click.Choice(METHODS), help="kd (default), ensemble (several caches) or progressive.")
 @click.option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0 = from scratch (default 0.5).")
 @click.option("--temperature", type=float, help="Distillation temperature (default: the cache's T).")
@@ -141,6 +146,8 @@ def train_student(config_file, quiet, **options) -> None:
     from stages import train_student as stage
 
     options["cache"] = list(options["cache"]) or None
+    if options["inputs"] is not None:
+        options["inputs"] = [name.strip() for name in options["inputs"].split(",") if name.strip()]
     if options["weights"] is not None:
         try:
             options["weights"] = [float(w) for w in options["weights"].split(",")]

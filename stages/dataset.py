@@ -71,6 +71,8 @@ class Dataset:
                 self._groups.append(_RowGroup(fi, gi, start, n))
                 start += n
         self.num_rows = start
+        if not self.num_rows:  # nothing to cache, train on or evaluate: every stage would fail further in
+            raise DatasetError(f"dataset {self.path} has no rows; give a dataset with at least one row")
         self._starts = [g.start for g in self._groups]
         self._fingerprint: str | None = None
         self._last_group: tuple | None = None
