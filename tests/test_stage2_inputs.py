@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import load_file
 
 from pipeline import cli_base
 from pipeline.cli import main
@@ -84,19 +85,22 @@ def _refused(result, out: Path, *words: str) -> None:
 # ---- vector students read the teacher's input columns by name ------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["pixels", "features"])
-def test_vector_students_read_and_export_the_teachers_input_name(name, tmp_path) -> None:
+@pytest.mark.parametrize("name, family", [("pixels", "mlp:hidden=8"), ("features", "cnn1d:channels=4x4,kernel=3")])
+def test_vector_students_read_and_export_the_teachers_input_name(name, family, tmp_path) -> None:
     teacher = _vector_teacher(tmp_path / "t.onnx", {name: 10})
     data = _vectors(tmp_path / "d.parquet", {name: 10})
     cache = _cache(teacher, data, tmp_path / "c", "--top-k", "3")
-    for family in ("mlp:hidden=8", "cnn1d:channels=4x4,kernel=3"):
-        out = tmp_path / family.split(":")[0]
-        result = _train(data, out, tmp_path / "c", "--cache", cache, "--student", family)
-        assert result.exit_code == 0, result.output
-        assert _onnx_inputs(out) == [(name, ["batch", 10])]
-        x = np.ones((3, 10), np.float32)
-        session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
-        assert session.run(["logits"], {name: x})[0].shape == (3, CLASSES)
+    out = tmp_path / "run"
+    result = _train(data, out, tmp_path / "c", "--cache", cache, "--student", family)
+    assert result.exit_code == 0, result.output
+    assert _onnx_inputs(out) == [(name, ["batch", 10])]
+    session = ort.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(["logits"], {name: np.ones((3, 10), np.float32)})[0].shape == (3, CLASSES)
+
+
+def _first_layer_inputs(run: Path) -> int:
+    """in_features of an mlp student's first layer, from its checkpoint."""
+    return load_file(run / "checkpoint.safetensors")["layers.0.0.weight"].shape[1]
 
 
 def test_several_float_inputs_are_concatenated_or_selected(tmp_path) -> None:
@@ -104,17 +108,16 @@ def test_several_float_inputs_are_concatenated_or_selected(tmp_path) -> None:
     teacher = _vector_teacher(tmp_path / "t.onnx", widths)
     data = _vectors(tmp_path / "d.parquet", widths)
     cache = _cache(teacher, data, tmp_path / "c", "--top-k", "3")
-    cases = {
-        "both": ([], [("a", 5), ("b", 7)]),
-        "b": (["--inputs", "b"], [("b", 7)]),
-        "ba": (["--inputs", "b,a"], [("b", 7), ("a", 5)]),
-    }
-    for run, (extra, expected) in cases.items():
+    for run, extra, expected in [("both", [], [("a", 5), ("b", 7)]), ("ba", ["--inputs", "b,a"], [("b", 7), ("a", 5)])]:
         result = _train(data, tmp_path / run, tmp_path / "c", "--cache", cache, "--student", "mlp:hidden=8", *extra)
         assert result.exit_code == 0, result.output
         assert _onnx_inputs(tmp_path / run) == [(n, ["batch", w]) for n, w in expected]
-        saved = json.loads((tmp_path / run / "config.json").read_text())["config"]
-        assert saved["inputs"] == [n for n, _ in expected if extra]
+        assert _first_layer_inputs(tmp_path / run) == 12
+    selected = tmp_path / "b"
+    result = _train(data, selected, tmp_path / "c", "--cache", cache, "--inputs", "b", "--no-onnx")
+    assert result.exit_code == 0, result.output
+    assert json.loads((selected / "config.json").read_text())["config"]["inputs"] == ["b"]
+    assert _first_layer_inputs(selected) == 7
 
     out = tmp_path / "bad"
     _refused(
@@ -126,8 +129,10 @@ def test_several_float_inputs_are_concatenated_or_selected(tmp_path) -> None:
     # Without a teacher to say which columns, several float columns need --inputs ...
     _refused(_train(data, out, tmp_path / "c", "--alpha", "0"), out, "several float columns", "--inputs a,b")
     # ... and with it, a from-scratch student reads exactly those.
-    assert _train(data, tmp_path / "scratch", tmp_path / "c", "--alpha", "0", "--inputs", "b").exit_code == 0
-    assert _onnx_inputs(tmp_path / "scratch") == [("b", ["batch", 7])]
+    assert (
+        _train(data, tmp_path / "scratch", tmp_path / "c", "--alpha", "0", "--inputs", "a", "--no-onnx").exit_code == 0
+    )
+    assert _first_layer_inputs(tmp_path / "scratch") == 5
 
 
 def test_vector_student_concatenates_its_inputs_in_the_order_named() -> None:
