@@ -38,6 +38,10 @@ METRICS = "metrics.json"  # written last: a run directory without it did not fin
 
 
 def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
+    """Set up (every check before anything is written), train, save; returns the final metrics.
+
+    progress: a progress bar, the setup line and one line per epoch; False (--quiet) logs only the summary line.
+    """
     trainer = Trainer(config, progress, log)
     trainer.setup()
     trainer.train()
