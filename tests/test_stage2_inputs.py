@@ -98,6 +98,45 @@ def test_vector_students_read_and_export_the_teachers_input_name(name, family, t
     assert session.run(["logits"], {name: np.ones((3, 10), np.float32)})[0].shape == (3, CLASSES)
 
 
+def test_two_dimensional_float_input_caches_and_trains(tmp_path) -> None:
+    """An image-like input [B, 3, 4] (nested lists per row): one dense array, not sequences to pad."""
+    w = np.random.default_rng(0).normal(size=(12, CLASSES)).astype(np.float32)
+    nodes = [
+        helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "image_teacher",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "t.onnx")
+    x = np.random.default_rng(1).normal(size=(ROWS, 3, 4)).astype(np.float32)
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(ROWS)),
+            "pixels": pa.array([r.tolist() for r in x], type=pa.list_(pa.list_(pa.float32()))),
+            "label": pa.array(np.arange(ROWS) % CLASSES, type=pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    cache = _cache(tmp_path / "t.onnx", tmp_path / "d.parquet", tmp_path / "c", "--top-k", str(CLASSES))
+    shards = pq.read_table(sorted(Path(cache).glob("shard-*.parquet"))[0])
+    z = x.reshape(ROWS, 12).astype(np.float64) @ w
+    logp = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) - z.max(1, keepdims=True)
+    cached = np.array(shards.column("topk_logp").to_pylist())
+    ids = np.array(shards.column("topk_ids").to_pylist())
+    np.testing.assert_allclose(cached, np.take_along_axis(logp[: len(ids)], ids, 1), atol=1e-4)
+
+    out = tmp_path / "run"
+    result = _train(tmp_path / "d.parquet", out, tmp_path / "c", "--cache", cache, "--student", "mlp:hidden=8")
+    assert result.exit_code == 0, result.output
+    assert _onnx_inputs(out) == [("pixels", ["batch", 3, 4])], "the student takes the teacher's input as it is"
+    assert _first_layer_inputs(out) == 12
+
+
 def _first_layer_inputs(run: Path) -> int:
     """in_features of an mlp student's first layer, from its checkpoint."""
     return load_file(run / "checkpoint.safetensors")["layers.0.0.weight"].shape[1]
