@@ -236,29 +236,29 @@ class Trainer:
         """Labels must be class indices the student's outputs cover: 0 <= label < num_outputs (nulls allowed)."""
         if not data.has_labels:
             return
-        labels = data.read(0, data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
-        if not pa.types.is_integer(labels.type):
-            raise DatasetError(
-                f"column '{LABEL_COLUMN}' of {data.path} has type {labels.type}; labels are integer class indices "
-                "(null for unlabelled rows)"
-            )
-        low, high = pc.min_max(labels).values()
+        low, high = pc.min_max(_label_column(data)).values()
         if low.as_py() is None:  # every label is null
             return
-        width = (
-            f"the cache's teacher has {self.num_outputs} classes (cache {self.caches[0].key})"
-            if self.caches
-            else f"the student has {self.num_outputs} outputs"
-        )
         if low.as_py() < 0:
             raise DatasetError(
                 f"dataset {data.path} has label {low.as_py()}; labels are class indices 0..{self.num_outputs - 1} "
                 "(null, not a negative number, for an unlabelled row)"
             )
         if high.as_py() >= self.num_outputs:
+            width, fix = (
+                (
+                    f"the cache's teacher has {self.num_outputs} classes (cache {self.caches[0].key})",
+                    f"use the cache of a teacher with at least {high.as_py() + 1} classes",
+                )
+                if self.caches
+                else (
+                    f"the student has {self.num_outputs} outputs, the largest label of {self.data.path} + 1",
+                    "train on a dataset that holds every class",
+                )
+            )
             raise DatasetError(
                 f"dataset {data.path} has label {high.as_py()}, outside the classes 0..{self.num_outputs - 1}: "
-                f"{width}. Fix the labels, or use the cache of a teacher with at least {high.as_py() + 1} classes"
+                f"{width}. Fix the labels, or {fix}"
             )
 
     def _count_outputs(self) -> int:
@@ -274,8 +274,7 @@ class Trainer:
                 if data_path and ref:
                     return fmt.open_cache(fmt.resolve_cache(ref, c.cache_dir)).num_classes
             return self._max_token() + 1
-        labels = self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
-        return int(max(v for v in labels.to_pylist() if v is not None)) + 1
+        return int(pc.max(_label_column(self.data)).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
         c = self.config
@@ -545,6 +544,17 @@ class Trainer:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
         self.log(f"run saved to {self.out}: {figures or 'no test figures (give --eval-data or --test-data)'}")
         return metrics
+
+
+def _label_column(data: Dataset) -> pa.ChunkedArray:
+    """The whole label column, checked to hold integer class indices."""
+    labels = data.read(0, data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
+    if not pa.types.is_integer(labels.type):
+        raise DatasetError(
+            f"column '{LABEL_COLUMN}' of {data.path} has type {labels.type}; labels are integer class indices "
+            "(null for unlabelled rows)"
+        )
+    return labels
 
 
 def _float_columns(data: Dataset) -> list[str]:

@@ -306,6 +306,11 @@ def test_labels_outside_the_teachers_classes_are_refused_at_setup(tmp_path) -> N
 
     negative = _vectors(tmp_path / "neg.parquet", {"pixels": 10}, labels=np.where(np.arange(ROWS) == 3, -1, 0))
     _refused(_train(negative, out, tmp_path / "c", "--alpha", "0"), out, "label -1", "null")
+    text = (
+        pq.read_table(negative).drop_columns(["label"]).append_column("label", pa.array([str(i) for i in range(ROWS)]))
+    )
+    pq.write_table(text, tmp_path / "text.parquet")
+    _refused(_train(tmp_path / "text.parquet", out, tmp_path / "c", "--alpha", "0"), out, "type string", "integer")
 
     good = _vectors(tmp_path / "good.parquet", {"pixels": 10})
     good_cache = _cache(teacher, good, tmp_path / "c", "--top-k", "3")
