@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -74,7 +75,7 @@ def build_student(
     spec: str,
     *,
     num_outputs: int,
-    input_dim: int | dict[str, int] | None = None,
+    input_dim: int | dict[str, int | tuple[int, ...]] | None = None,
     vocab_size: int | None = None,
     options: dict[str, Any] | None = None,
     wider_outputs: bool = False,
@@ -82,8 +83,9 @@ def build_student(
     """Build the student a spec names.
 
     num_outputs: classes for classifiers; the (possibly padded) vocabulary for a causal LM.
-    input_dim: the float vector input(s) of ``mlp``, ``cnn1d`` and vector builders: ``{column: F_i}`` (the student
-        reads ``inputs[column]`` for each and concatenates them in this order), or an int F for one input ``x``.
+    input_dim: the float vector input(s) of ``mlp``, ``cnn1d`` and vector builders: ``{column: F_i}`` or
+        ``{column: per-example shape}`` for nested columns (the student reads ``inputs[column]`` [B, *shape] for
+        each, flattened, and concatenates them in this order), or an int F for one input ``x``.
     vocab_size: token ids are < vocab_size; needed by ``transformer``, optional for ``causal-lm`` (<= num_outputs).
     options: overrides in dict form, e.g. from a config file; a key given here and in the spec is an error.
     wider_outputs: accept a builder whose logits are wider than num_outputs (a padded vocabulary that the trainer
@@ -94,14 +96,18 @@ def build_student(
     both = sorted(set(spec_options) & set(extra))
     if both:
         raise ConfigError(f"student option(s) {both} given both in spec {spec!r} and in options; give each once")
-    dims = {"x": input_dim} if isinstance(input_dim, int) else input_dim
+    shapes = {
+        name: (size,) if isinstance(size, int) else tuple(size)
+        for name, size in ({"x": input_dim} if isinstance(input_dim, int) else input_dim or {}).items()
+    }
+    dims = {name: math.prod(shape) for name, shape in shapes.items()}
     if family in _FAMILIES:
         built_options = _FAMILIES[family](**spec_options, **_typed_options(family, extra))
         _check_ranges(family, built_options)
         return _build_builtin(family, built_options, num_outputs, dims, vocab_size)
     sizes = {"input_dim": sum(dims.values()) if dims else None, "vocab_size": vocab_size}
     kwargs = {"num_outputs": num_outputs, **{k: v for k, v in sizes.items() if v is not None}, **spec_options, **extra}
-    return _build_custom(family, kwargs, num_outputs, dims, vocab_size, wider_outputs)
+    return _build_custom(family, kwargs, num_outputs, shapes, vocab_size, wider_outputs)
 
 
 # What each built-in family reads and predicts: the data it fits, checked by ``check_family_fits``.
@@ -252,7 +258,7 @@ def _build_custom(
     target: str,
     kwargs: dict[str, Any],
     num_outputs: int,
-    input_dims: dict[str, int] | None,
+    input_shapes: dict[str, tuple[int, ...]],
     vocab_size: int | None,
     wider_outputs: bool,
 ) -> nn.Module:
@@ -260,8 +266,8 @@ def _build_custom(
     builder = _import_builder(target)
     parameters = inspect.signature(builder).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    if input_dims and vocab_size is None and ("input_names" in parameters or takes_any):
-        kwargs["input_names"] = list(input_dims)  # optional: only builders that ask for the column names get them
+    if input_shapes and vocab_size is None and ("input_names" in parameters or takes_any):
+        kwargs["input_names"] = list(input_shapes)  # optional: only builders that ask for the column names get them
     try:
         inspect.signature(builder).bind(**kwargs)
     except TypeError as exc:
@@ -273,8 +279,8 @@ def _build_custom(
     if vocab_size is not None:
         ids = torch.zeros(2, 4, dtype=torch.long, device=device)
         probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    elif input_dims:
-        probe = {name: torch.zeros(2, width, device=device) for name, width in input_dims.items()}
+    elif input_shapes:  # each input as the loader gives it: [B, F_i], or [B, *shape] for nested columns
+        probe = {name: torch.zeros(2, *shape, device=device) for name, shape in input_shapes.items()}
     else:
         raise ConfigError(f"student {target!r} needs input_dim (vector inputs) or vocab_size (token inputs)")
     was_training = model.training

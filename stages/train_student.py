@@ -284,8 +284,8 @@ class Trainer:
                 c.student, num_outputs=self.num_outputs, vocab_size=vocab, wider_outputs=c.truncate_vocab
             )
         first = self.data.read(0, 1, self.inputs)
-        widths = {name: int(np.asarray(first.column(name)[0].as_py()).size) for name in self.inputs}
-        return build_student(c.student, num_outputs=self.num_outputs, input_dim=widths, wider_outputs=c.truncate_vocab)
+        shapes = {name: np.asarray(first.column(name)[0].as_py()).shape for name in self.inputs}
+        return build_student(c.student, num_outputs=self.num_outputs, input_dim=shapes, wider_outputs=c.truncate_vocab)
 
     def _max_token(self) -> int:
         paths = [self.data] + [Dataset(p) for p in (self.config.eval_data, self.config.test_data) if p]

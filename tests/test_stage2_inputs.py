@@ -185,24 +185,26 @@ def test_vector_student_concatenates_its_inputs_in_the_order_named() -> None:
     assert torch.equal(model({"a": a, "b": b}).hidden[0][:, 0], torch.relu(b[:, 0]))
 
 
-def test_custom_vector_builder_gets_the_column_names(tmp_path, monkeypatch) -> None:
+def test_custom_vector_builder_gets_the_column_names_and_their_shapes(tmp_path, monkeypatch) -> None:
     (tmp_path / "named_students.py").write_text(
         "import torch\n"
-        "seen = []\n"
+        "seen, shapes = [], []\n"
         "class Named(torch.nn.Module):\n"
         "    def __init__(self, names, dim, out):\n"
         "        super().__init__()\n        self.names, self.f = names, torch.nn.Linear(dim, out)\n"
         "    def forward(self, inputs):\n"
-        "        return self.f(torch.cat([inputs[n] for n in self.names], 1))\n"
+        "        shapes.append({n: tuple(inputs[n].shape) for n in self.names})\n"
+        "        return self.f(torch.cat([inputs[n].flatten(1) for n in self.names], 1))\n"
         "def make(num_outputs, input_dim, input_names):\n"
         "    seen.append((input_names, input_dim))\n    return Named(input_names, input_dim, num_outputs)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_student("named_students:make", num_outputs=3, input_dim={"pixels": 4, "extra": 2})
+    model = build_student("named_students:make", num_outputs=3, input_dim={"pixels": (2, 3), "extra": 2})
     import named_students
 
-    assert named_students.seen == [(["pixels", "extra"], 6)]
-    assert model({"pixels": torch.zeros(5, 4), "extra": torch.zeros(5, 2)}).logits.shape == (5, 3)
+    assert named_students.seen == [(["pixels", "extra"], 8)]
+    assert named_students.shapes == [{"pixels": (2, 2, 3), "extra": (2, 2)}], "probed with the inputs' own shapes"
+    assert model({"pixels": torch.zeros(5, 2, 3), "extra": torch.zeros(5, 2)}).logits.shape == (5, 3)
 
 
 # ---- sampled caches: caches show and report -------------------------------------------------------------------
