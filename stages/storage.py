@@ -69,8 +69,14 @@ def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
     """One filesystem per scheme and bucket for the process (pyarrow's S3 client is costly to build)."""
     if scheme in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not endpoint and not region:  # AWS serves a bucket from its own region only: ask (as from_uri does)
+            try:
+                region = pafs.resolve_s3_region(bucket)
+            except OSError as exc:
+                raise StorageError(f"cannot find the region of bucket '{bucket}': {exc}; {_CREDENTIALS_HINT}") from exc
         # allow_delayed_open: a small object is one PutObject rather than a multipart upload of one part.
-        return pafs.S3FileSystem(endpoint_override=endpoint or None, allow_delayed_open=True)
+        return pafs.S3FileSystem(endpoint_override=endpoint, region=region, allow_delayed_open=True)
     try:
         return pafs.FileSystem.from_uri(f"{scheme}://{bucket}/")[0]
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError):
