@@ -330,6 +330,9 @@ class Catalog:
     ):
         self.cache_root = storage.location(cache_root or default_cache_root())
         self.runs_root = storage.location(runs_root or default_runs_root())
+        for root in (self.cache_root, self.runs_root):
+            if isinstance(root, ObjectPath):
+                root.check_bucket()  # a mistyped bucket is an error, not an empty catalog
         self.caches = scan_caches(self.cache_root)
         keys = {c.key for c in self.caches}
         self.runs = scan_runs(self.runs_root, keys)

@@ -241,6 +241,12 @@ class ObjectPath:
             with self._guard("create"):
                 self.fs.create_dir(self.path, recursive=True)
             return
+        self.check_bucket()
+
+    def check_bucket(self) -> None:
+        """Raise StorageError if the bucket does not exist (a listing under it would just come back empty)."""
+        if self.scheme not in _BUCKET_SCHEMES:
+            return
         bucket = self.path.split("/", 1)[0]
         with self._guard("look up the bucket of"):
             found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound

@@ -219,6 +219,9 @@ def test_caches_list_verify_and_query_on_s3(classifier_setup, s3, tmp_path) -> N
     assert collected.exit_code == 0 and "removed" in collected.output, collected.output
     assert not leftover.exists() and a.exists()
 
+    typo = _cli("caches", "list", "--cache-dir", "s3://no-such-bucket/caches")
+    assert typo.exit_code == 1 and "bucket 'no-such-bucket'" in typo.output and "does not exist" in typo.output
+
     removed = _cli("caches", "rm", b.name, "--yes", *roots)
     assert removed.exit_code == 0, removed.output
     assert not b.exists() and b.name not in _cli("caches", "list", *roots).output
@@ -242,7 +245,9 @@ def test_bad_cache_uris_fail_in_one_line(classifier_setup, s3, uri, words) -> No
     assert len(message.splitlines()) == 1 and all(w in message for w in words), message
 
 
-def test_missing_dataset_object_and_wrong_credentials_fail_in_one_line(classifier_setup, s3, monkeypatch) -> None:
+def test_missing_dataset_object_and_wrong_or_missing_credentials_fail_in_one_line(
+    classifier_setup, s3, monkeypatch
+) -> None:
     args = ["cache-teacher", "--teacher", str(classifier_setup["teacher"]), "--cache-dir", f"{s3}/c"]
     missing = _cli(*args, "--data", f"{s3}/nothing/here.parquet")
     assert missing.exit_code == 1 and "dataset not found: s3://kd-test/nothing/here.parquet" in missing.output
@@ -255,6 +260,15 @@ def test_missing_dataset_object_and_wrong_credentials_fail_in_one_line(classifie
     denied = _cli(*args, "--data", f"{s3}/data.parquet")
     message = denied.output.strip()
     assert denied.exit_code == 1 and len(message.splitlines()) == 1, denied.output
+    assert "s3://kd-test/data.parquet" in message and "AWS_ACCESS_KEY_ID" in message
+
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # no credentials at all: the requests go out unsigned and are refused
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")  # nor from a profile on this machine
+    storage._filesystem.cache_clear()
+    anonymous = _cli(*args, "--data", f"{s3}/data.parquet")
+    message = anonymous.output.strip()
+    assert anonymous.exit_code == 1 and len(message.splitlines()) == 1, anonymous.output
     assert "s3://kd-test/data.parquet" in message and "AWS_ACCESS_KEY_ID" in message
 
 
