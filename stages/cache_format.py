@@ -233,8 +233,13 @@ class _Lease:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete the lease (a file handle's close releases its flock the same way)."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+            self.path = None
 
 
 def _dead_here(holder: dict) -> bool:
