@@ -393,22 +393,20 @@ class Catalog:
         """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
         sampled = entry.manifest.get("target_format") == "sampled"
         columns = f"{_NO_TOPK}, {_SAMPLED_COLUMNS}" if sampled else f"{_TOPK_COLUMNS}, {_NO_SAMPLED}"
-        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM {self._shards_source(entry)}"
+        source = self.parquet_source(entry.shard_files(), f"shards_{entry.key}")
+        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM {source}"
 
-    def _shards_source(self, entry: CacheEntry) -> str:
-        """What DuckDB scans for one cache's shards: read_parquet over local files, or, on an object store, an
-        Arrow dataset registered under the cache's key (streamed through pyarrow's filesystem, never downloaded
-        whole)."""
-        files = entry.shard_files()
-        if not isinstance(entry.path, ObjectPath):
+    def parquet_source(self, files: list[Path | ObjectPath], name: str) -> str:
+        """What DuckDB scans for these Parquet files (all local, or all on one object store): read_parquet over
+        local files, or an Arrow dataset registered as ``name``, streamed through pyarrow's filesystem (DuckDB's
+        own httpfs extension would need a download)."""
+        if not files or not isinstance(files[0], ObjectPath):
             return "read_parquet([" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "])"
-        name = f"shards_{entry.key}"
         try:
-            self.con.register(name, pads.dataset([p.path for p in files], filesystem=entry.path.fs, format="parquet"))
+            self.con.register(name, pads.dataset([p.path for p in files], filesystem=files[0].fs, format="parquet"))
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(
-                f"cannot read the shards of cache {entry.key} ({entry.path}): {exc}. "
-                "Check them with `pipeline caches verify`."
+            raise PipelineError(
+                f"cannot read {files[0].parent}: {exc}. Check the files (caches: `pipeline caches verify`)."
             ) from exc
         return name
 

@@ -178,6 +178,12 @@ def test_train_student_streams_from_an_s3_cache_and_s3_data_into_an_s3_run(class
     listed = _cli("runs", "list", "--runs-dir", f"{s3}/runs", "--cache-dir", f"{s3}/caches", "--format", "json")
     assert listed.exit_code == 0, listed.output
     assert [(r["run"], r["status"]) for r in json.loads(listed.output)] == [("kd", "complete")]
+    reported = _cli(
+        "report", "kd", "--out", str(tmp_path / "report"), "--runs-dir", f"{s3}/runs", "--cache-dir", f"{s3}/caches"
+    )
+    assert reported.exit_code == 0, reported.output
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "over 300 labelled examples" in page  # the teacher's reliability: S3 shards joined with S3 labels
 
 
 def _cli(*args: str):
