@@ -191,6 +191,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "path": str(Path(config.teacher).resolve()),
             "name": Path(config.teacher).name,
             "sha256": info.sha256,
+            "external_data": [dataclasses.asdict(f) for f in info.external_data],
             "inputs": [{"name": i.name, "dtype": np.dtype(i.dtype).name, "shape": list(i.shape)} for i in info.inputs],
             "logits_output": info.logits_output,
             "kind": info.kind,
