@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from stages import cache_format as fmt
 from stages.config import CacheTeacherConfig, to_dict
-from stages.dataset import ID_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.shard_runner import ShardRunner
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
@@ -200,6 +200,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
         "dataset": {
             "path": str(Path(config.data).resolve()),
             "fingerprint": request["dataset_fingerprint"],
+            "fingerprint_of": FINGERPRINT_OF,
             "num_rows": dataset.num_rows,
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },

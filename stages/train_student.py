@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from stages import cache_format as fmt
 from stages.config import TrainStudentConfig, to_dict
-from stages.dataset import LABEL_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, LABEL_COLUMN, Dataset
 from stages.ensemble_loss import EnsembleKDLoss
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten, soft_targets, to_device
@@ -120,7 +120,10 @@ class Trainer:
     def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
         cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
         cache.verify(checksums=True)
-        want, have = cache.manifest["dataset"]["fingerprint"], data.fingerprint()
+        built_from = cache.manifest["dataset"]
+        # A cache written before fingerprints hashed the rows holds a fingerprint of the files' names and bytes.
+        have = data.fingerprint() if built_from.get("fingerprint_of") == FINGERPRINT_OF else data.file_fingerprint()
+        want = built_from["fingerprint"]
         if have != want:
             raise CacheError(
                 f"cache {cache.key} was built from another dataset ({cache.manifest['dataset']['path']}, fingerprint "

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stages import cache_format as fmt
-from stages import cache_teacher
-from stages.config import CacheTeacherConfig
-from stages.errors import TeacherError
+from stages import cache_teacher, train_student
+from stages.config import CacheTeacherConfig, TrainStudentConfig
+from stages.dataset import Dataset
+from stages.errors import CacheError, TeacherError
 from stages.teacher import ExternalFile, inspect, teacher_identity
 from tests import teachers
 
@@ -127,3 +133,111 @@ def test_external_location_outside_the_model_folder_is_refused(external_setup) -
     (path.parent / "model.onnx.data").rename(path.parent.parent / "model.onnx.data")
     with pytest.raises(TeacherError, match=r"'../model.onnx.data' is not a relative path inside"):
         inspect(path)
+
+
+# -- dataset: the rows, not the files ------------------------------------------------------------------------
+
+
+def _rows(n: int = 60) -> pa.Table:
+    """Every kind of column the contract allows, with nulls at every level."""
+    rng = np.random.default_rng(3)
+    return pa.table(
+        {
+            "id": pa.array([f"row-{i}" for i in range(n)]),
+            "x": pa.array(
+                [rng.normal(size=int(rng.integers(0, 4))).tolist() for _ in range(n)], pa.list_(pa.float32())
+            ),
+            "grid": pa.array([[[i, None], []] if i % 3 else None for i in range(n)], pa.list_(pa.list_(pa.int64()))),
+            "meta": pa.array([{"n": i, "text": None if i % 5 == 0 else "é" * (i % 4)} for i in range(n)]),
+            "label": pa.array([None if i % 7 == 0 else i % 10 for i in range(n)], pa.int64()),
+        }
+    )
+
+
+def _fingerprint(path: Path) -> str:
+    return Dataset(path).fingerprint()
+
+
+def test_fingerprint_is_the_rows_not_the_files(tmp_path) -> None:
+    rows = _rows()
+    pq.write_table(rows, tmp_path / "a.parquet", row_group_size=16)
+    reference = _fingerprint(tmp_path / "a.parquet")
+
+    # The same rows, stored differently: another name and folder, codec, encoding, row groups, files, column order.
+    (tmp_path / "copy").mkdir()
+    shutil.copyfile(tmp_path / "a.parquet", tmp_path / "copy" / "renamed.parquet")
+    pq.write_table(rows, tmp_path / "b.parquet", compression="gzip", use_dictionary=False, row_group_size=7)
+    (tmp_path / "split").mkdir()
+    pq.write_table(rows.slice(0, 23), tmp_path / "split" / "part-0.parquet")
+    pq.write_table(rows.slice(23), tmp_path / "split" / "part-1.parquet", row_group_size=5)
+    reordered = rows.select(["label", "meta", "id", "grid", "x"]).replace_schema_metadata(
+        {"written by": "another tool"}
+    )
+    pq.write_table(reordered, tmp_path / "c.parquet")
+    for same in ("copy/renamed.parquet", "b.parquet", "split", "c.parquet"):
+        assert _fingerprint(tmp_path / same) == reference, same
+
+    # Different rows: one value changed, a null where a value was, two rows swapped, one row fewer, a column renamed.
+    label = rows.column("label").to_pylist()
+    changed = rows.set_column(4, "label", pa.array([label[0], 99] + label[2:], pa.int64()))
+    nulled = rows.set_column(4, "label", pa.array([label[0], None] + label[2:], pa.int64()))
+    swapped = rows.take([1, 0] + list(range(2, len(rows))))
+    renamed = rows.rename_columns(["id", "x", "grid", "meta", "labels"])
+    for name, table in {"changed": changed, "nulled": nulled, "swapped": swapped, "renamed": renamed}.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    fingerprints = {name: _fingerprint(tmp_path / f"{name}.parquet") for name in ("changed", "nulled", "swapped")}
+    fingerprints["shorter"] = _fingerprint(tmp_path / "split" / "part-1.parquet")
+    fingerprints["renamed"] = _fingerprint(tmp_path / "renamed.parquet")
+    assert len(set(fingerprints.values()) | {reference}) == len(fingerprints) + 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), st.text(max_size=3)), max_size=3)), max_size=40),
+    cuts=st.lists(st.integers(0, 40), max_size=3),
+    row_group_size=st.integers(1, 9),
+)
+def test_fingerprint_ignores_how_rows_are_cut_into_files(tmp_path_factory, values, cuts, row_group_size) -> None:
+    table = pa.table(
+        {"id": pa.array(range(len(values)), pa.int64()), "tokens": pa.array(values, pa.list_(pa.string()))}
+    )
+    whole, parts = tmp_path_factory.mktemp("whole") / "all.parquet", tmp_path_factory.mktemp("parts")
+    pq.write_table(table, whole)
+    bounds = [0] + sorted(min(c, len(values)) for c in cuts) + [len(values)]
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        pq.write_table(table.slice(lo, hi - lo), parts / f"{i:02d}.parquet", row_group_size=row_group_size)
+    assert _fingerprint(parts) == _fingerprint(whole)
+
+
+def test_renamed_copy_of_a_dataset_is_a_cache_hit_and_trains(classifier_setup, tmp_path, monkeypatch) -> None:
+    first = _cache(classifier_setup["teacher"], classifier_setup["data"], classifier_setup["cache_dir"])
+    copy = tmp_path / "elsewhere" / "same rows.parquet"
+    copy.parent.mkdir()
+    shutil.copyfile(classifier_setup["data"], copy)
+    monkeypatch.setattr(cache_teacher, "Teacher", None)  # a hit must not build a session
+    second = _cache(classifier_setup["teacher"], copy, classifier_setup["cache_dir"])
+    assert second.hit and second.path == first.path
+    assert second.manifest["dataset"]["fingerprint_of"] == "rows"
+    config = TrainStudentConfig(
+        data=str(copy), cache=[str(first.path)], out=str(tmp_path / "run"), student="mlp:hidden=8", epochs=1,
+        export_onnx=False,
+    )  # fmt: skip
+    assert train_student.run(config, progress=False, log=lambda m: None)["epochs"] == 1
+
+
+def test_cache_from_before_row_fingerprints_still_pairs_with_its_dataset(classifier_setup, tmp_path) -> None:
+    # Manifests written before this change carry the fingerprint of the files' names and bytes, and no marker.
+    result = _cache(classifier_setup["teacher"], classifier_setup["data"], classifier_setup["cache_dir"])
+    manifest = json.loads((result.path / fmt.MANIFEST).read_text())
+    del manifest["dataset"]["fingerprint_of"]
+    manifest["dataset"]["fingerprint"] = Dataset(classifier_setup["data"]).file_fingerprint()
+    (result.path / fmt.MANIFEST).write_text(json.dumps(manifest))
+    config = TrainStudentConfig(
+        data=str(classifier_setup["data"]), cache=[str(result.path)], out=str(tmp_path / "run"),
+        student="mlp:hidden=8", epochs=1, export_onnx=False,
+    )  # fmt: skip
+    assert train_student.run(config, progress=False, log=lambda m: None)["epochs"] == 1
+    other = tmp_path / "other.parquet"
+    teachers.write_vectors(other, classifier_setup["x"][::-1].copy(), np.arange(300) % 10)
+    with pytest.raises(CacheError, match="built from another dataset"):
+        train_student.run(dataclasses.replace(config, data=str(other), overwrite=True), progress=False)
