@@ -1,8 +1,8 @@
 """The input dataset: one Parquet file or a directory of them, read by row ranges without loading it whole.
 
 Contract (README, "Dataset format"): a unique ``id`` column (integer or string); one column per model input,
-named like the input, holding lists (nested lists for 2-D inputs); an optional ``label`` column (null for
-unlabelled rows of a transfer set). Row order is the order of the sorted file names, then the file's own order,
+named like the input, holding lists (nested lists for 2-D inputs); an optional integer label column, ``label`` or
+``labels`` (the Hugging Face name), null for unlabelled rows of a transfer set. Row order is the order of the sorted file names, then the file's own order,
 and it is part of the dataset's identity: caches are written and read back in that order. The identity
 (``Dataset.fingerprint``) is the rows themselves, not the files that hold them.
 """
@@ -24,7 +24,7 @@ from stages.errors import DatasetError
 
 ID_COLUMN = "id"
 FINGERPRINT_OF = "rows"  # what manifests say the fingerprint covers; older ones, without it, hashed the files
-LABEL_COLUMN = "label"
+LABEL_COLUMNS = ("label", "labels")  # "labels" is the Hugging Face name; a dataset may have one of them
 _HASH_CHUNK = 1 << 20  # bytes read at a time while hashing a file
 
 
@@ -66,6 +66,7 @@ class Dataset:
         id_type = self.schema.field(ID_COLUMN).type
         if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
             raise DatasetError(f"column '{ID_COLUMN}' has type {id_type}; use an integer or string id")
+        self.label_column = self._find_label_column()  # every reader of labels goes through this name
         self._groups: list[_RowGroup] = []
         start = 0
         for fi, pf in enumerate(self._parquet):
@@ -84,7 +85,24 @@ class Dataset:
 
     @property
     def has_labels(self) -> bool:
-        return LABEL_COLUMN in self.schema.names
+        return self.label_column is not None
+
+    def _find_label_column(self) -> str | None:
+        present = [c for c in LABEL_COLUMNS if c in self.schema.names]
+        if len(present) > 1:
+            raise DatasetError(
+                f"dataset {self.path} has both {' and '.join(repr(c) for c in present)} columns; "
+                "keep one of them as the label column (one integer class per row)"
+            )
+        if not present:
+            return None
+        name, label_type = present[0], self.schema.field(present[0]).type
+        if not (pa.types.is_integer(label_type) or pa.types.is_null(label_type)):
+            raise DatasetError(
+                f"label column '{name}' of dataset {self.path} holds {label_type}; it must hold one integer class "
+                "per row (null: unlabelled). Cast it to integers, or drop it (token-level targets come from input_ids)"
+            )
+        return name
 
     def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Rows [start, stop) in dataset order, reading only the row groups that overlap them."""
@@ -113,6 +131,12 @@ class Dataset:
         """The whole id column (read alone: cheap even for large datasets)."""
         return pa.concat_arrays(
             [c for pf in self._parquet for c in pf.read(columns=[ID_COLUMN]).column(ID_COLUMN).chunks]
+        )
+
+    def labels(self) -> pa.ChunkedArray:
+        """The whole label column as int64, nulls kept (read alone). Only for a dataset that ``has_labels``."""
+        return pa.chunked_array(
+            [pf.read(columns=[self.label_column]).column(0).cast(pa.int64()) for pf in self._parquet], pa.int64()
         )
 
     def check_unique_ids(self) -> None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from safetensors.torch import save_model
 from torch import nn
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from stages import cache_format as fmt
 from stages.config import TrainStudentConfig, to_dict
-from stages.dataset import FINGERPRINT_OF, LABEL_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.ensemble_loss import EnsembleKDLoss
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten, soft_targets, to_device
@@ -65,7 +66,7 @@ class Trainer:
         self.token_level = (
             self.caches[0].kind == "token"
             if self.caches
-            else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
+            else "input_ids" in self.data.columns and not self.data.has_labels
         )
         self.inputs = self._input_columns()
         if c.alpha < 1 and not self.token_level:
@@ -167,11 +168,7 @@ class Trainer:
         return cols
 
     def _check_labels(self) -> None:
-        if (
-            not self.data.has_labels
-            or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count
-            == self.data.num_rows
-        ):
+        if not self.data.has_labels or self.data.labels().null_count == self.data.num_rows:
             fix = (
                 "use --alpha 1 to train on the teacher's targets alone"
                 if self.caches
@@ -194,8 +191,7 @@ class Trainer:
                 if data_path and ref:
                     return fmt.open_cache(fmt.resolve_cache(ref, c.cache_dir)).num_classes
             return self._max_token() + 1
-        labels = self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
-        return int(max(v for v in labels.to_pylist() if v is not None)) + 1
+        return int(pc.max(self.data.labels()).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
         first = self.data.read(0, 1, self.inputs)
@@ -206,8 +202,6 @@ class Trainer:
         return build_student(self.config.student, num_outputs=self.num_outputs, input_dim=int(np.asarray(sample).size))
 
     def _max_token(self) -> int:
-        import pyarrow.compute as pc
-
         paths = [self.data] + [Dataset(p) for p in (self.config.eval_data, self.config.test_data) if p]
         return max(int(pc.max(pc.list_flatten(d.read(0, d.num_rows, ["input_ids"]).column(0))).as_py()) for d in paths)
 

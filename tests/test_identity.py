@@ -16,11 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.catalog import Catalog
+from pipeline.report import reliability
 from stages import cache_format as fmt
 from stages import cache_teacher, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.dataset import Dataset
-from stages.errors import CacheError, TeacherError
+from stages.errors import CacheError, DatasetError, TeacherError
 from stages.teacher import ExternalFile, inspect, teacher_identity
 from tests import teachers
 
@@ -241,3 +243,63 @@ def test_cache_from_before_row_fingerprints_still_pairs_with_its_dataset(classif
     teachers.write_vectors(other, classifier_setup["x"][::-1].copy(), np.arange(300) % 10)
     with pytest.raises(CacheError, match="built from another dataset"):
         train_student.run(dataclasses.replace(config, data=str(other), overwrite=True), progress=False)
+
+
+# -- labels: "label" or the Hugging Face "labels", read through one name -------------------------------------
+
+
+def _relabelled(table_path: Path, out: Path, rename: dict[str, str]) -> Path:
+    table = pq.read_table(table_path)
+    pq.write_table(table.rename_columns([rename.get(c, c) for c in table.column_names]), out)
+    return out
+
+
+def test_labels_column_trains_exactly_like_label(classifier_setup, tmp_path) -> None:
+    s = classifier_setup
+    hf = _relabelled(s["data"], tmp_path / "hf.parquet", {"label": "labels"})
+    metrics, reliabilities = [], []
+    for name, data in (("label", s["data"]), ("labels", hf)):
+        cache = _cache(s["teacher"], data, s["cache_dir"]).path
+        config = TrainStudentConfig(
+            data=str(data), cache=[str(cache)], alpha=0.5, out=str(tmp_path / name), student="mlp:hidden=8",
+            epochs=2, export_onnx=False, eval_data=str(data), eval_cache=str(cache),
+        )  # fmt: skip
+        metrics.append(train_student.run(config, progress=False, log=lambda m: None))
+        catalog = Catalog(s["cache_dir"], tmp_path / "no-runs")
+        reliabilities.append(reliability(catalog, catalog.cache(cache.name)))
+    # Before, "labels" was ignored: the loss had no hard labels and the accuracy had nothing to score.
+    assert metrics[1]["test_accuracy"] == metrics[0]["test_accuracy"]
+    assert metrics[1]["train_ce"] == metrics[0]["train_ce"] > 0
+    assert reliabilities[1] == reliabilities[0] and sum(row["n"] for row in reliabilities[0][0]) == 300
+
+
+def test_labels_column_makes_a_sequence_dataset_a_classification_task(tmp_path) -> None:
+    # Without a cache, input_ids and no recognised label meant a language model: a vocabulary-sized head.
+    seqs = teachers.random_sequences(40, 50)
+    table = pa.table(
+        {
+            "id": pa.array(range(40)),
+            "input_ids": pa.array([q.tolist() for q in seqs], pa.list_(pa.int64())),
+            "labels": pa.array([len(q) % 3 for q in seqs], pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "seq.parquet")
+    config = TrainStudentConfig(
+        data=str(tmp_path / "seq.parquet"), alpha=0.0, out=str(tmp_path / "run"), student="transformer", epochs=1,
+        export_onnx=False, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
+    trainer.setup()
+    assert not trainer.token_level and trainer.num_outputs == 3
+
+
+def test_label_columns_that_cannot_be_used_are_refused_up_front(classifier_setup, tmp_path) -> None:
+    table = pq.read_table(classifier_setup["data"])
+    both = tmp_path / "both.parquet"
+    pq.write_table(table.append_column("labels", table.column("label")), both)
+    with pytest.raises(DatasetError, match=r"both 'label' and 'labels' columns; keep one"):
+        _cache(classifier_setup["teacher"], both, classifier_setup["cache_dir"])
+    per_token = tmp_path / "per-token.parquet"
+    pq.write_table(table.drop_columns("label").append_column("labels", table.column("x")), per_token)
+    with pytest.raises(DatasetError, match=r"label column 'labels' .* holds list<.*must hold one integer class"):
+        _cache(classifier_setup["teacher"], per_token, classifier_setup["cache_dir"])
