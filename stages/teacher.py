@@ -13,6 +13,8 @@ Two ways to turn logits into cached targets:
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,16 +75,22 @@ def teacher_identity(graph: bytes, external: list[ExternalFile]) -> str:
     return h.hexdigest()
 
 
-def _all_tensors(graph: onnx.GraphProto):
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
     """Every tensor stored in a graph: initializers and node attributes, subgraphs (If/Loop bodies) included."""
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
         yield from (sparse.values, sparse.indices)
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator[TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 yield from _all_tensors(sub)
 
@@ -90,7 +98,8 @@ def _all_tensors(graph: onnx.GraphProto):
 def external_files(model: onnx.ModelProto, folder: Path) -> list[ExternalFile]:
     """The external-data files the graph references, hashed (streamed: a multi-GB file is never held in memory)."""
     locations = set()
-    for tensor in _all_tensors(model.graph):
+    functions = (tensor for function in model.functions for tensor in _node_tensors(function.node))
+    for tensor in itertools.chain(_all_tensors(model.graph), functions):
         if tensor.data_location == TensorProto.EXTERNAL:
             entries = {e.key: e.value for e in tensor.external_data}
             locations.add(entries.get("location", ""))

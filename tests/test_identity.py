@@ -13,10 +13,12 @@ import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.catalog import Catalog
+from pipeline.cli import main
 from pipeline.report import reliability
 from stages import cache_format as fmt
 from stages import cache_teacher, train_student
@@ -106,6 +108,8 @@ def test_identity_covers_every_external_file_and_its_name(classifier_setup, tmp_
     assert [f.location for f in info.external_data] == sorted(locations.values())
     assert info.sha256 == teacher_identity(data, info.external_data)
     assert info.sha256 != teacher_identity(data, [])
+    shown = CliRunner().invoke(main, ["inspect-teacher", str(model)])
+    assert shown.exit_code == 0 and "data      w 2.data  640 bytes" in shown.output, shown.output
 
     # Swapping the two files' contents keeps the same set of bytes but is another teacher.
     a, b = info.external_data
