@@ -2,9 +2,9 @@
 
 Contract (README, "Dataset format"): a unique ``id`` column (integer or string); one column per model input,
 named like the input, holding lists (nested lists for 2-D inputs); an optional integer label column, ``label`` or
-``labels`` (the Hugging Face name), null for unlabelled rows of a transfer set. Row order is the order of the sorted file names, then the file's own order,
-and it is part of the dataset's identity: caches are written and read back in that order. The identity
-(``Dataset.fingerprint``) is the rows themselves, not the files that hold them.
+``labels`` (the Hugging Face name), null for unlabelled rows of a transfer set. Row order is the order of the
+sorted file names, then the file's own order, and it is part of the dataset's identity: caches are written and
+read back in that order. The identity (``Dataset.fingerprint``) is the rows themselves, not the files holding them.
 """
 
 from __future__ import annotations
