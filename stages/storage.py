@@ -38,17 +38,12 @@ _CREDENTIALS_HINT = (
 _BUCKET_SCHEMES = ("s3", "s3a", "gs", "gcs")  # the first path part is a bucket that must exist
 
 
-def is_uri(ref: str | os.PathLike) -> bool:
-    """True for ``scheme://...`` (``file://`` included); False for a plain local path."""
-    return isinstance(ref, ObjectPath) or "://" in str(ref)
-
-
 def location(ref: str | os.PathLike) -> Path | ObjectPath:
     """A local ``Path`` for a path or ``file://`` URI; an ``ObjectPath`` for any other URI."""
     if isinstance(ref, (Path, ObjectPath)):
         return ref
     ref = str(ref)
-    if not is_uri(ref):
+    if "://" not in ref:
         return Path(ref)
     parts = urlsplit(ref)
     if parts.scheme == "file":
