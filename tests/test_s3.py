@@ -7,9 +7,13 @@ creates a bucket; everything then goes through pyarrow's own S3 client, as it wo
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -121,6 +125,36 @@ def test_kill_and_resume_on_s3_equals_an_uninterrupted_cache(classifier_setup, s
     assert any("2 complete shard(s) kept" in m for m in logs)
     assert _shard_bytes(resumed.path) == _shard_bytes(whole.path) and len(_shard_bytes(whole.path)) == 5
     assert resumed.manifest["shards"] == whole.manifest["shards"]
+
+
+@pytest.mark.slow  # two CLI processes and ~60 shards; the fast kill-and-resume test above covers the logic
+def test_sigkill_and_resume_on_s3(classifier_setup, s3) -> None:
+    """A real SIGKILL mid-run on S3: no manifest, the dead writer's lease is taken over, the resume is exact."""
+    args = [sys.executable, "-m", "pipeline", "cache-teacher", "--teacher", str(classifier_setup["teacher"])]
+    args += ["--data", str(classifier_setup["data"]), "--top-k", "3", "--shard-size", "5", "--batch-size", "1"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(args + ["--cache-dir", f"{s3}/killed", "--quiet"], env=env, stderr=subprocess.PIPE)
+    root, journal = storage.location(f"{s3}/killed"), None
+    deadline = time.time() + 60
+    while journal is None and time.time() < deadline and proc.poll() is None:
+        found = [d / fmt.JOURNAL for d in root.iterdir()] if root.exists() else []
+        if found and found[0].exists() and len(found[0].read_text().splitlines()) >= 3:
+            journal = found[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert journal is not None, proc.stderr.read().decode()
+    cache_dir = journal.parent
+    assert (cache_dir / fmt.LOCK).exists() and not (cache_dir / fmt.MANIFEST).exists()
+    kept = len(fmt.read_journal(cache_dir))
+    assert 3 <= kept < 60
+
+    resumed = subprocess.run(args + ["--cache-dir", f"{s3}/killed"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{kept} complete shard(s) kept" in resumed.stderr and resumed.stdout.strip() == str(cache_dir)
+    fresh = cache_teacher.run(_config(classifier_setup, f"{s3}/fresh", top_k=3, shard_size=5), **QUIET)
+    assert fmt.open_cache(cache_dir).manifest["shards"] == fresh.manifest["shards"]
+    assert _shard_bytes(cache_dir) == _shard_bytes(fresh.path) and not (cache_dir / fmt.LOCK).exists()
 
 
 def test_resume_recomputes_a_shard_that_no_longer_matches_its_journal(classifier_setup, s3) -> None:
