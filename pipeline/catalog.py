@@ -164,10 +164,6 @@ def _iso_mtime(path: Path | ObjectPath) -> str:
     return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
 
 
-def _dir_bytes(path: Path | ObjectPath) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def read_cache_entry(path: Path | ObjectPath) -> CacheEntry:
     """One cache directory as it is on disk now: its status, and its manifest when complete and readable."""
     status, manifest, problem = "incomplete", None, ""
@@ -178,7 +174,7 @@ def read_cache_entry(path: Path | ObjectPath) -> CacheEntry:
             status, problem = ("missing shards", ", ".join(missing)) if missing else ("complete", "")
         except CacheError as exc:
             status, problem = "unreadable", str(exc)
-    return CacheEntry(path.name, path, status, manifest, _dir_bytes(path), problem)
+    return CacheEntry(path.name, path, status, manifest, storage.tree_bytes(path), problem)
 
 
 def scan_caches(root: Path | ObjectPath) -> list[CacheEntry]:

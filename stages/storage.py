@@ -267,6 +267,13 @@ def walk(root: Path | ObjectPath) -> Iterator[tuple[Path | ObjectPath, list[str]
         yield Path(dirpath), dirnames, filenames
 
 
+def tree_bytes(path: Path | ObjectPath) -> int:
+    """Bytes of every file under ``path``; an object store answers from one listing, not a request per object."""
+    if isinstance(path, ObjectPath):
+        return sum(i.size or 0 for i in path._listing(recursive=True) if i.type == pafs.FileType.File)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def rmtree(path: Path | ObjectPath) -> None:
     if isinstance(path, ObjectPath):
         path.rmtree()

@@ -232,6 +232,9 @@ def test_caches_list_verify_and_query_on_s3(classifier_setup, s3, tmp_path) -> N
     listed = _cli("caches", "list", *roots)
     assert listed.exit_code == 0, listed.output
     assert a.name in listed.output and b.name in listed.output
+    sizes = json.loads(_cli("query", "SELECT key, bytes_on_disk FROM caches", "--format", "json", *roots).output)
+    objects = {p.name: p.stat().st_size for p in a.iterdir()}
+    assert {r["key"]: r["bytes_on_disk"] for r in sizes}[a.name] == sum(objects.values())
     verified = _cli("caches", "verify", *roots)
     assert verified.exit_code == 0 and f"ok    {a.name}" in verified.output, verified.output
     queried = _cli(
