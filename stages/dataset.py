@@ -22,6 +22,8 @@ from stages.errors import DatasetError
 
 ID_COLUMN = "id"
 LABEL_COLUMN = "label"
+LOSS_MASK_COLUMN = "loss_mask"  # optional, token data: 1 where the token is a training target (chat: the assistant)
+TOKENIZER_SHA256_KEY = b"kd.tokenizer_sha256"  # Parquet metadata written by prepare-data
 _HASH_CHUNK = 1 << 20  # bytes read at a time while fingerprinting
 
 
@@ -82,6 +84,12 @@ class Dataset:
     @property
     def has_labels(self) -> bool:
         return LABEL_COLUMN in self.schema.names
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        """The sha256 of the tokenizer prepare-data used, or None for data made another way."""
+        value = (self.schema.metadata or {}).get(TOKENIZER_SHA256_KEY)
+        return value.decode() if value else None
 
     def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Rows [start, stop) in dataset order, reading only the row groups that overlap them."""

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.cache_format import HIDDEN_PREFIX, Cache
-from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
+from stages.dataset import ID_COLUMN, LABEL_COLUMN, LOSS_MASK_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
 
 IGNORE = -100  # label value for "no label": unlabelled rows, padding, the last token of a sequence
@@ -168,9 +168,11 @@ class StreamingLoader(IterableDataset):
         columns = (
             [ID_COLUMN] + self.input_columns + ([LABEL_COLUMN] if self.data.has_labels and not self.token_level else [])
         )
+        if self.token_level and LOSS_MASK_COLUMN in self.data.columns:
+            columns.append(LOSS_MASK_COLUMN)  # carried with the inputs, folded into the batch mask
         table = self.data.read(start, stop, columns)
         ids = table.column(ID_COLUMN).to_numpy()
-        inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
+        inputs = {c: column_to_array(table.column(c), c) for c in columns[1:] if c != LABEL_COLUMN}
         if LABEL_COLUMN in columns:
             labels = table.column(LABEL_COLUMN).fill_null(IGNORE).to_numpy().astype(np.int64)
         else:
@@ -309,7 +311,21 @@ class StreamingLoader(IterableDataset):
                 out[where] = values[rows]
                 t[key] = torch.from_numpy(out)
             targets.append(t)
+        if LOSS_MASK_COLUMN in block.inputs:
+            mask = mask & _shifted_loss_mask(block.inputs[LOSS_MASK_COLUMN], idx, lengths, s)
         return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(mask), targets, block.ids[idx].tolist())
+
+
+def _shifted_loss_mask(loss_mask, idx: np.ndarray, lengths: np.ndarray, s: int) -> np.ndarray:
+    """[B, S] bool: position t counts when token t + 1 is a target (``loss_mask`` 1), since t predicts t + 1.
+
+    The last token predicts past the example's end, so it never counts; nor do positions of padding.
+    """
+    out = np.zeros((len(idx), s), dtype=bool)
+    for j, i in enumerate(idx):
+        row = np.asarray(loss_mask[i])[: lengths[j]]
+        out[j, : len(row) - 1] = row[1:] != 0
+    return out
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:

@@ -27,12 +27,15 @@ from stages.ensemble_loss import EnsembleKDLoss
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten, soft_targets, to_device
 from stages.export import export_onnx
+from stages.hf_students import HFStudent, build_hf_student, is_hf_spec
 from stages.loader import StreamingLoader
 from stages.losses import HiddenStateLoss, KDLoss, cross_entropy_only
+from stages.prepare_data import prepared_tokenizer
 from stages.sampled_loss import SampledKDLoss, SampledTargets
 from stages.students import build_student, count_parameters
 
 METRICS = "metrics.json"  # written last: a run directory without it did not finish
+HF_DIR = "hf"  # Hugging Face students: the transformers folder (save_pretrained) inside the run directory
 
 
 def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
@@ -195,6 +198,13 @@ class Trainer:
         return int(max(v for v in labels.to_pylist() if v is not None)) + 1
 
     def _build_student(self) -> nn.Module:
+        if is_hf_spec(self.config.student):
+            return build_hf_student(
+                self.config.student,
+                num_outputs=self.num_outputs,
+                token_level=self.token_level,
+                tokenizer_sha=self.data.tokenizer_sha256,
+            )
         first = self.data.read(0, 1, self.inputs)
         sample = first.column(self.inputs[0])[0].as_py()
         if self.token_level or "input_ids" in self.inputs:
@@ -409,6 +419,8 @@ class Trainer:
     def save(self) -> dict:
         c = self.config
         save_model(self.model, str(self.out / "checkpoint.safetensors"))
+        if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
+            self.model.save_pretrained(self.out / HF_DIR, prepared_tokenizer(self.data))
         with open(self.out / "metrics.csv", "w", newline="") as fh:
             fields = list(dict.fromkeys(k for row in self.history for k in row))
             writer = csv.DictWriter(fh, fieldnames=fields)
