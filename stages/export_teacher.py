@@ -16,6 +16,7 @@ import ast
 import contextlib
 import io
 import json
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -273,6 +274,12 @@ def hidden_tensors(path: Path, model: nn.Module) -> dict[str, str]:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the exporter's progress prints and warnings: stdout's last line is the command's result."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    exporter_log = logging.getLogger("torch.onnx")  # e.g. "torchvision is not installed" warnings
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_log.setLevel(level)

