@@ -177,21 +177,21 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_datasets_folder(path: Path) -> list[dict]:
-    """A ``Dataset.save_to_disk`` folder: Arrow stream files listed in state.json."""
-    state = path / "state.json"
-    if not state.is_file():
-        hint = (
-            " (a DatasetDict: pass one split's folder, e.g. DIR/train)"
-            if (path / "dataset_dict.json").is_file()
-            else ""
+    """A ``Dataset.save_to_disk`` folder, read by the datasets library itself (its layout is its own business)."""
+    if not (path / "state.json").is_file() and not (path / "dataset_dict.json").is_file():
+        raise DatasetError(f"{path} is a folder but not a datasets save_to_disk folder (no state.json)")
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError(
+            f"reading the datasets folder {path} needs the datasets package: pip install datasets"
+        ) from exc
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DatasetError(
+            f"{path} holds the splits {sorted(loaded)}; pass one split's folder, e.g. {path / next(iter(loaded))}"
         )
-        raise DatasetError(f"{path} is not a datasets save_to_disk folder (no state.json){hint}")
-    files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-    tables = []
-    for f in files:
-        with pa.memory_map(str(f)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
-    return pa.concat_tables(tables).to_pylist()
+    return loaded.to_list()
 
 
 def _record(row: dict, index: int, src: str, config: PrepareDataConfig) -> dict:

@@ -356,3 +356,22 @@ def test_smollm2_gguf_exports_and_matches_torch(tmp_path) -> None:
     assert card["source_format"] == "gguf" and card["vocab_size"] == 49152 and card["chat_template"]
     assert card["check"]["max_abs_diff"] < 1e-3 * card["check"]["logit_scale"]
     assert len(card["hidden_tensors"]) == 30
+
+
+def test_prepare_reads_a_datasets_folder_and_parquet(hf, tmp_path) -> None:
+    import datasets
+    import pyarrow as pa
+
+    texts, labels = ["hello world", "the quick brown fox", "a tiny corpus"], ["positive", "negative", "neutral"]
+    datasets.Dataset.from_dict({"body": texts, "y": labels}).save_to_disk(str(tmp_path / "ds"))
+    pq.write_table(pa.table({"body": texts, "y": labels}), tmp_path / "src.parquet")
+    outs = [
+        _prepare(hf["bert_onnx"].parent, [src], tmp_path / f"o{i}.parquet", text_field="body", label_field="y")
+        for i, src in enumerate([tmp_path / "ds", tmp_path / "src.parquet"])
+    ]
+    tokenizer = load_tokenizer(hf["bert_onnx"].parent)
+    want = [{"id": i, "input_ids": tokenizer(t)["input_ids"], "label": [2, 0, 1][i]} for i, t in enumerate(texts)]
+    assert all(pq.read_table(o).to_pylist() == want for o in outs)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts})}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DatasetError, match="pass one split's folder"):
+        _prepare(hf["bert_onnx"].parent, [tmp_path / "dd"], tmp_path / "o.parquet", text_field="body")
