@@ -45,16 +45,17 @@ class HFStudent(nn.Module):
         out = self.model(**kwargs, output_hidden_states=True)
         return StudentOutput(out.logits, list(out.hidden_states[1:]))  # [0] is the embedding output, not a layer
 
-    def save_pretrained(self, folder: Path, tokenizer_source: str | None) -> None:
-        """Weights + config (+ generation config) + tokenizer: the student's folder's, else ``tokenizer_source``."""
-        source = self.folder if self.tokenizer_sha256 else tokenizer_source
-        if source is None:
-            raise ConfigError(
-                f"cannot save the student as a Hugging Face folder: {self.folder} holds no tokenizer and the dataset "
-                "does not name one (make it with prepare-data, or copy the tokenizer files into the student folder)"
-            )
+    def save_pretrained(self, folder: Path, tokenizer_source: str | None) -> bool:
+        """Weights + config (+ generation config) + tokenizer: the student folder's, else ``tokenizer_source``.
+
+        Returns False when neither holds a tokenizer (data not made by prepare-data and a bare config folder):
+        the model is saved all the same, and the caller says which files to add.
+        """
         self.model.save_pretrained(folder)
-        load_tokenizer(source).save_pretrained(folder)
+        source = self.folder if self.tokenizer_sha256 else tokenizer_source
+        if source is not None:
+            load_tokenizer(source).save_pretrained(folder)
+        return source is not None
 
 
 def is_hf_spec(spec: str) -> bool:

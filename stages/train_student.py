@@ -420,7 +420,8 @@ class Trainer:
         c = self.config
         save_model(self.model, str(self.out / "checkpoint.safetensors"))
         if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
-            self.model.save_pretrained(self.out / HF_DIR, prepared_tokenizer(self.data))
+            if not self.model.save_pretrained(self.out / HF_DIR, prepared_tokenizer(self.data)):
+                self.log(f"note: {self.out / HF_DIR} has no tokenizer; copy the teacher's tokenizer files into it")
         with open(self.out / "metrics.csv", "w", newline="") as fh:
             fields = list(dict.fromkeys(k for row in self.history for k in row))
             writer = csv.DictWriter(fh, fieldnames=fields)

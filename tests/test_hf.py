@@ -21,7 +21,7 @@ from pipeline.cli import main
 from stages import cache_teacher, export_teacher, prepare_data, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.dataset import Dataset
-from stages.errors import ConfigError, DatasetError
+from stages.errors import ConfigError, DatasetError, TeacherError
 from stages.hf_source import load_tokenizer, tokenizer_sha256
 from stages.loader import StreamingLoader
 from tests import hf_models
@@ -139,6 +139,17 @@ def test_export_mistakes_get_one_line_messages(hf, tmp_path) -> None:
         assert "Traceback" not in result.output
 
 
+def test_export_check_fails_when_onnx_differs_from_the_model(hf, tmp_path) -> None:
+    """The check compares against the model it is given: another model's weights must fail it, clearly."""
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(hf_models.make_llama(tmp_path / "other", seed=1)).eval()
+    graph = export_teacher._Graph(other, "causal-lm", ["input_ids", "attention_mask"])
+    tokenizer = load_tokenizer(hf["llama_onnx"].parent)
+    with pytest.raises(TeacherError, match="export check failed"):
+        export_teacher.check(hf["llama_onnx"], graph, tokenizer, ["input_ids", "attention_mask"], 1e-3)
+
+
 # ---- prepare-data -----------------------------------------------------------------------------------------------
 
 
@@ -242,6 +253,29 @@ def test_loader_counts_only_positions_that_predict_assistant_tokens(hf, tmp_path
             want[: len(rows[example]) - 1] = rows[example][1:] == 1  # position t predicts token t + 1
             assert np.array_equal(batch.mask[j].numpy(), want)
             assert batch.inputs["attention_mask"][j].sum() == len(rows[example])  # attention still sees the prompt
+
+
+def test_metrics_count_only_assistant_positions(hf, tmp_path) -> None:
+    """Perplexity over chat data equals the cross-entropy of the assistant's tokens alone, computed by hand."""
+    from stages import cache_format as fmt
+    from stages.evaluate import evaluate
+    from stages.hf_students import build_hf_student
+
+    src = _jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
+    data = _prepare(hf["llama_onnx"].parent, [src], tmp_path / "c.parquet", chat=True)
+    cache = fmt.open_cache(_cache(hf["llama_onnx"], data, hf["cache_dir"], top_k=4))
+    student = build_hf_student(f"hf:{hf['llama']}", num_outputs=300, token_level=True, tokenizer_sha=None).eval()
+    loader = StreamingLoader(Dataset(data), [cache], input_columns=["input_ids"], batch_size=1, token_level=True)
+    got = evaluate(student, loader, (1.0, 300), device=torch.device("cpu"), token_level=True, vocab=None)
+    losses = []
+    for row in pq.read_table(data).to_pylist():
+        ids, mask = torch.tensor([row["input_ids"]]), torch.tensor(row["loss_mask"])
+        with torch.no_grad():
+            logp = torch.log_softmax(student.model(input_ids=ids).logits[0].double(), -1)
+        nll = -logp[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+        losses.append(nll[mask[1:] == 1])
+    assert got["perplexity"] == pytest.approx(float(torch.cat(losses).mean().exp()), rel=1e-5)
+    assert got["agreement"] == pytest.approx(1.0)  # the student is the teacher: same argmax on every counted position
 
 
 def test_causal_lm_end_to_end_hf_student_loads_and_generates(hf, tmp_path) -> None:
