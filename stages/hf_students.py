@@ -81,9 +81,7 @@ def build_hf_student(spec: str, *, num_outputs: int, token_level: bool, tokenize
         raise ConfigError(f"cannot read the student config in {folder}: {exc}") from exc
     auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
     if task == "sequence-classification":
-        config.num_labels = num_outputs  # the head follows the teacher's classes
-        config.id2label = {i: f"LABEL_{i}" for i in range(num_outputs)}
-        config.label2id = {v: k for k, v in config.id2label.items()}
+        config.num_labels = num_outputs  # the head follows the teacher's classes (names kept when the count agrees)
     try:
         if has_weights(folder):
             model = auto.from_pretrained(
