@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -112,8 +113,6 @@ def run(config: ExportTeacherConfig, log=print) -> ExportResult:
     log(f"exported {src} ({config.task}) in {seconds:.0f} s; checking against torch")
     tokenizer.save_pretrained(out)
     max_diff, scale = check(out / ONNX_NAME, graph, tokenizer, input_names, TOLERANCE[config.dtype])
-    import onnx
-
     opset = next(
         o.version for o in onnx.load(str(out / ONNX_NAME), load_external_data=False).opset_import if not o.domain
     )
@@ -254,8 +253,6 @@ def hidden_tensors(path: Path, model: nn.Module) -> dict[str, str]:
     The exporter names tensors after FX nodes (``add_4753``); the scope metadata it keeps tells which module a
     node belongs to, and a module's output is the last node inside its scope.
     """
-    import onnx
-
     stacks = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
     if not stacks:
         return {}
