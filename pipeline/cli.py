@@ -26,7 +26,12 @@ from stages.config import (
 @click.option(
     "--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline)."
 )
-@click.option("--batch-size", type=int, help="Examples per teacher call (default 64).")
+@click.option("--batch-size", type=int, help="Examples per teacher call, at most (default 64).")
+@click.option(
+    "--logits-budget-mb",
+    type=int,
+    help="MiB of float32 logits one teacher call may return; sets positions per call to budget / (4 V) (default 256).",
+)
 @click.option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: one per core).")
 @click.option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
