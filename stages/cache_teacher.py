@@ -61,6 +61,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
     inspected = inspect(config.teacher, config.logits_output or None)
     info, model, _ = inspected
     check_hidden(model, config.hidden)
+    del model
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
     missing = [
@@ -99,14 +100,17 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish") from exc
+    # _fill gets the only reference to the teacher's bytes and protobuf, and lets go of them once the session is
+    # built: the session holds its own copy of the weights, and a large teacher would otherwise be held 3 times.
+    handed, inspected = [inspected], None
     with lock:
-        return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
+        return _fill(config, dataset, handed, request, key, cache_dir, progress, log)
 
 
 def _fill(
-    config, dataset: Dataset, inspected: tuple, request: dict, key: str, cache_dir: Path, progress: bool, log
+    config, dataset: Dataset, handed: list[tuple], request: dict, key: str, cache_dir: Path, progress: bool, log
 ) -> CacheResult:
-    info = inspected[0]
+    info = handed[0][0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
     request_path = cache_dir / REQUEST
@@ -132,7 +136,7 @@ def _fill(
         hidden=sorted(config.hidden),
         logits_output=config.logits_output or None,
         topk_in_graph=(config.top_k, float(config.temperature)) if use_graph else None,
-        inspected=inspected,
+        inspected=handed.pop(),
     )
     if teacher.provider != "CUDAExecutionProvider" and config.postprocess == "auto" and use_graph:
         use_graph = False
