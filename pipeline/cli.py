@@ -59,7 +59,12 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 @_cache_option(
     "--cache-dir", type=click.Path(file_okay=False), help="Cache root ($KD_CACHE_DIR, else ~/.cache/kd-pipeline)."
 )
-@_cache_option("--batch-size", type=int, help="Examples per teacher call.")
+@_cache_option("--batch-size", type=int, help="Examples per teacher call, at most.")
+@_cache_option(
+    "--logits-budget-mb",
+    type=int,
+    help="MiB of float32 logits one teacher call may return; positions per call = budget / (4 V).",
+)
 @_cache_option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
 @_cache_option("--threads", type=int, help="ONNX Runtime intra-op threads; 0: one per core.")
 @_cache_option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
