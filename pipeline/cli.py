@@ -99,6 +99,12 @@ def inspect_teacher(model, show_all) -> None:
 )
 @click.option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage (default 0).")
 @click.option("--seed", type=int, help="Seed: the same seed repeats the run (default 0).")
+@click.option(
+    "--labelled-only",
+    is_flag=True,
+    default=None,
+    help="Train on the rows with a label only (skip a transfer set's rows); caches still cover every row.",
+)
 @click.option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
 @click.option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
 @click.option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")

@@ -85,7 +85,11 @@ class Trainer:
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(
-            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None
+            self.data,
+            self.caches,
+            shuffle=True,
+            hidden=hidden_names if self.caches else None,
+            labelled_only=c.labelled_only,
         )
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
@@ -101,7 +105,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
-            f"alpha {c.alpha}, T {self.temperature}; {self.data.num_rows} training examples"
+            f"alpha {c.alpha}, T {self.temperature}; {self.train_loader.num_examples} training examples"
         )
 
     def _held_out(self, data_path: str, cache_ref: str) -> tuple[StreamingLoader, tuple[float, int] | None] | None:
@@ -248,7 +252,9 @@ class Trainer:
         # Spread the teacher's hidden states evenly over the student's layers, last to last.
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
-    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None):
+    def _loader(
+        self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None, labelled_only=False
+    ):
         loader = StreamingLoader(
             data,
             caches,
@@ -260,6 +266,7 @@ class Trainer:
             buffer_examples=self.config.buffer,
             seed=self.config.seed,
             top_k=self.config.top_k if top_k is None else top_k,
+            labelled_only=labelled_only,
         )
         return loader
 
