@@ -35,7 +35,7 @@ TRANSFER_ID_OFFSET = 2_000_000
 OPSET = 20  # pinned so the file does not change with torch's default; onnxruntime >= 1.17 runs it
 HIDDEN = ("conv1", "conv2", "conv3", "features")  # tensor names users pass to `cache-teacher --hidden`
 TEACHERS = {"teacher": ("teacher_cnn", 0), "teacher-seed1": ("teacher_cnn_seed1", 1)}  # part -> (file stem, seed)
-# 30,000 rows (4 MB) lift the main job's KD student from 68% to 83% in ~12 CPU-seconds of training; BENCHMARKS.md's
+# 30,000 rows (4 MB) lift the main job's KD student from 68% to 83% in ~10 CPU-seconds of training; BENCHMARKS.md's
 # 50,000 rows and more epochs reach 88% with about three times the training and 7 MB.
 TRANSFER_ROWS = 30_000
 TRANSFER_SEED = 1  # any seed but the benchmark's 42
