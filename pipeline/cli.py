@@ -143,6 +143,12 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant, or cosine decay to 0 over each stage.")
 @_train_option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage.")
 @_train_option("--seed", type=int, help="Seed: the same seed repeats the run.")
+@_train_option(
+    "--labelled-only",
+    is_flag=True,
+    default=None,
+    help="Train on the rows with a label only (skip a transfer set's rows); caches still cover every row.",
+)
 @_train_option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
 @_train_option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
 @_train_option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")

@@ -167,6 +167,7 @@ class TrainStudentConfig:
     lr_schedule: str = "constant"  # constant | cosine (to 0 over each stage's steps)
     warmup_steps: int = 0  # linear warm-up from 0 to lr over the first steps of each stage
     seed: int = 0  # seeds torch, the shuffle, and initialisation: same seed, same run
+    labelled_only: bool = False  # train on the labelled rows only; the caches still cover (and pair with) every row
     eval_data: str = ""  # held-out dataset evaluated every epoch
     eval_cache: str = ""  # the teacher's cache of eval_data: adds agreement and KL to the teacher
     test_data: str = ""  # evaluated once after training (test_* metrics); default: eval_data's final figures
