@@ -61,7 +61,12 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
     type=click.Path(file_okay=False),
     help="Cache root, a directory or s3://bucket/prefix ($KD_CACHE_DIR, else ~/.cache/kd-pipeline).",
 )
-@_cache_option("--batch-size", type=int, help="Examples per teacher call.")
+@_cache_option("--batch-size", type=int, help="Examples per teacher call, at most.")
+@_cache_option(
+    "--logits-budget-mb",
+    type=int,
+    help="MiB of float32 logits one teacher call may return; positions per call = budget / (4 V).",
+)
 @_cache_option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
 @_cache_option("--threads", type=int, help="ONNX Runtime intra-op threads; 0: one per core.")
 @_cache_option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
@@ -140,6 +145,12 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant, or cosine decay to 0 over each stage.")
 @_train_option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage.")
 @_train_option("--seed", type=int, help="Seed: the same seed repeats the run.")
+@_train_option(
+    "--labelled-only",
+    is_flag=True,
+    default=None,
+    help="Train on the rows with a label only (skip a transfer set's rows); caches still cover every row.",
+)
 @_train_option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
 @_train_option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
 @_train_option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")
@@ -190,6 +201,68 @@ def train_student(config_file, quiet, **options) -> None:
     config = load_config(TrainStudentConfig, config_file, options)
     stage.run(config, progress=not quiet, log=log)
     click.echo(config.out)
+
+
+@main.command("export-teacher")
+@click.argument("src")
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "sequence-classification", "feature-extraction"]),
+    default="causal-lm",
+    show_default=True,
+    help="What the graph returns: next-token logits, class logits, or the last hidden states.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Export folder (created if missing).")
+@click.option("--opset", type=int, default=0, help="ONNX opset (default: the exporter's).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Weight type.")
+@click.option(
+    "--no-optimize", "optimize", flag_value=False, default=True, help="Skip the graph clean-up (faster export)."
+)
+@errors_to_click
+def export_teacher(src, **options) -> None:
+    """Export a local Hugging Face model folder or .gguf file to an ONNX teacher. Prints the .onnx path last."""
+    from stages import export_teacher as stage
+
+    config = load_config(stage.ExportTeacherConfig, None, {"src": src, **options})
+    result = stage.run(config, log=log)
+    check = result.card["check"]
+    log(f"ORT vs torch: max |delta logit| {check['max_abs_diff']:.3g} (logit scale {check['logit_scale']:.3g})")
+    click.echo(str(result.onnx_path))
+
+
+@main.command("prepare-data")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--tokenizer", required=True, help="The teacher's tokenizer: its export folder or a tokenizer.json.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Parquet file to write.")
+@click.option("--max-length", type=click.IntRange(min=2), help="Tokens per row: packed length or truncation (512).")
+@click.option("--pack", is_flag=True, default=None, help="Join documents with end-of-text and cut fixed lengths.")
+@click.option("--text-field", help="JSONL/CSV/Parquet field holding the text (default text).")
+@click.option("--label-field", help="Field holding the class label (name or integer).")
+@click.option("--chat", is_flag=True, default=None, help="Records hold chat 'messages'; loss on assistant tokens only.")
+@click.option("--split", help="Split documents, e.g. train=0.9,val=0.05,test=0.05: one file per split.")
+@click.option("--seed", type=int, help="Seed of the split's shuffle (default 0).")
+@errors_to_click
+def prepare_data(src, **options) -> None:
+    """Tokenise text, JSONL, chat, CSV, Parquet or datasets folders into a dataset. Prints the output path last."""
+    from stages import prepare_data as stage
+
+    config = load_config(stage.PrepareDataConfig, None, {"src": list(src), **options})
+    result = stage.run(config, log=log)
+    click.echo(str(result.path))
+
+
+@main.command("generate")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to add.")
+@click.option("--teacher", is_flag=True, help="Sample the run's ONNX teacher instead of the student.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user turn with the tokenizer's chat template.")
+@errors_to_click
+def generate(run, prompt, max_new_tokens, teacher, chat) -> None:
+    """Print a greedy continuation of --prompt by a causal-LM student (hf:) or, with --teacher, its teacher."""
+    from stages import generate as stage
+
+    click.echo(stage.run(run, prompt, max_new_tokens=max_new_tokens, teacher=teacher, chat=chat))
 
 
 cli_catalog.register(main)  # caches, runs, query, report

@@ -27,6 +27,7 @@ from stages import storage
 from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
+from stages.export_teacher import read_card
 from stages.shard_runner import ShardRunner
 from stages.storage import ObjectPath
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
@@ -63,6 +64,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
     inspected = inspect(config.teacher, config.logits_output or None)
     info, model, _ = inspected
     check_hidden(model, config.hidden)
+    del model
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
     missing = [
@@ -79,6 +81,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
         raise TeacherError(
             f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
         )
+    _check_tokenizer(config.teacher, dataset)
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
@@ -104,21 +107,24 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
             else ""
         )
         raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish{stale}")
+    # _fill gets the only reference to the teacher's bytes and protobuf, and lets go of them once the session is
+    # built: the session holds its own copy of the weights, and a large teacher would otherwise be held 3 times.
+    handed, inspected = [inspected], None
     with lock:
-        return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
+        return _fill(config, dataset, handed, request, key, cache_dir, progress, log)
 
 
 def _fill(
     config,
     dataset: Dataset,
-    inspected: tuple,
+    handed: list[tuple],
     request: dict,
     key: str,
     cache_dir: Path | ObjectPath,
     progress: bool,
     log,
 ) -> CacheResult:
-    info = inspected[0]
+    info = handed[0][0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
     request_path = cache_dir / fmt.REQUEST
@@ -134,11 +140,11 @@ def _fill(
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")
     (cache_dir / fmt.JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in done))  # drop a torn tail
 
-    teacher = _load_teacher(config, inspected, topk_in_graph=config.postprocess == "graph")
+    teacher = _load_teacher(config, handed.pop(), topk_in_graph=config.postprocess == "graph")
     postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
     if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
         teacher = None  # release the first session's device memory before the second loads
-        teacher = _load_teacher(config, inspected, topk_in_graph=True)
+        teacher = _load_teacher(config, None, topk_in_graph=True)  # reads the model again: its bytes were let go
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
         + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")
@@ -233,6 +239,17 @@ def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: b
     )
 
 
+def _check_tokenizer(teacher: str, dataset: Dataset) -> None:
+    """Data tokenised by prepare-data must use the tokenizer of a teacher made by export-teacher."""
+    card = read_card(Path(teacher).parent)
+    want = card.get("tokenizer_sha256") if card else None
+    if want and dataset.tokenizer_sha256 and dataset.tokenizer_sha256 != want:
+        raise DatasetError(
+            f"dataset {dataset.path} was tokenised with another tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) "
+            f"than the teacher's (sha256 {want[:12]}); re-run prepare-data with --tokenizer {Path(teacher).parent}"
+        )
+
+
 def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run) -> dict:
     import onnxruntime
 
@@ -264,6 +281,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "num_rows": dataset.num_rows,
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },
+        "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
         "top_k": config.top_k if config.target_format == "topk" else 0,
         "samples": config.samples if config.target_format == "sampled" else 0,
         "sample_seed": config.sample_seed if config.target_format == "sampled" else None,

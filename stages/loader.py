@@ -5,7 +5,8 @@ caches' shard boundaries). Units are dealt round-robin to ``rank * num_workers +
 workers (and processes) cover every row exactly once. A worker reads units into a window of at least
 ``buffer_examples`` examples, checks that the cache's ids equal the dataset's ids row for row, shuffles the
 window's examples and yields ready batches. Memory is bounded by the window plus one shard per cache,
-whatever the dataset's size.
+whatever the dataset's size. ``labelled_only`` trains on the labelled rows of a dataset whose caches cover every
+row (a labelled split followed by an unlabelled transfer set, cached once): pairing is still checked row for row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.cache_format import HIDDEN_PREFIX, Cache
-from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
+from stages.dataset import ID_COLUMN, LOSS_MASK_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 
@@ -89,6 +90,7 @@ class StreamingLoader(IterableDataset):
         top_k: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        labelled_only: bool = False,
     ):
         missing = [c for c in input_columns if c not in data.columns]
         if missing:
@@ -116,13 +118,28 @@ class StreamingLoader(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.units = self._units()
+        self.keep = self._labelled_rows() if labelled_only else None  # [rows] bool: the rows that are yielded
+        self.units, self.sizes = self._units()  # sizes[i]: examples unit i yields
+        self.num_examples = sum(self.sizes)
 
     def set_epoch(self, epoch: int) -> None:
         """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit)."""
         self.epoch = epoch
 
-    def _units(self) -> list[tuple[int, int]]:
+    def _labelled_rows(self) -> np.ndarray:
+        if self.token_level:
+            raise ConfigError(
+                "labelled_only applies to classifier datasets; token-level rows are labelled by their tokens"
+            )
+        keep = self.data.labels().is_valid().to_numpy(zero_copy_only=False) if self.data.has_labels else None
+        if keep is None or not keep.any():
+            raise DatasetError(
+                f"labelled_only: dataset {self.data.path} has no labelled rows (no non-null label); "
+                "drop --labelled-only or add labels"
+            )
+        return keep
+
+    def _units(self) -> tuple[list[tuple[int, int]], list[int]]:
         n = self.data.num_rows
         cuts = {0, n}
         for cache in self.caches:
@@ -134,11 +151,15 @@ class StreamingLoader(IterableDataset):
         if not self.caches:
             cuts |= set(range(0, n, _UNIT_WITHOUT_CACHE))
         edges = sorted(cuts)
-        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        units = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        if self.keep is None:
+            return units, [b - a for a, b in units]
+        sizes = [int(self.keep[a:b].sum()) for a, b in units]
+        return [u for u, size in zip(units, sizes) if size], [size for size in sizes if size]
 
     def __len__(self) -> int:
         """Batches per epoch over all workers (an upper bound: each window may end in a short batch)."""
-        return -(-self.data.num_rows // self.batch_size) + len(self.units)
+        return -(-self.num_examples // self.batch_size) + len(self.units)
 
     def count_batches(self, epoch: int, workers: int = 0) -> int:
         """Exactly the batches that epoch yields on this rank over ``workers`` DataLoader workers (0 = in-process).
@@ -152,8 +173,7 @@ class StreamingLoader(IterableDataset):
         for worker in range(per_rank):
             size = 0
             for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]:
-                start, stop = self.units[i]
-                size += stop - start
+                size += self.sizes[i]
                 if size >= self.buffer_examples:
                     total, size = total + -(-size // self.batch_size), 0
             total += -(-size // self.batch_size)
@@ -183,9 +203,11 @@ class StreamingLoader(IterableDataset):
     def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
         label = self.data.label_column if not self.token_level else None
         columns = [ID_COLUMN] + self.input_columns + ([label] if label else [])
+        if self.token_level and LOSS_MASK_COLUMN in self.data.columns:
+            columns.append(LOSS_MASK_COLUMN)  # carried with the inputs, folded into the batch mask
         table = self.data.read(start, stop, columns)
         ids = table.column(ID_COLUMN).to_numpy()
-        inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
+        inputs = {c: column_to_array(table.column(c), c) for c in columns[1:] if c != label}
         if label:
             labels = table.column(label).cast(pa.int64()).fill_null(IGNORE_INDEX).to_numpy()
         else:
@@ -214,6 +236,11 @@ class StreamingLoader(IterableDataset):
                 else np.ones(len(ids), np.int64)
             )
             row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if self.keep is not None:  # after pairing, so a cache of other rows is still refused
+            keep = np.flatnonzero(self.keep[start:stop])
+            inputs = {c: [v[i] for i in keep] if isinstance(v, list) else v[keep] for c, v in inputs.items()}
+            # Cache rows stay whole: row_start keeps pointing into them.
+            ids, labels, lengths, row_start = ids[keep], labels[keep], lengths[keep], row_start[keep]
         return _Block(ids, inputs, labels, lengths, row_start, rows)
 
     def _shard_rows(self, c: int, cache: Cache, start: int, stop: int, memo: dict):
@@ -332,6 +359,8 @@ class StreamingLoader(IterableDataset):
                 out[where] = values[rows]
                 t[key] = torch.from_numpy(out)
             per_cache.append(t)
+        if LOSS_MASK_COLUMN in block.inputs:
+            mask = mask & _shifted_loss_mask(block.inputs[LOSS_MASK_COLUMN], idx, lengths, s)
         targets, hidden = self._typed(per_cache)
         return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(mask), targets, hidden, block.ids[idx].tolist())
 
@@ -347,6 +376,18 @@ class StreamingLoader(IterableDataset):
                 targets.append(SoftTargets(t["ids"], t["logp"], t["logz"], cache.temperature, cache.num_classes))
             hidden.append({k.removeprefix(HIDDEN_PREFIX): v for k, v in t.items() if k.startswith(HIDDEN_PREFIX)})
         return targets, hidden
+
+
+def _shifted_loss_mask(loss_mask, idx: np.ndarray, lengths: np.ndarray, s: int) -> np.ndarray:
+    """[B, S] bool: position t counts when token t + 1 is a target (``loss_mask`` 1), since t predicts t + 1.
+
+    The last token predicts past the example's end, so it never counts; nor do positions of padding.
+    """
+    out = np.zeros((len(idx), s), dtype=bool)
+    for j, i in enumerate(idx):
+        row = np.asarray(loss_mask[i])[: lengths[j]]
+        out[j, : len(row) - 1] = row[1:] != 0
+    return out
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:

@@ -29,11 +29,14 @@ from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
+from stages.hf_students import HFStudent, build_hf_student, is_hf_spec
 from stages.loader import StreamingLoader
 from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss, cross_entropy_only
+from stages.prepare_data import prepared_tokenizer
 from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family_fits, count_parameters
 
 METRICS = "metrics.json"  # written last: a run directory without it did not finish
+HF_DIR = "hf"  # Hugging Face students: the transformers folder (save_pretrained) inside the run directory
 
 
 def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
@@ -80,7 +83,8 @@ class Trainer:
         )
         self.inputs = self._input_columns()
         kind = TOKEN if self.token_level else SEQUENCE if "input_ids" in self.inputs else VECTOR
-        check_family_fits(c.student, kind, self.inputs)
+        if not is_hf_spec(c.student):  # a transformers model says what it is in its own config
+            check_family_fits(c.student, kind, self.inputs)
         if c.alpha < 1 and not self.token_level:
             self._check_labels()
         self.num_outputs = self.caches[0].num_classes if self.caches else self._count_outputs()
@@ -97,7 +101,11 @@ class Trainer:
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(
-            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None
+            self.data,
+            self.caches,
+            shuffle=True,
+            hidden=hidden_names if self.caches else None,
+            labelled_only=c.labelled_only,
         )
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
@@ -114,7 +122,7 @@ class Trainer:
         self._note(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
             f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
-            f"{self.data.num_rows} training examples"
+            f"{self.train_loader.num_examples} training examples"
         )
 
     def _note(self, message: str) -> None:
@@ -281,6 +289,13 @@ class Trainer:
         return int(pc.max(self.data.labels()).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
+        if is_hf_spec(self.config.student):
+            return build_hf_student(
+                self.config.student,
+                num_outputs=self.num_outputs,
+                token_level=self.token_level,
+                tokenizer_sha=self.data.tokenizer_sha256,
+            )
         c = self.config
         if self.token_level or "input_ids" in self.inputs:
             vocab = self.num_outputs if self.token_level else self._max_token() + 1
@@ -335,7 +350,9 @@ class Trainer:
         # Spread the teacher's hidden states evenly over the student's layers, last to last.
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
-    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None):
+    def _loader(
+        self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None, labelled_only=False
+    ):
         loader = StreamingLoader(
             data,
             caches,
@@ -347,6 +364,7 @@ class Trainer:
             buffer_examples=self.config.buffer,
             seed=self.config.seed,
             top_k=self.config.top_k if top_k is None else top_k,
+            labelled_only=labelled_only,
         )
         return loader
 
@@ -490,6 +508,9 @@ class Trainer:
     def save(self) -> dict:
         c = self.config
         save_model(self.model, str(self.out / "checkpoint.safetensors"))
+        if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
+            if not self.model.save_pretrained(self.out / HF_DIR, prepared_tokenizer(self.data)):
+                self.log(f"note: {self.out / HF_DIR} has no tokenizer; copy the teacher's tokenizer files into it")
         with open(self.out / "metrics.csv", "w", newline="") as fh:
             fields = list(dict.fromkeys(k for row in self.history for k in row))
             writer = csv.DictWriter(fh, fieldnames=fields)
