@@ -24,6 +24,7 @@ from pipeline.cli import main
 from stages import cache_format as fmt
 from stages import cache_teacher, storage, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
+from stages.errors import ConfigError
 
 BUCKET = "kd-test"
 QUIET = {"progress": False, "log": lambda m: None}
@@ -205,6 +206,8 @@ def test_train_student_streams_from_an_s3_cache_and_s3_data_into_an_s3_run(class
     assert "test_accuracy" in compared and "train_kd" in compared
     for name in compared:
         assert remote[name] == pytest.approx(local[name], rel=1e-6), name  # same bytes in, same training
+    with pytest.raises(ConfigError, match=r"run directory s3://kd-test/runs/kd exists and is not empty"):
+        train_student.run(TrainStudentConfig(data=data, out=f"{s3}/runs/kd", **common | {"alpha": 0.0}), **QUIET)
     run = storage.location(f"{s3}/runs/kd")
     names = {p.name for p in run.iterdir()}
     assert {"metrics.json", "metrics.csv", "config.json", "checkpoint.safetensors"} <= names
