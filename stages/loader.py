@@ -100,11 +100,19 @@ class StreamingLoader(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip = 0  # batches of the epoch to pass over (set_epoch)
         self.units = self._units()
 
-    def set_epoch(self, epoch: int) -> None:
-        """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit)."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit).
+
+        ``skip``: batches of this epoch already taken (the position a checkpoint saved). The next iteration
+        starts right after them: windows wholly before the position are passed over from unit sizes alone,
+        reading nothing, with the shuffle generator advanced exactly as if they had been read, so the batches
+        that follow are the ones an uninterrupted epoch would have yielded.
+        """
         self.epoch = epoch
+        self.skip = skip
 
     def _units(self) -> list[tuple[int, int]]:
         n = self.data.num_rows
@@ -129,39 +137,67 @@ class StreamingLoader(IterableDataset):
 
         Replays ``__iter__``'s unit order and shuffle windows from unit sizes alone, reading nothing.
         """
-        per_rank = max(workers, 1)  # __iter__'s reader slots: one per worker, or the process itself
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
-        total = 0
+        return sum(self._slot_batches(epoch, workers))
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
+
+    def _windows(self, units: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """A reader's units grouped into shuffle windows: each closes once it holds ``buffer_examples``."""
+        windows, current, size = [], [], 0
+        for unit in units:
+            current.append(unit)
+            size += unit[1] - unit[0]
+            if size >= self.buffer_examples:
+                windows.append(current)
+                current, size = [], 0
+        return windows + [current] if current else windows
+
+    def _slot_batches(self, epoch: int, workers: int) -> list[int]:
+        """Batches each of this rank's reader slots (one per worker, or the process itself) yields in ``epoch``."""
+        per_rank = max(workers, 1)
+        order = self._order(np.random.default_rng([self.seed, epoch]))
+        counts = []
         for worker in range(per_rank):
-            size = 0
-            for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]:
-                start, stop = self.units[i]
-                size += stop - start
-                if size >= self.buffer_examples:
-                    total, size = total + -(-size // self.batch_size), 0
-            total += -(-size // self.batch_size)
-        return total
+            mine = [self.units[i] for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]]
+            counts.append(sum(-(-sum(b - a for a, b in w) // self.batch_size) for w in self._windows(mine)))
+        return counts
+
+    def _worker_skip(self, worker: int, workers: int) -> int:
+        """Of the ``skip`` batches taken in this epoch, how many came from ``worker``.
+
+        A DataLoader takes batches from its workers in turn and passes over a worker once it has run dry, so
+        the first ``skip`` batches are dealt round-robin over the workers still yielding.
+        """
+        left = self._slot_batches(self.epoch, workers)
+        taken = [0] * len(left)
+        remaining = min(self.skip, sum(left))
+        while remaining:
+            for w in range(len(left)):
+                if remaining and taken[w] < left[w]:
+                    taken[w] += 1
+                    remaining -= 1
+        return taken[worker]
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
-        mine = [self.units[i] for i in order[slot::slots]]
+        mine = [self.units[i] for i in self._order(rng)[slot::slots]]
+        skip = self._worker_skip(worker, workers) if info else self.skip
         shard_memo: list[dict] = [{} for _ in self.caches]  # one decoded shard per cache at a time
-        window: list[_Block] = []
-        size = 0
-        for unit in mine:
-            block = self._read_unit(*unit, shard_memo)
-            window.append(block)
-            size += len(block.ids)
-            if size >= self.buffer_examples:
-                yield from self._batches(_concat(window), rng)
-                window, size = [], 0
-        if window:
-            yield from self._batches(_concat(window), rng)
+        for window in self._windows(mine):
+            examples = sum(b - a for a, b in window)
+            batches = -(-examples // self.batch_size)
+            if skip >= batches:  # wholly taken before the saved position: advance the shuffle, read nothing
+                if self.shuffle:
+                    rng.permutation(examples)
+                skip -= batches
+                continue
+            block = _concat([self._read_unit(*unit, shard_memo) for unit in window])
+            yield from self._batches(block, rng, skip)
+            skip = 0
 
     # -- reading ------------------------------------------------------------------------------------------
     def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
@@ -248,10 +284,10 @@ class StreamingLoader(IterableDataset):
         return {"arrays": arrays, "starts": starts, "counts": counts}
 
     # -- batching -----------------------------------------------------------------------------------------
-    def _batches(self, block: _Block, rng: np.random.Generator):
+    def _batches(self, block: _Block, rng: np.random.Generator, skip: int = 0):
         n = len(block.ids)
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        for lo in range(0, n, self.batch_size):
+        for lo in range(skip * self.batch_size, n, self.batch_size):
             idx = order[lo : lo + self.batch_size]
             yield self._token_batch(block, idx) if self.token_level else self._vector_batch(block, idx)
 
