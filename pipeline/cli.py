@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pipeline import cli_catalog
 from pipeline.cli_base import errors_to_click, log, main
+from stages import run_dir
 from stages.config import (
     DEVICES,
     LR_SCHEDULES,
     METHODS,
     POSTPROCESS,
+    PRECISIONS,
     TARGET_FORMATS,
     CacheTeacherConfig,
     TrainStudentConfig,
@@ -132,6 +136,24 @@ def inspect_teacher(model, show_all) -> None:
 @click.option("--threads", type=int, help="Torch CPU threads (default: one per core).")
 @click.option("--no-onnx", "export_onnx", flag_value=False, default=None, help="Skip the student.onnx export.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue the interrupted run in --out from its last checkpoint (its config.json fills the options).",
+)
+@click.option("--log-every", type=click.IntRange(min=1), help="Optimizer steps per metrics.csv row (default 10).")
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    help="Optimizer steps per checkpoint (default 1000; also each epoch end).",
+)
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast of the student: fp32 (default), bf16, fp16.")
+@click.option("--grad-accum", type=click.IntRange(min=1), help="Batches per optimizer step (default 1).")
+@click.option("--max-grad-norm", type=float, help="Clip the gradients' global L2 norm to this (default 0: off).")
+@click.option(
+    "--tensorboard", is_flag=True, default=None, help="Also write TensorBoard event files (optional package)."
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -146,6 +168,9 @@ def train_student(config_file, quiet, **options) -> None:
             options["weights"] = [float(w) for w in options["weights"].split(",")]
         except ValueError as exc:
             raise click.UsageError(f"--weights {options['weights']!r}: give comma-separated numbers, e.g. 1,2") from exc
+    if options["resume"] and not config_file and options["out"]:
+        saved = Path(options["out"]) / run_dir.CONFIG
+        config_file = str(saved) if saved.is_file() else None  # no saved run: train-student says so below
     config = load_config(TrainStudentConfig, config_file, options)
     stage.run(config, progress=not quiet, log=log)
     click.echo(config.out)
