@@ -163,29 +163,36 @@ class StreamingLoader(IterableDataset):
             counts.append(sum(-(-sum(b - a for a, b in w) // self.batch_size) for w in self._windows(mine)))
         return counts
 
-    def _worker_skip(self, worker: int, workers: int) -> int:
-        """Of the ``skip`` batches taken in this epoch, how many came from ``worker``.
+    def _resume_plan(self, workers: int) -> tuple[int, list[int]]:
+        """Where ``workers`` DataLoader workers pick up after ``skip`` batches: (rotation, batches to skip per slot).
 
-        A DataLoader takes batches from its workers in turn and passes over a worker once it has run dry, so
-        the first ``skip`` batches are dealt round-robin over the workers still yielding.
+        A DataLoader takes batches from its workers in turn, from worker 0, passing over a worker once it has
+        run dry; so the first ``skip`` batches of the epoch were dealt round-robin over the slots still yielding.
+        A restarted DataLoader begins again at worker 0: worker ``w`` reads slot ``(w + rotation) % workers``, so
+        that its turn order continues the interrupted one, slot after slot.
         """
         left = self._slot_batches(self.epoch, workers)
-        taken = [0] * len(left)
-        remaining = min(self.skip, sum(left))
+        taken = [0] * workers
+        remaining, last = min(self.skip, sum(left)), workers - 1
         while remaining:
-            for w in range(len(left)):
+            for w in range(workers):
                 if remaining and taken[w] < left[w]:
-                    taken[w] += 1
+                    taken[w], last = taken[w] + 1, w
                     remaining -= 1
-        return taken[worker]
+        active = [w for w in range(last + 1, last + 1 + workers) if taken[w % workers] < left[w % workers]]
+        return (active[0] % workers if active else 0), taken
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        skip = self.skip
+        if info:
+            rotation, skips = self._resume_plan(workers)
+            worker = (worker + rotation) % workers
+            skip = skips[worker]
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = np.random.default_rng([self.seed, self.epoch])
         mine = [self.units[i] for i in self._order(rng)[slot::slots]]
-        skip = self._worker_skip(worker, workers) if info else self.skip
         shard_memo: list[dict] = [{} for _ in self.caches]  # one decoded shard per cache at a time
         for window in self._windows(mine):
             examples = sum(b - a for a, b in window)

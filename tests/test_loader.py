@@ -152,3 +152,25 @@ def test_top_k_prefix_of_a_wider_cache_equals_the_narrow_cache(classifier_setup)
     assert torch.equal(a.targets[0]["logp"], b.targets[0]["logp"])
     with pytest.raises(Exception, match="top_k 7 is more than"):
         _loader(classifier_setup, [wide], top_k=7)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_mid_epoch_yields_exactly_the_rest(classifier_setup, monkeypatch, workers) -> None:
+    """A position (epoch, batches taken) gives the rest of the uninterrupted epoch, reading only what is left."""
+    cache = _cache(classifier_setup, top_k=3, shard_size=70)
+    loader = _loader(classifier_setup, [cache], batch_size=16, buffer_examples=100)
+
+    def epoch_ids(skip: int) -> list[list]:
+        loader.set_epoch(3, skip)
+        source = torch.utils.data.DataLoader(loader, batch_size=None, num_workers=workers) if workers else loader
+        return [batch.ids for batch in source]
+
+    full = epoch_ids(0)
+    assert len(full) == loader.count_batches(3, workers)
+    for skip in (1, 5, 7, len(full) - 1, len(full)):  # inside a window, at a window's edge, the very end
+        assert epoch_ids(skip) == full[skip:], skip
+    if not workers:  # windows wholly before the position are not read at all
+        reads = []
+        monkeypatch.setattr(loader, "_read_unit", lambda *a, _f=loader._read_unit: reads.append(a[:2]) or _f(*a))
+        epoch_ids(len(full) - 1)
+        assert 0 < sum(stop - start for start, stop in reads) < 300
