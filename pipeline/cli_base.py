@@ -33,7 +33,9 @@ def errors_to_click(fn):
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
             click.echo(
-                "interrupted (cache-teacher keeps its complete shards and resumes after them when run again)", err=True
+                "interrupted (run the same command again: cache-teacher resumes after its complete shards, "
+                "train-student from its last checkpoint)",
+                err=True,
             )
             sys.exit(130)
 

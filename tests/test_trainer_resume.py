@@ -107,6 +107,28 @@ def test_interrupted_runs_resume_to_identical_weights_and_metrics(classifier_set
         assert _outcome(out) == reference, name
 
 
+def test_progressive_run_resumes_inside_a_hidden_stage_and_after_one(classifier_setup, tmp_path, monkeypatch) -> None:
+    """Stages, their projections, the frozen set and each stage's optimizer come back from the checkpoint."""
+    cache = _cache(classifier_setup, top_k=4, hidden=["hidden"])
+    progressive = dict(method="progressive", layer_map="0=hidden,1=hidden", stage_epochs=1, freeze_earlier=True)
+    progressive |= dict(epochs=1, eval_data="")
+    train_student.run(_config(classifier_setup, tmp_path / "reference", cache, **progressive), **QUIET)
+    reference = _outcome(tmp_path / "reference")
+    assert [r["stage"] for r in reference[2] if r["kind"] == "epoch"] == [
+        "hidden:0=hidden",
+        "hidden:1=hidden",
+        "logits",
+    ]
+    for call in (4, 3):  # step 12 (inside stage 2, after its projection was built), then the end of stage 1
+        out = tmp_path / f"stopped-{call}"
+        with monkeypatch.context() as patch:
+            _fail_on_call(checkpoint, "save", call, patch, before=False)
+            with pytest.raises(Interrupt):
+                train_student.run(_config(classifier_setup, out, cache, **progressive), **QUIET)
+        train_student.run(_config(classifier_setup, out, cache, **progressive), **QUIET)
+        assert _outcome(out) == reference, call
+
+
 _CHILD = """
 import json, os, signal, sys
 from stages import checkpoint, train_student
