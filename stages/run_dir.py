@@ -83,6 +83,37 @@ class RunLock:
         self._fh.close()
 
 
+def check_out(path: Path, overwrite: bool, resume: bool) -> bool:
+    """Whether ``path`` holds an interrupted run to resume. Refuses, reading only, what may not be touched."""
+    used = path.exists() and any(path.iterdir())
+    if used and is_run(path) and status(path) == RUNNING:
+        raise ConfigError(f"run directory {path} is being trained by another process right now; wait or stop it")
+    if resume and not (used and is_run(path)):
+        raise ConfigError(f"--resume: {path} holds no run to resume; drop --resume to start one there")
+    if not used or overwrite:
+        return False
+    if not is_run(path):
+        raise ConfigError(f"run directory {path} exists and is not empty; choose another --out or pass --overwrite")
+    if status(path) == COMPLETE:
+        raise ConfigError(
+            f"run directory {path} holds a finished run; choose another --out, or pass --overwrite to replace it"
+        )
+    return True
+
+
+def check_same_run(path: Path, config: dict, ignore: tuple[str, ...]) -> None:
+    """An interrupted run resumes only under the options it started with (``ignore``: those that change nothing)."""
+    saved = read_config(path)["config"]
+    now = json.loads(json.dumps(config))  # compare as the file holds them (tuples as lists, and so on)
+    differ = [k for k in now if k not in ignore and saved.get(k) != now[k]]
+    if differ:
+        detail = "; ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differ)
+        raise ConfigError(
+            f"run directory {path} holds an interrupted run with other options ({detail}). Resume it with its own "
+            f"options (--config {path / CONFIG}), or pass --overwrite to start over"
+        )
+
+
 def read_config(path: Path) -> dict:
     """The saved record: {"config": {...}, "caches": [...], ...}. ConfigError when it is not one."""
     try:

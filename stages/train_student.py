@@ -8,7 +8,6 @@ each epoch end) -> ``save`` (weights, ONNX, metrics.json last). ``stages.run_dir
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -72,7 +71,7 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         self.out = Path(c.out).resolve()
-        resuming = self._check_out()
+        resuming = run_dir.check_out(self.out, c.overwrite, c.resume)
         replace = not resuming and self.out.exists() and any(self.out.iterdir())
         if c.tensorboard:
             self._tensorboard_writer_class()  # missing package: say so before any work
@@ -115,7 +114,7 @@ class Trainer:
             self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
         record = self._record()
         if resuming:
-            self._check_same_run(record)
+            run_dir.check_same_run(self.out, record["config"], ignore=_NOT_COMPARED)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
             shutil.rmtree(self.out)
         self.lock = run_dir.RunLock(self.out)
@@ -132,36 +131,6 @@ class Trainer:
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
             f"alpha {c.alpha}, T {self.temperature}; {self.data.num_rows} training examples"
         )
-
-    def _check_out(self) -> bool:
-        """Whether --out holds an interrupted run to resume. Refuses, before any work, what may not be touched."""
-        c, out = self.config, self.out
-        used = out.exists() and any(out.iterdir())
-        if used and run_dir.is_run(out) and run_dir.status(out) == run_dir.RUNNING:
-            raise ConfigError(f"run directory {out} is being trained by another process right now; wait or stop it")
-        if c.resume and not (used and run_dir.is_run(out)):
-            raise ConfigError(f"--resume: {out} holds no run to resume; drop --resume to start one there")
-        if not used or c.overwrite:
-            return False
-        if not run_dir.is_run(out):
-            raise ConfigError(f"run directory {out} exists and is not empty; choose another --out or pass --overwrite")
-        if run_dir.status(out) == run_dir.COMPLETE:
-            raise ConfigError(
-                f"run directory {out} holds a finished run; choose another --out, or pass --overwrite to replace it"
-            )
-        return True
-
-    def _check_same_run(self, record: dict) -> None:
-        """A run resumes only under the options it started with (those that change what it computes)."""
-        saved = run_dir.read_config(self.out)["config"]
-        now = json.loads(json.dumps(record["config"]))
-        differ = [k for k in now if k not in _NOT_COMPARED and saved.get(k) != now[k]]
-        if differ:
-            detail = "; ".join(f"{k}: {saved.get(k)!r} there, {now[k]!r} now" for k in differ)
-            raise ConfigError(
-                f"run directory {self.out} holds an interrupted run with other options ({detail}). Resume it with "
-                f"its own options (--config {self.out / run_dir.CONFIG}), or pass --overwrite to start over"
-            )
 
     def _record(self) -> dict:
         """config.json: the resolved configuration (absolute paths, caches by path) and the caches' identities."""
