@@ -325,3 +325,35 @@ def test_tensorboard_writes_events_or_names_the_missing_package(classifier_setup
         return
     train_student.run(config, **QUIET)
     assert list((tmp_path / "tb" / run_dir.TENSORBOARD).glob("events.out.tfevents.*"))
+
+
+def test_token_run_logs_tokens_per_second_and_bars_count_exact_steps(token_setup, tmp_path, monkeypatch) -> None:
+    cache = _cache(token_setup, top_k=8)
+    bars = []
+
+    class Bar(train_student.tqdm):
+        def close(self) -> None:
+            if not self.disable:  # tqdm closes itself again on deletion, disabled by then
+                bars.append((self.desc, self.total, self.n))
+            super().close()
+
+    monkeypatch.setattr(train_student, "tqdm", Bar)
+    config = TrainStudentConfig(
+        data=str(token_setup["data"]),
+        cache=[str(cache)],
+        out=str(tmp_path / "lm"),
+        cache_dir=str(token_setup["cache_dir"]),
+        student="causal-lm:layers=1,d_model=16,heads=2",
+        epochs=2,
+        batch_size=8,
+        buffer=16,
+        grad_accum=2,
+        log_every=1,
+        threads=1,
+        export_onnx=False,
+    )
+    metrics = train_student.run(config, progress=True, log=lambda m: None)
+    assert bars == [("logits", metrics["steps"], metrics["steps"])]  # one bar for the stage, its exact step count
+    steps = [r for r in run_dir.read_rows(tmp_path / "lm") if r["kind"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, metrics["steps"] + 1))
+    assert all(r["tokens_per_s"] > r["examples_per_s"] > 0 for r in steps)  # sequences hold 2..12 tokens
