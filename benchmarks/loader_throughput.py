@@ -43,7 +43,7 @@ from stages import cache_teacher
 from stages.cache_format import open_cache
 from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset
-from stages.evaluate import flatten, soft_targets
+from stages.evaluate import flatten
 from stages.loader import Batch, StreamingLoader
 from stages.losses import KDLoss
 from stages.students import build_student
@@ -170,7 +170,7 @@ def student_rate(case: Case, student: torch.nn.Module, steps: int) -> tuple[floa
 
     def step(batch: Batch) -> None:
         logits, labels, mask, targets = flatten(batch, student(batch.inputs).logits, None)
-        out = loss(logits, soft_targets(targets[0], cache.temperature, cache.num_classes), labels, mask)
+        out = loss(logits, targets[0], labels, mask)
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         optimizer.step()

@@ -21,9 +21,7 @@ Views (SQL names; the README, "Catalog, queries and reports", lists every column
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import os
 import re
 import shutil
@@ -38,8 +36,7 @@ from stages import run_dir
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
 
-LOCK = ".lock"  # cache-teacher holds an exclusive flock on it while it writes a cache
-_KEY_NAME = re.compile(r"^[0-9a-f]{%d}$" % fmt.KEY_LENGTH)
+_KEY_NAME = re.compile(rf"^[0-9a-f]{{{fmt.KEY_LENGTH}}}$")
 # Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.
 _TOPK_COLUMNS = "topk_ids, topk_logp, logz, tail_mass"
 _SAMPLED_COLUMNS = "sample_ids, sample_counts"
@@ -372,9 +369,19 @@ class Catalog:
         try:
             self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
         except duckdb.Error as exc:
-            raise CacheError(
+            raise self._shard_fault(exc) or CacheError(
                 f"cannot read the caches' shards: {exc}. Check them with `pipeline caches verify`."
             ) from exc
+
+    def _shard_fault(self, exc: duckdb.Error) -> CacheError | None:
+        """The cache behind a DuckDB error that names one of its shard files, with its own verdict and fix."""
+        for entry in self.caches:
+            if entry.status == "complete" and any(str(p) in str(exc) for p in entry.shard_files()):
+                try:
+                    fmt.open_cache(entry.path).verify(checksums=False)  # footers only: cheap
+                except CacheError as fault:
+                    return fault
+        return None
 
     @staticmethod
     def positions_sql(entry: CacheEntry) -> str:
@@ -389,7 +396,7 @@ class Catalog:
         try:
             result = self.con.execute(query, params or [])
         except duckdb.Error as exc:
-            raise PipelineError(str(exc)) from exc
+            raise self._shard_fault(exc) or PipelineError(str(exc)) from exc
         if result.description is None:
             return [], []
         return [d[0] for d in result.description], result.fetchall()
@@ -484,31 +491,15 @@ class Catalog:
 
 
 # -- cleaning ----------------------------------------------------------------------------------------------
-def _try_lock(path: Path, create: bool = True):
-    """An exclusive non-blocking flock on the cache's lock file; None if a live cache-teacher holds it.
-
-    ``create=False`` (a dry run) leaves a directory without a lock file untouched: nobody can be holding it.
-    """
-    if not create and not (path / LOCK).exists():
-        return contextlib.nullcontext()
-    handle = open(path / LOCK, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        return None
-    return handle
-
-
 def remove_cache(entry: CacheEntry) -> None:
     """Delete one cache directory, unless a cache-teacher process is writing it right now."""
     if not _KEY_NAME.match(entry.key) or not any(
-        (entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, "request.json")
+        (entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, fmt.REQUEST)
     ):
         raise CacheError(
             f"{entry.path} does not look like a cache directory (no manifest, journal or request); not removing it"
         )
-    lock = _try_lock(entry.path)
+    lock = fmt.try_lock(entry.path)
     if lock is None:
         raise CacheError(f"cache {entry.key} is being written by a running cache-teacher; wait for it or stop it first")
     with lock:
@@ -527,7 +518,7 @@ def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, s
         if not _KEY_NAME.match(entry.key):
             done.append((entry, "skipped: not named like a cache key"))
             continue
-        lock = _try_lock(entry.path, create=not dry_run)
+        lock = fmt.try_lock(entry.path, create=not dry_run)
         if lock is None:
             done.append((entry, "skipped: a running cache-teacher holds its lock"))
             continue

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,6 +15,8 @@ from pipeline.cli_base import errors_to_click, log, main
 from stages import run_dir
 from stages.config import (
     DEVICES,
+    ENSEMBLE_MODES,
+    HIDDEN_LOSSES,
     LR_SCHEDULES,
     METHODS,
     POSTPROCESS,
@@ -22,34 +28,62 @@ from stages.config import (
 )
 
 
+def _config_option(config: type, *decls: str, **attrs: Any) -> Callable:
+    """``click.option`` whose help shows the default of ``config``'s field, so no help string retypes it.
+
+    Options themselves default to None ("not given"), so that a config file's value survives a flag left out;
+    the field is named by the option's destination, or by its first flag name.
+    """
+    name = next((d for d in decls if d.isidentifier()), None)
+    name = name or decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    field = {f.name: f for f in dataclasses.fields(config)}[name]
+    default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    shown = None
+    if isinstance(default, bool):
+        if "/" in decls[0]:  # --on/--off: name the side that is the default
+            on, off = decls[0].split("/")
+            shown = (on if default else off).lstrip("-")
+    elif default not in ("", []):  # an empty default means "not given"; the help says what that does
+        shown = default
+    if shown is not None:  # in click's own format; its show_default would put a text default in parentheses
+        attrs["help"] = f"{attrs['help']}  [default: {shown}]"
+    return click.option(*decls, **attrs)
+
+
+_cache_option = functools.partial(_config_option, CacheTeacherConfig)
+_train_option = functools.partial(_config_option, TrainStudentConfig)
+
+
 @main.command("cache-teacher")
-@click.option("--teacher", type=click.Path(dir_okay=False), help="ONNX teacher model.")
-@click.option("--data", type=click.Path(), help="Dataset: a Parquet file or a directory of them.")
-@click.option("--top-k", type=int, help="Ids cached per position (default: all classes up to 32).")
-@click.option("--temperature", type=float, help="Softmax temperature T of the cached targets (default 1).")
-@click.option(
-    "--cache-dir", type=click.Path(file_okay=False), help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline)."
+@_cache_option("--teacher", type=click.Path(dir_okay=False), help="ONNX teacher model.")
+@_cache_option("--data", type=click.Path(), help="Dataset: a Parquet file or a directory of them.")
+@_cache_option("--top-k", type=int, help="Ids cached per position; 0: all classes up to 32.")
+@_cache_option("--temperature", type=float, help="Softmax temperature T of the cached targets.")
+@_cache_option(
+    "--cache-dir", type=click.Path(file_okay=False), help="Cache root ($KD_CACHE_DIR, else ~/.cache/kd-pipeline)."
 )
-@click.option("--batch-size", type=int, help="Examples per teacher call (default 64).")
-@click.option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default 0: one per core).")
-@click.option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
-@click.option("--logits-output", help="Teacher output that holds the logits (default: the first output).")
-@click.option(
-    "--shard-size", type=int, help="Examples per shard, the unit of resume (default 16384 / 512 for token teachers)."
+@_cache_option("--batch-size", type=int, help="Examples per teacher call.")
+@_cache_option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
+@_cache_option("--threads", type=int, help="ONNX Runtime intra-op threads; 0: one per core.")
+@_cache_option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
+@_cache_option("--logits-output", help="Teacher output that holds the logits; empty: the first output.")
+@_cache_option(
+    "--shard-size", type=int, help="Examples per shard, the unit of resume; 0: 16384, or 512 for token teachers."
 )
-@click.option("--postprocess", type=click.Choice(POSTPROCESS), help="Where top-k runs: torch, graph (in ONNX), auto.")
-@click.option(
-    "--pad-token-id", type=int, help="Id used to pad token inputs (default 0; padded positions are not cached)."
+@_cache_option(
+    "--postprocess",
+    type=click.Choice(POSTPROCESS),
+    help="Where top-k runs: torch, graph (in ONNX), or auto (graph when CUDA really runs).",
 )
-@click.option("--probe-positions", type=int, help="Positions for dense fidelity statistics (default 512).")
-@click.option(
+@_cache_option("--pad-token-id", type=int, help="Id used to pad token inputs (padded positions are not cached).")
+@_cache_option("--probe-positions", type=int, help="Positions for dense fidelity statistics.")
+@_cache_option(
     "--target-format",
     type=click.Choice(TARGET_FORMATS),
-    help="topk (default) or sampled (ids drawn from the teacher, with counts).",
+    help="topk, or sampled (ids drawn from the teacher, with counts).",
 )
-@click.option("--samples", type=int, help="Sampled format: draws per position (default 64).")
-@click.option("--sample-seed", type=int, help="Sampled format: seed of the draws (default 0).")
+@_cache_option("--samples", type=int, help="Sampled format: draws per position.")
+@_cache_option("--sample-seed", type=int, help="Sampled format: seed of the draws.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click
@@ -86,75 +120,69 @@ def inspect_teacher(model, show_all) -> None:
 
 
 @main.command("train-student")
-@click.option("--data", type=click.Path(), help="Training dataset (the one the caches were built from).")
-@click.option("--cache", multiple=True, help="Cache path, key or key prefix; repeat once per teacher.")
-@click.option(
+@_train_option("--data", type=click.Path(), help="Training dataset (the one the caches were built from).")
+@_train_option("--cache", multiple=True, help="Cache path, key or key prefix; repeat once per teacher.")
+@_train_option(
     "--student", help="Student: mlp, cnn1d, transformer, causal-lm (family:key=value,...) or module:function."
 )
-@click.option("--method", type=click.Choice(METHODS), help="kd (default), ensemble (several caches) or progressive.")
-@click.option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0 = from scratch (default 0.5).")
-@click.option("--temperature", type=float, help="Distillation temperature (default: the cache's T).")
-@click.option("--epochs", type=int, help="Epochs of the logit stage (default 10).")
-@click.option("--batch-size", type=int, help="Examples per step (default 64).")
-@click.option("--lr", type=float, help="AdamW learning rate (default 1e-3).")
-@click.option("--weight-decay", type=float, help="AdamW weight decay (default 0).")
-@click.option(
-    "--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant (default) or cosine decay to 0 over each stage."
-)
-@click.option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage (default 0).")
-@click.option("--seed", type=int, help="Seed: the same seed repeats the run (default 0).")
-@click.option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
-@click.option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
-@click.option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")
-@click.option("--test-cache", help="The teacher's cache of --test-data.")
-@click.option("--top-k", type=int, help="Use only the first K cached ids per position (exact; default all).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where cache keys are looked up.")
-@click.option("--weights", help="Ensemble weights, comma-separated, one per cache (default uniform).")
-@click.option(
+@_train_option("--method", type=click.Choice(METHODS), help="kd, ensemble (several caches) or progressive.")
+@_train_option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0: from scratch.")
+@_train_option("--temperature", type=float, help="Distillation temperature; 0: the cache's T.")
+@_train_option("--epochs", type=int, help="Epochs of the logit stage.")
+@_train_option("--batch-size", type=int, help="Examples per step.")
+@_train_option("--lr", type=float, help="AdamW learning rate.")
+@_train_option("--weight-decay", type=float, help="AdamW weight decay.")
+@_train_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant, or cosine decay to 0 over each stage.")
+@_train_option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage.")
+@_train_option("--seed", type=int, help="Seed: the same seed repeats the run.")
+@_train_option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
+@_train_option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
+@_train_option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")
+@_train_option("--test-cache", help="The teacher's cache of --test-data.")
+@_train_option("--top-k", type=int, help="Use only the first K cached ids per position (exact); 0: all.")
+@_train_option("--cache-dir", type=click.Path(file_okay=False), help="Where cache keys are looked up.")
+@_train_option("--weights", help="Ensemble weights, comma-separated, one per cache; none: uniform.")
+@_train_option(
     "--ensemble-mode",
-    type=click.Choice(["prob", "logit"]),
-    help="prob: mix probabilities (default); logit: average logits.",
+    type=click.Choice(ENSEMBLE_MODES),
+    help="prob: mix probabilities; logit: average logits.",
 )
-@click.option("--renormalize/--tail", default=None, help="KD within the top-k only, or with the tail bucket (default).")
-@click.option("--layer-map", help="Progressive: STUDENT_LAYER=TEACHER_HIDDEN,... (default: spread evenly).")
-@click.option(
-    "--hidden-loss", type=click.Choice(["mse", "cosine"]), help="Progressive hidden-state loss (default mse)."
-)
-@click.option("--stage-epochs", type=int, help="Progressive: epochs per hidden-state stage (default 2).")
-@click.option(
+@_train_option("--renormalize/--tail", default=None, help="KD within the top-k only, or with the tail bucket.")
+@_train_option("--layer-map", help="Progressive: STUDENT_LAYER=TEACHER_HIDDEN,...; empty: spread evenly.")
+@_train_option("--hidden-loss", type=click.Choice(HIDDEN_LOSSES), help="Progressive hidden-state loss.")
+@_train_option("--stage-epochs", type=int, help="Progressive: epochs per hidden-state stage.")
+@_train_option(
     "--freeze-earlier/--no-freeze-earlier", default=None, help="Progressive: freeze layers of earlier stages."
 )
-@click.option(
+@_train_option(
     "--truncate-vocab",
     is_flag=True,
     default=None,
     help="Student vocabulary wider than the teacher's: use its first V logits.",
 )
-@click.option("--buffer", type=int, help="Examples per shuffle window (default 8192).")
-@click.option("--workers", type=int, help="DataLoader worker processes (default 0).")
-@click.option("--device", type=click.Choice(DEVICES), help="Torch device for the student.")
-@click.option("--threads", type=int, help="Torch CPU threads (default: one per core).")
-@click.option("--no-onnx", "export_onnx", flag_value=False, default=None, help="Skip the student.onnx export.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory.")
-@click.option(
+@_train_option("--buffer", type=int, help="Examples per shuffle window.")
+@_train_option("--workers", type=int, help="DataLoader worker processes.")
+@_train_option("--device", type=click.Choice(DEVICES), help="Torch device for the student.")
+@_train_option("--threads", type=int, help="Torch CPU threads; 0: torch's default.")
+@_train_option("--no-onnx", "export_onnx", flag_value=False, default=None, help="Skip the student.onnx export.")
+@_train_option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory.")
+@_train_option(
     "--resume",
     is_flag=True,
     default=None,
     help="Continue the interrupted run in --out from its last checkpoint (its config.json fills the options).",
 )
-@click.option("--log-every", type=click.IntRange(min=1), help="Optimizer steps per metrics.csv row (default 10).")
-@click.option(
-    "--checkpoint-every",
-    type=click.IntRange(min=1),
-    help="Optimizer steps per checkpoint (default 1000; also each epoch end).",
+@_train_option("--log-every", type=click.IntRange(min=1), help="Optimizer steps per metrics.csv row.")
+@_train_option(
+    "--checkpoint-every", type=click.IntRange(min=1), help="Optimizer steps per checkpoint (and each epoch end)."
 )
-@click.option("--precision", type=click.Choice(PRECISIONS), help="Autocast of the student: fp32 (default), bf16, fp16.")
-@click.option("--grad-accum", type=click.IntRange(min=1), help="Batches per optimizer step (default 1).")
-@click.option("--max-grad-norm", type=float, help="Clip the gradients' global L2 norm to this (default 0: off).")
-@click.option(
+@_train_option("--precision", type=click.Choice(PRECISIONS), help="Autocast of the student's forward.")
+@_train_option("--grad-accum", type=click.IntRange(min=1), help="Batches per optimizer step.")
+@_train_option("--max-grad-norm", type=float, help="Clip the gradients' global L2 norm to this; 0: no clipping.")
+@_train_option(
     "--tensorboard", is_flag=True, default=None, help="Also write TensorBoard event files (optional package)."
 )
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
+@_train_option("--out", type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click

@@ -208,10 +208,12 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
 @caches.command("verify")
 @click.argument("keys", nargs=-1)
 @_roots
-@click.option("--fast", is_flag=True, help="Check shard presence and row counts only, not sha256 checksums.")
+@click.option(
+    "--fast", is_flag=True, help="Check the manifest against the shards' Parquet metadata only, not their sha256."
+)
 @errors_to_click
 def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
-    """Check caches against their manifests: every shard present, row counts, sha256 (default: every cache)."""
+    """Check caches against their manifests: checksum, schema, row counts, list sizes, sha256 (default: all)."""
     catalog = Catalog(cache_dir, runs_dir)
     entries = [catalog.cache(k) for k in keys] if keys else catalog.caches
     if not entries:
@@ -231,9 +233,10 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
             failed += 1
             click.echo(f"FAIL  {entry.key}  {exc}")
             continue
-        check = "row counts" if fast else "row counts and sha256"
+        check = "schema, row counts, list sizes" + ("" if fast else ", sha256")
+        note = "" if cache.checksummed else " (no manifest checksum: written before checksums; rebuild to add one)"
         click.echo(
-            f"ok    {entry.key}  {len(cache.shards)} shard(s), {cache.manifest['num_positions']} positions: {check} match the manifest"
+            f"ok    {entry.key}  {len(cache.shards)} shard(s), {cache.manifest['num_positions']} positions: {check} match the manifest{note}"
         )
     if failed:
         raise click.ClickException(f"{failed} of {len(entries)} cache(s) failed verification")

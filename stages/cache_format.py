@@ -4,10 +4,16 @@ A cache is a directory named by its key::
 
     <root>/<key>/
         shard-00000.parquet ...   one row per cached position, in dataset order
+        request.json              what is being cached and the shard size, written first (resume reads it)
         progress.jsonl            one line per finished shard (the resume journal; kept for the record)
+        .lock                     flock held by the cache-teacher process writing the directory
         manifest.json             written LAST, atomically, only when every shard is complete
 
-No manifest means not complete, whatever else is there. Shard row layout (FORMAT_VERSION 1):
+No manifest means not complete, whatever else is there. The manifest carries ``manifest_sha256``, the sha256
+of the canonical JSON of every other field, so an edit is caught; it must agree with itself (manifest_checks)
+and, in ``Cache.verify``, with the shards' Parquet metadata (schema, id type, row counts, list sizes).
+
+Shard row layout (FORMAT_VERSION 1):
 
     id          the dataset row's id (same Arrow type as the dataset)
     position    int32: 0 for classifiers; the token index for token-level teachers (padding is skipped)
@@ -27,10 +33,14 @@ float16 written with BYTE_STREAM_SPLIT).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +49,14 @@ import pyarrow.parquet as pq
 
 from stages.dataset import sha256_file
 from stages.errors import CacheError
+from stages.manifest_checks import manifest_problem
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 JOURNAL = "progress.jsonl"
+REQUEST = "request.json"
+LOCK = ".lock"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 HIDDEN_PREFIX = "hidden."
 KEY_LENGTH = 16  # hex characters of sha256: 64 bits, ample for one machine's caches
@@ -81,33 +95,79 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _temp_for(path: Path) -> Iterator[Path]:
+    """A temp name next to ``path``, removed if the block fails (a full disk must not leave a torn file behind)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_shard(table: pa.Table, path: Path) -> dict:
     """Write one shard atomically (temp name, fsync, rename) and return its journal entry."""
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(
-        table,
-        tmp,
-        compression="zstd",
-        use_dictionary=["id"],
-        row_group_size=ROW_GROUP_POSITIONS,
-        write_statistics=["id", "position", "logz", "tail_mass"],
-    )
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with _temp_for(path) as tmp:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            use_dictionary=["id"],
+            row_group_size=ROW_GROUP_POSITIONS,
+            write_statistics=["id", "position", "logz", "tail_mass"],
+        )
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
     return {"file": path.name, "rows": table.num_rows, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with _temp_for(path) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces) of every manifest field but the checksum itself.
+
+    JSON round-trips Python's ints, floats and strings exactly, so the checksum recomputed from the file
+    equals the one computed from the dict that was written.
+    """
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(manifest: dict, cache_dir: Path) -> dict:
+    """Seal the manifest with its checksum and write it atomically: the last step of a complete cache."""
+    sealed = manifest | {MANIFEST_CHECKSUM: manifest_checksum(manifest)}
+    write_json_atomic(sealed, cache_dir / MANIFEST)
+    return sealed
+
+
+def try_lock(cache_dir: Path, create: bool = True):
+    """An exclusive non-blocking flock on the cache's lock file, held until the returned handle closes (use it
+    as a context manager); None when another process (a running cache-teacher) holds it.
+
+    ``create=False`` (a dry run) leaves a directory without a lock file untouched: nobody can be holding it.
+    Raises OSError when the lock file cannot be created.
+    """
+    if not create and not (cache_dir / LOCK).exists():
+        return contextlib.nullcontext()
+    handle = open(cache_dir / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def append_journal(cache_dir: Path, entry: dict) -> None:
@@ -187,31 +247,98 @@ class Cache:
     def shard_path(self, shard: dict) -> Path:
         return self.path / shard["file"]
 
+    @property
+    def checksummed(self) -> bool:
+        """False for a cache written before manifests carried their checksum (still readable: see open_cache)."""
+        return MANIFEST_CHECKSUM in self.manifest
+
+    def _fault(self, shard: dict, problem: str) -> CacheError:
+        return CacheError(
+            f"cache {self.path}: shard {shard['file']} {problem}. "
+            f"Remove the cache (pipeline caches rm {self.path.name}) and run cache-teacher again."
+        )
+
+    @contextmanager
+    def _reading(self, shard: dict) -> Iterator[None]:
+        """A truncated, corrupt or vanished shard becomes a CacheError naming it, not an ArrowInvalid traceback."""
+        try:
+            yield
+        except (pa.ArrowException, OSError) as exc:
+            raise self._fault(shard, f"cannot be read, it is truncated or corrupted ({exc})") from exc
+
+    def parquet_file(self, shard: dict) -> pq.ParquetFile:
+        with self._reading(shard):
+            return pq.ParquetFile(self.shard_path(shard))
+
+    def read_shard(self, shard: dict, columns: list[str] | None = None) -> pa.Table:
+        with self._reading(shard):
+            return pq.read_table(self.shard_path(shard), columns=columns)
+
     def verify(self, checksums: bool = True) -> None:
-        """Every shard present with the recorded row count (and sha256): raise CacheError naming the first fault."""
+        """Check every shard against the manifest; raise CacheError naming the first fault.
+
+        From each shard's Parquet footer (cheap): present and readable, the schema the manifest's target format,
+        hidden states and id type imply, the row count, and the list sizes that decoding relies on (top_k entries
+        and each hidden state's size per position). With ``checksums``, also the sha256 of every shard's bytes.
+        """
         for shard in self.shards:
             path = self.shard_path(shard)
             if not path.is_file():
                 raise CacheError(
                     f"cache {self.path}: shard {shard['file']} is missing. Re-run cache-teacher to rebuild it."
                 )
-            rows = pq.ParquetFile(path).metadata.num_rows
-            if rows != shard["rows"]:
-                raise CacheError(
-                    f"cache {self.path}: shard {shard['file']} has {rows} rows, manifest says {shard['rows']}"
-                )
+            self._check_shard(shard, self.parquet_file(shard))
             if checksums and sha256_file(path) != shard["sha256"]:
-                raise CacheError(
-                    f"cache {self.path}: shard {shard['file']} fails its sha256 check (corrupted or modified). "
-                    f"Remove the cache (pipeline caches rm {self.key}) and run cache-teacher again."
+                raise self._fault(shard, "fails its sha256 check (corrupted or modified)")
+
+    def _check_shard(self, shard: dict, pf: pq.ParquetFile) -> None:
+        schema, meta = pf.schema_arrow, pf.metadata
+        id_type = schema.field("id").type if "id" in schema.names else pa.null()
+        expected = shard_schema(id_type, list(self.hidden), self.target_format)
+        if not schema.equals(expected):
+            raise self._fault(
+                shard,
+                f"has the columns {schema.names}, but the manifest ({self.target_format} targets, hidden states "
+                f"{list(self.hidden)}) implies {expected.names} with the types of shard_schema",
+            )
+        recorded = self.manifest["dataset"].get("id_type")
+        if str(id_type) != recorded:
+            raise self._fault(shard, f"has ids of type {id_type}, the manifest says {recorded}")
+        rows = meta.num_rows
+        if rows != shard["rows"]:
+            raise self._fault(shard, f"has {rows} rows, the manifest says {shard['rows']}")
+        # Every column is one Parquet leaf (a scalar, or a list of scalars), so leaf j is field j; a list leaf's
+        # value count over all row groups is the sum of its list sizes: list sizes checked without decoding.
+        values = {
+            name: sum(meta.row_group(g).column(j).num_values for g in range(meta.num_row_groups))
+            for j, name in enumerate(schema.names)
+        }
+        sizes = {
+            HIDDEN_PREFIX + n: (math.prod(shape), f"hidden state '{n}' of shape {shape}")
+            for n, shape in self.hidden.items()
+        }
+        if self.target_format == "topk":
+            sizes |= {c: (self.top_k, f"top_k {self.top_k}") for c in ("topk_ids", "topk_logp")}
+        elif values["sample_ids"] != values["sample_counts"] or values["sample_ids"] > rows * self.samples:
+            raise self._fault(
+                shard, f"holds {values['sample_ids']} drawn ids for {rows} positions of {self.samples} draws"
+            )
+        for column, (size, what) in sizes.items():
+            if values[column] != rows * size:
+                per_position = values[column] / max(rows, 1)
+                raise self._fault(
+                    shard,
+                    f"holds {per_position:g} '{column}' values per position, but the manifest's {what} means {size}",
                 )
 
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Row groups in dataset order: bounded memory however large the cache."""
         for shard in self.shards:
-            pf = pq.ParquetFile(self.shard_path(shard))
+            pf = self.parquet_file(shard)
             for g in range(pf.metadata.num_row_groups):
-                yield pf.read_row_group(g, columns=columns)
+                with self._reading(shard):
+                    table = pf.read_row_group(g, columns=columns)
+                yield table  # outside the error guard: the consumer's own errors are not the shard's
 
 
 def resolve_cache(ref: str, root: str | Path) -> Path:
@@ -248,13 +375,30 @@ def open_cache(path: str | Path) -> Cache:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as exc:
         raise CacheError(f"cache {path}: {MANIFEST} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise CacheError(
+            f"cache {path}: {MANIFEST} is not a JSON object. Remove the cache and run cache-teacher again."
+        )
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CacheError(
             f"cache {path} has format_version {version!r}; this pipeline reads version {FORMAT_VERSION}. "
             "Rebuild the cache with this version of cache-teacher."
         )
-    for field in ("key", "teacher", "dataset", "top_k", "temperature", "shards", "num_positions"):
+    rm = f"pipeline caches rm {path.name}"
+    fix = f"Remove the cache ({rm}) and run cache-teacher again."
+    for field in ("key", "teacher", "dataset", "top_k", "temperature", "shards", "num_positions", "request"):
         if field not in manifest:
-            raise CacheError(f"cache {path}: {MANIFEST} lacks the field '{field}'")
+            raise CacheError(f"cache {path}: {MANIFEST} lacks the field '{field}'. {fix}")
+    recorded = manifest.get(MANIFEST_CHECKSUM)
+    if recorded is not None and recorded != manifest_checksum(manifest):
+        raise CacheError(
+            f"cache {path}: {MANIFEST} was changed after cache-teacher wrote it (it no longer matches its "
+            f"{MANIFEST_CHECKSUM}), so its targets cannot be trusted. Restore the original {MANIFEST}, "
+            f"or remove the cache ({rm}) and run cache-teacher again."
+        )
+    request_key = cache_key(manifest["request"]) if isinstance(manifest["request"], dict) else None
+    problem = manifest_problem(manifest, request_key)
+    if problem:
+        raise CacheError(f"cache {path}: {MANIFEST} {problem}; it was edited or damaged. {fix}")
     return Cache(path, manifest)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import fcntl
+import errno
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +31,6 @@ from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
 _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
-REQUEST = "request.json"
-_LOCK = ".lock"
 
 
 @dataclass
@@ -90,15 +90,13 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(cache_dir / _LOCK, "w")
+        lock = fmt.try_lock(cache_dir)
     except OSError as exc:
         raise CacheError(
             f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir."
         ) from exc
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish") from exc
+    if lock is None:
+        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
     with lock:
         return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
 
@@ -109,7 +107,7 @@ def _fill(
     info = inspected[0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
-    request_path = cache_dir / REQUEST
+    request_path = cache_dir / fmt.REQUEST
     if request_path.is_file():
         shard_size = json.loads(request_path.read_text())["shard_size"]
     else:
@@ -123,23 +121,14 @@ def _fill(
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")
     (cache_dir / fmt.JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in done))  # drop a torn tail
 
-    use_graph = config.target_format == "topk" and (
-        config.postprocess == "graph" or (config.postprocess == "auto" and config.device == "cuda")
-    )
-    teacher = Teacher(
-        config.teacher,
-        device=config.device,
-        threads=config.threads,
-        hidden=sorted(config.hidden),
-        logits_output=config.logits_output or None,
-        topk_in_graph=(config.top_k, float(config.temperature)) if use_graph else None,
-        inspected=inspected,
-    )
-    if teacher.provider != "CUDAExecutionProvider" and config.postprocess == "auto" and use_graph:
-        use_graph = False
+    teacher = _load_teacher(config, inspected, topk_in_graph=config.postprocess == "graph")
+    postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
+    if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
+        teacher = None  # release the first session's device memory before the second loads
+        teacher = _load_teacher(config, inspected, topk_in_graph=True)
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
-        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {'graph' if use_graph else 'torch'}")
+        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")
     )
 
     num_shards = max(1, -(-dataset.num_rows // shard_size))
@@ -156,23 +145,79 @@ def _fill(
     for s in range(len(done), num_shards):
         start, stop = s * shard_size, min((s + 1) * shard_size, dataset.num_rows)
         table, probe = runner.run(start, stop, bar)
-        entry = fmt.write_shard(table, cache_dir / fmt.SHARD_PATTERN.format(s))
-        entry.update(shard=s, examples=[start, stop], provider=teacher.provider)
-        if probe is not None:
-            entry["probe"] = probe
-        fmt.append_journal(cache_dir, entry)
+        shard_path = cache_dir / fmt.SHARD_PATTERN.format(s)
+        with _writing(shard_path, len(done)):
+            entry = fmt.write_shard(table, shard_path)
+            # The shapes and vocabulary the runner learnt: a resume that computes no shard still knows them.
+            entry.update(
+                shard=s,
+                examples=[start, stop],
+                provider=teacher.provider,
+                hidden=runner.hidden_shapes,
+                num_classes=runner.num_classes,
+                postprocess=postprocess,
+            )
+            if probe is not None:
+                entry["probe"] = probe
+            fmt.append_journal(cache_dir, entry)
         done.append(entry)
         positions_run += table.num_rows
     bar.close()
     elapsed = time.perf_counter() - started
 
     manifest = _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run)
-    fmt.write_json_atomic(manifest, cache_dir / fmt.MANIFEST)
+    with _writing(cache_dir / fmt.MANIFEST, len(done)):
+        manifest = fmt.write_manifest(manifest, cache_dir)
     log(
         f"cached {manifest['num_positions']} positions in {len(done)} shard(s), "
         f"{manifest['bytes_per_position']:.1f} bytes/position, {elapsed:.1f}s"
     )
     return CacheResult(cache_dir, False, manifest)
+
+
+@contextmanager
+def _writing(path: Path, kept: int) -> Iterator[None]:
+    """A failed write (above all a full disk) becomes a CacheError that says the complete shards are kept.
+
+    The writers leave no temp file and the manifest is not written, so the same command resumes after the
+    ``kept`` shards already journalled.
+    """
+    try:
+        yield
+    except OSError as exc:
+        where = f"{kept} complete shard(s) kept in {path.parent}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(
+                f"disk full while writing {path.name}: {where}; free space and re-run the same command to resume"
+            ) from exc
+        raise CacheError(
+            f"cannot write {path}: {exc.strerror or exc}; {where}; fix that and re-run the same command to resume"
+        ) from exc
+
+
+def choose_postprocess(postprocess: str, target_format: str, provider: str) -> str:
+    """Where top-k runs, decided once the session has loaded and says which provider really runs.
+
+    ``auto`` picks "graph" only on the CUDA provider, where keeping the full logits on the device pays; on CPU
+    "torch" is faster (benchmarks/cache_throughput.py). Sampled targets need the full logits: always "torch".
+    """
+    if target_format == "sampled":
+        return "torch"
+    if postprocess == "auto":
+        return "graph" if provider == "CUDAExecutionProvider" else "torch"
+    return postprocess
+
+
+def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: bool) -> Teacher:
+    return Teacher(
+        config.teacher,
+        device=config.device,
+        threads=config.threads,
+        hidden=sorted(config.hidden),
+        logits_output=config.logits_output or None,
+        topk_in_graph=(config.top_k, float(config.temperature)) if topk_in_graph else None,
+        inspected=inspected,
+    )
 
 
 def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run) -> dict:
@@ -182,6 +227,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
     num_positions = sum(e["rows"] for e in done)
     total_bytes = sum(e["bytes"] for e in done)
     probe = next((e["probe"] for e in done if "probe" in e), None)
+    learnt = done[-1] if "hidden" in done[-1] else {"hidden": runner.hidden_shapes, "num_classes": runner.num_classes}
     shards = [{k: e[k] for k in ("file", "rows", "sha256", "bytes", "examples")} for e in done]
     return {
         "format_version": fmt.FORMAT_VERSION,
@@ -195,7 +241,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "inputs": [{"name": i.name, "dtype": np.dtype(i.dtype).name, "shape": list(i.shape)} for i in info.inputs],
             "logits_output": info.logits_output,
             "kind": info.kind,
-            "num_classes": runner.num_classes,
+            "num_classes": learnt["num_classes"],
         },
         "dataset": {
             "path": str(Path(config.data).resolve()),
@@ -207,8 +253,10 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
         "samples": config.samples if config.target_format == "sampled" else 0,
         "sample_seed": config.sample_seed if config.target_format == "sampled" else None,
         "temperature": float(config.temperature),
-        "hidden": runner.hidden_shapes,
+        "hidden": learnt["hidden"],
         "providers": sorted({e["provider"] for e in done}),
+        # Where top-k ran, per session like providers (a journal written before this field lacks it).
+        "postprocess": sorted({e["postprocess"] for e in done if "postprocess" in e}),
         "num_examples": dataset.num_rows,
         "num_positions": num_positions,
         "bytes": total_bytes,

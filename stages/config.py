@@ -21,6 +21,8 @@ POSTPROCESS = ("auto", "torch", "graph")
 METHODS = ("kd", "ensemble", "progressive")
 LR_SCHEDULES = ("constant", "cosine")
 TARGET_FORMATS = ("topk", "sampled")
+ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
+HIDDEN_LOSSES = ("mse", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -215,10 +217,10 @@ class TrainStudentConfig:
             out.append(f"weights: {len(self.weights)} weights for {len(self.cache)} caches; give one per cache")
         if any(w <= 0 for w in self.weights):
             out.append(f"weights: {self.weights} must all be > 0")
-        if self.ensemble_mode not in ("prob", "logit"):
-            out.append(f"ensemble_mode: {self.ensemble_mode!r} must be prob or logit")
-        if self.hidden_loss not in ("mse", "cosine"):
-            out.append(f"hidden_loss: {self.hidden_loss!r} must be mse or cosine")
+        if self.ensemble_mode not in ENSEMBLE_MODES:
+            out.append(f"ensemble_mode: {self.ensemble_mode!r} must be one of {ENSEMBLE_MODES}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            out.append(f"hidden_loss: {self.hidden_loss!r} must be one of {HIDDEN_LOSSES}")
         for name in ("epochs", "batch_size", "buffer"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: {getattr(self, name)} must be >= 1")

@@ -8,12 +8,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from stages.loader import IGNORE, Batch
-from stages.losses import KDLoss, SoftTargets
+from stages.loader import Batch
+from stages.losses import IGNORE_INDEX, KDLoss, SampledTargets, SoftTargets
 
 
-def flatten(batch: Batch, logits: Tensor, vocab: int | None) -> tuple[Tensor, Tensor, Tensor, list[dict[str, Tensor]]]:
-    """Positions that carry targets, as flat rows: logits [N, V], labels [N], mask [N], targets with [N, ..].
+def flatten(
+    batch: Batch, logits: Tensor, vocab: int | None
+) -> tuple[Tensor, Tensor, Tensor, list[SoftTargets | SampledTargets]]:
+    """Positions that carry targets, as flat rows: logits [N, V], labels [N], mask [N], targets over [N].
 
     A classifier batch is already flat (N = B). A token batch keeps only its real positions, so the losses
     never spend work on padding. ``vocab`` truncates a padded student vocabulary to the teacher's.
@@ -22,46 +24,34 @@ def flatten(batch: Batch, logits: Tensor, vocab: int | None) -> tuple[Tensor, Te
         logits = logits[..., :vocab]
     if logits.dim() == 2:
         return logits, batch.labels, batch.mask, batch.targets
-    keep = batch.mask.reshape(-1)
-    flat_logits = logits.reshape(-1, logits.shape[-1])[keep]
-    targets = [{k: v.reshape(-1, *v.shape[2:])[keep] for k, v in t.items()} for t in batch.targets]
-    return flat_logits, batch.labels.reshape(-1)[keep], torch.ones(int(keep.sum()), dtype=torch.bool), targets
-
-
-def soft_targets(t: dict[str, Tensor], temperature: float, vocab_size: int) -> SoftTargets:
-    return SoftTargets(t["ids"], t["logp"], t["logz"], temperature, vocab_size)
+    keep = batch.mask
+    every = torch.ones(int(keep.sum()), dtype=torch.bool, device=keep.device)
+    return logits[keep], batch.labels[keep], every, [t.index(keep) for t in batch.targets]
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    loader,
-    teacher: tuple[float, int] | None,
-    *,
-    device: torch.device,
-    token_level: bool,
-    vocab: int | None,
+    model: nn.Module, loader, *, device: torch.device, token_level: bool, vocab: int | None
 ) -> dict[str, float]:
-    """Metrics over a whole loader. ``teacher`` = (T, V) of the eval cache, or None when there is none."""
+    """Metrics over a whole loader; agreement and KL when its batches carry a teacher's top-k targets."""
     model.eval()
-    kl_loss = KDLoss(alpha=1.0, temperature=teacher[0]) if teacher else None
     ce_sum = correct = labelled = agree = kl_sum = positions = 0.0
     for batch in loader:
-        batch = to_device(batch, device)
+        batch = batch.to(device)
         logits, labels, mask, targets = flatten(batch, model(batch.inputs).logits, vocab)
         logits = logits.float()
-        has = labels != IGNORE
+        has = labels != IGNORE_INDEX
         labelled += float(has.sum())
         if token_level:
             ce = torch.logsumexp(logits[has], -1) - logits[has].gather(-1, labels[has].unsqueeze(-1)).squeeze(-1)
             ce_sum += float(ce.sum())
         else:
             correct += float((logits.argmax(-1)[has] == labels[has]).sum())
-        if teacher is not None:
-            t = soft_targets(targets[0], *teacher)
+        if targets:
+            t = targets[0]
             agree += float((logits.argmax(-1) == t.ids[:, 0]).sum())
             n = int(mask.sum())
-            kl_sum += kl_loss(logits, t, labels, mask).parts["kd"] * n
+            kl_sum += KDLoss(alpha=1.0, temperature=t.temperature)(logits, t, labels, mask).parts["kd"] * n
             positions += n
     model.train()
     metrics: dict[str, float] = {}
@@ -73,16 +63,3 @@ def evaluate(
         metrics["agreement"] = agree / positions
         metrics["kl"] = kl_sum / positions
     return metrics
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return Batch(
-        {k: move(v) for k, v in batch.inputs.items()},
-        move(batch.labels),
-        move(batch.mask),
-        [{k: move(v) for k, v in t.items()} for t in batch.targets],
-        batch.ids,
-    )

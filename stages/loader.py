@@ -20,8 +20,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from stages.cache_format import HIDDEN_PREFIX, Cache
 from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
+from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 
-IGNORE = -100  # label value for "no label": unlabelled rows, padding, the last token of a sequence
 _UNIT_WITHOUT_CACHE = 4096  # examples per unit when no cache is attached (plain evaluation)
 
 
@@ -30,18 +30,34 @@ class Batch:
     """One batch. B examples; token-level tensors have a sequence axis S after B.
 
     inputs:  model inputs by name: ``x`` [B, F] or ``input_ids``/``attention_mask`` [B, S]
-    labels:  [B] or [B, S] int64, IGNORE where there is none (next-token labels for token caches)
+    labels:  [B] or [B, S] int64, IGNORE_INDEX where there is none (next-token labels for token caches)
     mask:    [B] or [B, S] bool, the positions that carry targets
-    targets: one dict per cache: ``ids`` [.., k] int64, ``logp`` [.., k] float32, ``logz`` [..] float32,
-             and ``hidden.<name>`` [.., D] float32 for the hidden states asked for
+    targets: one per cache, SoftTargets (top-k) or SampledTargets, with positions [B] or [B, S] (padding
+             positions hold zeros; ``evaluate.flatten`` drops them)
+    hidden:  one dict per cache: hidden state name -> [B, D] or [B, S, D] float32, for the names asked for
     ids:     the examples' dataset ids
     """
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     mask: torch.Tensor
-    targets: list[dict[str, torch.Tensor]]
+    targets: list[SoftTargets | SampledTargets]
+    hidden: list[dict[str, torch.Tensor]]
     ids: list = field(default_factory=list)
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device``; the same object on the CPU, where the loader builds it."""
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            {k: move(v) for k, v in self.inputs.items()},
+            move(self.labels),
+            move(self.mask),
+            [t.to(device) for t in self.targets],
+            [{k: move(v) for k, v in h.items()} for h in self.hidden],
+            self.ids,
+        )
 
 
 @dataclass
@@ -215,9 +231,9 @@ class StreamingLoader(IterableDataset):
         ids = table.column(ID_COLUMN).to_numpy()
         inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
         if LABEL_COLUMN in columns:
-            labels = table.column(LABEL_COLUMN).fill_null(IGNORE).to_numpy().astype(np.int64)
+            labels = table.column(LABEL_COLUMN).fill_null(IGNORE_INDEX).to_numpy().astype(np.int64)
         else:
-            labels = np.full(len(ids), IGNORE, dtype=np.int64)
+            labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
         rows, lengths, row_start = [], None, None
         for c, cache in enumerate(self.caches):
             arrays, starts, counts = self._shard_rows(c, cache, start, stop, shard_memo[c])
@@ -258,11 +274,9 @@ class StreamingLoader(IterableDataset):
 
     @staticmethod
     def _decode_shard(cache: Cache, shard: dict, hidden: list[str], top_k: int) -> dict:
-        import pyarrow.parquet as pq
-
         sampled = cache.target_format == "sampled"
         targets = ["sample_ids", "sample_counts"] if sampled else ["topk_ids", "topk_logp", "logz"]
-        table = pq.read_table(cache.shard_path(shard), columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
+        table = cache.read_shard(shard, columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
         if sampled:  # ragged distinct ids -> [rows, D] padded with weight 0
             ids, counts = (
                 _padded(table.column("sample_ids"), cache.samples),
@@ -276,6 +290,13 @@ class StreamingLoader(IterableDataset):
                 "logp": np.ascontiguousarray(_flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
                 "logz": table.column("logz").to_numpy(),
             }
+        if cache.num_classes and arrays["ids"].size and arrays["ids"].max() >= cache.num_classes:
+            # Only a manifest without a checksum can get here: its num_classes is not the teacher's.
+            raise CacheError(
+                f"cache {cache.path}: shard {shard['file']} holds class id {arrays['ids'].max()}, but the manifest "
+                f"says the teacher has {cache.num_classes} classes. Remove the cache (pipeline caches rm "
+                f"{cache.path.name}) and run cache-teacher again."
+            )
         arrays["id"] = table.column("id").to_numpy()
         for h in hidden:
             arrays[HIDDEN_PREFIX + h] = _flat(table.column(HIDDEN_PREFIX + h)).reshape(table.num_rows, -1)
@@ -317,15 +338,18 @@ class StreamingLoader(IterableDataset):
                 np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype)
             )
         rows = block.row_start[idx]
-        targets = [
-            {k: torch.from_numpy(_as_loss_dtype(v[rows])) for k, v in arrays.items() if k != "id"}
-            for arrays in block.rows
-        ]
+        targets, hidden = self._typed(
+            [
+                {k: torch.from_numpy(_as_loss_dtype(v[rows])) for k, v in arrays.items() if k != "id"}
+                for arrays in block.rows
+            ]
+        )
         return Batch(
             inputs,
             torch.from_numpy(block.labels[idx]),
             torch.ones(len(idx), dtype=torch.bool),
             targets,
+            hidden,
             block.ids[idx].tolist(),
         )
 
@@ -337,22 +361,36 @@ class StreamingLoader(IterableDataset):
         for j, i in enumerate(idx):
             input_ids[j, : lengths[j]] = np.asarray(tokens[i])[: lengths[j]]
         mask = np.arange(s)[None, :] < lengths[:, None]
-        labels = np.full((b, s), IGNORE, dtype=np.int64)
-        labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], IGNORE)  # next-token labels
+        labels = np.full((b, s), IGNORE_INDEX, dtype=np.int64)
+        labels[:, :-1] = np.where(mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)  # next-token labels
         inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
         rows = concat_ranges(block.row_start[idx], lengths)
         where = np.nonzero(mask)  # row-major: example by example, position by position, like `rows`
-        targets = []
+        per_cache = []
         for arrays in block.rows:
             t = {}
             for key, values in arrays.items():
-                if key == "id":
+                if key == "id":  # the pairing check's column, not a target
                     continue
                 out = np.zeros((b, s) + values.shape[1:], dtype=_as_loss_dtype(values[:0]).dtype)
                 out[where] = values[rows]
                 t[key] = torch.from_numpy(out)
-            targets.append(t)
-        return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(mask), targets, block.ids[idx].tolist())
+            per_cache.append(t)
+        targets, hidden = self._typed(per_cache)
+        return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(mask), targets, hidden, block.ids[idx].tolist())
+
+    def _typed(
+        self, per_cache: list[dict[str, torch.Tensor]]
+    ) -> tuple[list[SoftTargets | SampledTargets], list[dict[str, torch.Tensor]]]:
+        """Each cache's batch tensors (named as ``_decode_shard`` names them) -> its targets and hidden states."""
+        targets, hidden = [], []
+        for cache, t in zip(self.caches, per_cache):
+            if cache.target_format == "sampled":
+                targets.append(SampledTargets(t["ids"], t["weights"], cache.temperature, cache.num_classes))
+            else:
+                targets.append(SoftTargets(t["ids"], t["logp"], t["logz"], cache.temperature, cache.num_classes))
+            hidden.append({k.removeprefix(HIDDEN_PREFIX): v for k, v in t.items() if k.startswith(HIDDEN_PREFIX)})
+        return targets, hidden
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:

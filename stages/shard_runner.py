@@ -172,7 +172,7 @@ class ShardRunner:
             per_row = list(h.shape[2:] if mask is not None else h.shape[1:])
             self.hidden_shapes.setdefault(name, per_row)
             h = select(h)
-            result["hidden." + name] = h.reshape(h.shape[0], -1).astype(np.float16)
+            result[fmt.HIDDEN_PREFIX + name] = h.reshape(h.shape[0], -1).astype(np.float16)
         if self.probe_left > 0 and sampled:
             # What the draws cover: the teacher's mass on the distinct ids drawn (the rest is unseen).
             covered = torch.log_softmax(logits.double() / temperature, -1).gather(1, drawn).exp() * (counts > 0)

@@ -45,16 +45,18 @@ def tail_mass(logp: Tensor, vocab_size: int) -> Tensor:
     """Probability mass outside the cached ids: ``1 - sum exp(logp)``, in [0, 1].
 
     Computed as ``-expm1(logsumexp(logp))`` so a tiny tail keeps its relative precision. When the cache
-    holds the whole vocabulary (k == V) the tail is 0 by definition, not a rounding residue.
+    holds the whole vocabulary (k == V) the tail is 0 by definition, not a rounding residue. This is the one
+    place the formula is written: the cache writer and the losses (``SoftTargets.tail``) both call it.
 
     Args:
-        logp: [N, k] full-vocabulary log-probabilities.
+        logp: [..., k] full-vocabulary log-probabilities.
     Returns:
-        [N] float32.
+        [...] in the dtype of ``logp`` upcast to at least float32 (float64 stays float64, for gradcheck).
     """
+    dtype = torch.promote_types(logp.dtype, torch.float32)
     if logp.shape[-1] >= vocab_size:
-        return torch.zeros(logp.shape[:-1], dtype=torch.float32, device=logp.device)
-    return (-torch.expm1(torch.logsumexp(logp.float(), dim=-1))).clamp_(0.0, 1.0)
+        return torch.zeros(logp.shape[:-1], dtype=dtype, device=logp.device)
+    return (-torch.expm1(torch.logsumexp(logp.to(dtype), dim=-1))).clamp(0.0, 1.0)
 
 
 def entropy(logits: Tensor, temperature: float) -> Tensor:
@@ -71,6 +73,7 @@ def reconstruct_log_probs(ids: Tensor, logp: Tensor, vocab_size: int) -> Tensor:
     Returns:
         [N, V] float32 log-probabilities (each row sums to 1). With k == V it equals the teacher's exactly.
     """
+    logp = logp.float()
     n, k = logp.shape
     tau = tail_mass(logp, vocab_size)
     if k < vocab_size:
@@ -78,7 +81,7 @@ def reconstruct_log_probs(ids: Tensor, logp: Tensor, vocab_size: int) -> Tensor:
     else:
         fill = torch.full((n, 1), float("-inf"))
     dense = fill.expand(n, vocab_size).clone()
-    dense.scatter_(1, ids.long(), logp.float())
+    dense.scatter_(1, ids.long(), logp)
     return dense
 
 

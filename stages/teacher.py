@@ -173,7 +173,8 @@ def inspect(path: str | Path, logits_output: str | None = None) -> tuple[Teacher
 
 
 class Teacher:
-    """A teacher session. ``outputs()`` names what ``run`` returns, in order."""
+    """A teacher session: ``run`` returns the logits (or, with the top-k head, its ids, logp and logZ), then
+    the hidden states."""
 
     def __init__(
         self,
@@ -237,11 +238,9 @@ class Teacher:
     def input_names(self) -> list[str]:
         return [i.name for i in self.info.inputs]
 
-    def outputs(self) -> list[str]:
-        return list(self._outputs)
-
     def run(self, feeds: dict[str, np.ndarray], dense_logits: bool = False) -> list[np.ndarray]:
-        """``outputs()`` in order; with ``dense_logits`` the full logits come last, from the same run."""
+        """The session's outputs in the order the class docstring gives; with ``dense_logits`` the full logits
+        come last, from the same run."""
         names = self._outputs + ([self.info.logits_output] if dense_logits and self.topk_in_graph else [])
         try:
             return self.session.run(names, feeds)

@@ -25,13 +25,11 @@ from stages import cache_format as fmt
 from stages import checkpoint, run_dir
 from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import LABEL_COLUMN, Dataset
-from stages.ensemble_loss import EnsembleKDLoss
 from stages.errors import CacheError, ConfigError, DatasetError
-from stages.evaluate import evaluate, flatten, soft_targets, to_device
+from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
 from stages.loader import StreamingLoader
-from stages.losses import HiddenStateLoss, KDLoss, cross_entropy_only
-from stages.sampled_loss import SampledKDLoss, SampledTargets
+from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss, cross_entropy_only
 from stages.students import build_student, count_parameters
 
 # Options that do not change what a run computes: an interrupted run resumes whatever they are now.
@@ -195,8 +193,8 @@ class Trainer:
             ) from exc
         return SummaryWriter
 
-    def _held_out(self, data_path: str, cache_ref: str) -> tuple[StreamingLoader, tuple[float, int] | None] | None:
-        """(loader, (T, V) of its teacher cache or None), or None when no dataset was given."""
+    def _held_out(self, data_path: str, cache_ref: str) -> StreamingLoader | None:
+        """The loader of a held-out dataset (with its teacher cache, if given), or None when none was given."""
         if not data_path:
             return None
         data = Dataset(data_path)
@@ -205,12 +203,13 @@ class Trainer:
             raise CacheError(
                 f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it"
             )
-        teacher = (caches[0].temperature, caches[0].num_classes) if caches else None
-        return self._loader(data, caches, shuffle=False, top_k=0), teacher  # held-out KL over every cached id
+        return self._loader(data, caches, shuffle=False, top_k=0)  # held-out KL over every cached id
 
     def _open_cache(self, ref: str, data: Dataset) -> fmt.Cache:
         cache = fmt.open_cache(fmt.resolve_cache(ref, self.config.cache_dir))
         cache.verify(checksums=True)
+        if not cache.checksummed:
+            self.log(f"note: cache {cache.key} predates manifest checksums; checked against its key and shards only")
         want, have = cache.manifest["dataset"]["fingerprint"], data.fingerprint()
         if have != want:
             raise CacheError(
@@ -360,7 +359,7 @@ class Trainer:
         Always epoch 0's first: the same batch wherever training stands, so a resumed run probes and traces alike.
         """
         self.train_loader.set_epoch(0)
-        return to_device(next(iter(self.train_loader)), self.device)
+        return next(iter(self.train_loader)).to(self.device)
 
     def _iterate(self, loader: StreamingLoader, epoch: int, skip: int = 0):
         loader.set_epoch(epoch, skip)
@@ -471,7 +470,7 @@ class Trainer:
         done = skip
         t0 = time.perf_counter()
         for batch in self._iterate(self.train_loader, epoch, skip):
-            batch = to_device(batch, self.device)
+            batch = batch.to(self.device)
             group = min(c.grad_accum, batches - done // c.grad_accum * c.grad_accum)  # batches in this step
             with torch.autocast(self.device.type, dtype=_AUTOCAST[c.precision], enabled=c.precision != "fp32"):
                 out = step(batch)
@@ -509,7 +508,7 @@ class Trainer:
         }
         if self.eval_set is not None:
             metrics = evaluate(
-                self.model, *self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab
+                self.model, self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab
             )
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
@@ -580,18 +579,12 @@ class Trainer:
         logits, labels, mask, targets = flatten(batch, self.model(batch.inputs).logits, self.vocab)
         if not self.caches:
             return cross_entropy_only(logits, labels, mask)
-        soft = [
-            SampledTargets(t["ids"], t["weights"], c.temperature, c.num_classes)
-            if c.target_format == "sampled"
-            else soft_targets(t, c.temperature, c.num_classes)
-            for t, c in zip(targets, self.caches)
-        ]
-        return self.loss(logits, soft if self.config.method == "ensemble" else soft[0], labels, mask)
+        return self.loss(logits, targets if self.config.method == "ensemble" else targets[0], labels, mask)
 
     def _hidden_step(self, batch, layer: int, name: str, projection: nn.Module, loss: HiddenStateLoss):
         out = self.model(batch.inputs)
         student = out.hidden[layer]
-        teacher = batch.targets[0]["hidden." + name]
+        teacher = batch.hidden[0][name]
         if self.token_level:
             keep = batch.mask
             student, teacher = student[keep], teacher[keep]
@@ -639,7 +632,7 @@ class Trainer:
         metrics.update({k: v for k, v in final.items() if k.startswith(("train_", "eval_"))})
         if self.test_set is not None:
             test = evaluate(
-                self.model, *self.test_set, device=self.device, token_level=self.token_level, vocab=self.vocab
+                self.model, self.test_set, device=self.device, token_level=self.token_level, vocab=self.vocab
             )
         else:  # no separate test set: the held-out eval set's final figures are the test figures
             test = {k[5:]: v for k, v in final.items() if k.startswith("eval_")}

@@ -20,6 +20,7 @@ from pipeline.cli import main
 from stages import cache_format as fmt
 from stages import cache_teacher
 from stages.config import CacheTeacherConfig
+from stages.errors import CacheError
 from tests import teachers
 
 
@@ -72,6 +73,7 @@ def test_classifier_round_trip(classifier_setup, postprocess) -> None:
     assert m["hidden"] == {"hidden": [16]}
     assert m["num_positions"] == 300 and len(m["shards"]) == 3
     assert m["providers"] == ["CPUExecutionProvider"]
+    assert m["postprocess"] == [postprocess]
     assert m["fidelity"]["kl_mean"] >= 0 and 0 < m["fidelity"]["tail_mass_mean"] < 1
 
 
@@ -273,6 +275,27 @@ def test_device_auto_reports_the_provider_that_ran(classifier_setup) -> None:
     assert result.exit_code == 0
     manifest = json.loads((Path(result.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).read_text())
     assert manifest["providers"][0] in result.stderr
+    assert manifest["postprocess"] == ["graph" if manifest["providers"] == ["CUDAExecutionProvider"] else "torch"]
+    assert f"top-k in {manifest['postprocess'][0]}" in result.stderr
+
+
+def test_auto_postprocess_is_decided_by_the_provider_that_loaded() -> None:
+    choose = cache_teacher.choose_postprocess
+    assert choose("auto", "topk", "CUDAExecutionProvider") == "graph"
+    assert choose("auto", "topk", "CPUExecutionProvider") == "torch"
+    assert choose("graph", "topk", "CPUExecutionProvider") == "graph"  # asked for explicitly: kept
+    assert choose("torch", "topk", "CUDAExecutionProvider") == "torch"
+    assert choose("auto", "sampled", "CUDAExecutionProvider") == "torch"  # sampling needs the full logits
+
+
+def test_a_cache_being_written_is_refused_while_its_lock_is_held(classifier_setup) -> None:
+    path = _run(classifier_setup, top_k=2).path
+    (path / fmt.MANIFEST).unlink()  # incomplete again, as while a cache-teacher is writing it
+    with fmt.try_lock(path) as held:
+        assert held is not None
+        with pytest.raises(CacheError, match="another cache-teacher process is writing"):
+            _run(classifier_setup, top_k=2)
+    assert not _run(classifier_setup, top_k=2).hit  # the lock released: it completes from the journal
 
 
 def test_sequence_classifier_over_unpadded_token_inputs(tmp_path) -> None:

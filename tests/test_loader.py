@@ -15,7 +15,8 @@ from stages import cache_teacher
 from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset
 from stages.errors import CacheError
-from stages.loader import IGNORE, StreamingLoader
+from stages.loader import StreamingLoader
+from stages.losses import IGNORE_INDEX
 from tests import teachers
 
 
@@ -50,8 +51,8 @@ def test_every_row_exactly_once_and_paired(classifier_setup, workers) -> None:
         seen.update(batch.ids)
         for j, i in enumerate(batch.ids):
             ids, logp = expected[(i, 0)]
-            assert batch.targets[0]["ids"][j].tolist() == ids
-            assert np.allclose(batch.targets[0]["logp"][j].numpy(), logp)
+            assert batch.targets[0].ids[j].tolist() == ids
+            assert np.allclose(batch.targets[0].logp[j].numpy(), logp)
             assert np.allclose(batch.inputs["x"][j].numpy(), classifier_setup["x"][i])
             assert batch.labels[j] == i % 10
     assert seen == Counter(range(300))
@@ -101,8 +102,8 @@ def test_two_caches_with_different_shards_pair(classifier_setup) -> None:
     n = 0
     for batch in _loader(classifier_setup, [a, b]):
         for j, i in enumerate(batch.ids):
-            assert batch.targets[0]["ids"][j].tolist() == rows_a[(i, 0)][0]
-            assert batch.targets[1]["ids"][j].tolist() == rows_b[(i, 0)][0]
+            assert batch.targets[0].ids[j].tolist() == rows_a[(i, 0)][0]
+            assert batch.targets[1].ids[j].tolist() == rows_b[(i, 0)][0]
             n += 1
     assert n == 300
 
@@ -126,9 +127,9 @@ def test_token_batches_place_targets_at_their_positions(token_setup) -> None:
             assert batch.mask[j].tolist() == [True] * n + [False] * (batch.mask.shape[1] - n)
             assert batch.inputs["input_ids"][j, :n].tolist() == seqs[i].tolist()
             assert batch.labels[j, : n - 1].tolist() == seqs[i][1:].tolist()
-            assert (batch.labels[j, n - 1 :] == IGNORE).all()
+            assert (batch.labels[j, n - 1 :] == IGNORE_INDEX).all()
             for t in range(n):
-                assert batch.targets[0]["ids"][j, t].tolist() == expected[(i, t)][0]
+                assert batch.targets[0].ids[j, t].tolist() == expected[(i, t)][0]
             count += 1
     assert count == len(seqs)
 
@@ -148,8 +149,8 @@ def test_top_k_prefix_of_a_wider_cache_equals_the_narrow_cache(classifier_setup)
     narrow = _cache(classifier_setup, top_k=2)
     a = next(iter(_loader(classifier_setup, [wide], shuffle=False, top_k=2)))
     b = next(iter(_loader(classifier_setup, [narrow], shuffle=False)))
-    assert torch.equal(a.targets[0]["ids"], b.targets[0]["ids"])
-    assert torch.equal(a.targets[0]["logp"], b.targets[0]["logp"])
+    assert torch.equal(a.targets[0].ids, b.targets[0].ids)
+    assert torch.equal(a.targets[0].logp, b.targets[0].logp)
     with pytest.raises(Exception, match="top_k 7 is more than"):
         _loader(classifier_setup, [wide], top_k=7)
 

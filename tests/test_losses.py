@@ -1,6 +1,6 @@
 """Losses over cached soft targets: known values, sparse-vs-dense agreement, and properties.
 
-The references here are written densely and independently of stages/losses.py: full [N, V] softmaxes,
+The references here are written densely and independently of stages/losses/: full [N, V] softmaxes,
 F.kl_div and F.cross_entropy, boolean indexing instead of masked_mean.
 """
 
@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.ensemble_loss import EnsembleKDLoss, mixture
 from stages.errors import ConfigError
 from stages.losses import (
+    EnsembleKDLoss,
     HiddenStateLoss,
     KDLoss,
     LossOutput,
     SoftTargets,
     cross_entropy_only,
     masked_mean,
+    mixture,
     retemper,
 )
 
@@ -539,3 +540,22 @@ def test_mismatched_shapes_are_rejected():
         KDLoss(0.5, 1.0)(student, targets, labels, mask.long())
     with pytest.raises(ConfigError, match="at least one"):
         EnsembleKDLoss(0.5, 1.0)(student, [], labels, mask)
+
+
+def test_index_over_a_token_grid_keeps_the_masked_positions_in_row_major_order():
+    _, teacher, _, _ = batch(6, 7, seed=3)
+    flat = make_targets(teacher, 3, 1.0)
+    grid = SoftTargets(flat.ids.reshape(2, 3, 3), flat.logp.reshape(2, 3, 3), flat.logz.reshape(2, 3), 1.0, 7)
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    picked = grid.index(keep)
+    rows = keep.reshape(-1)
+    assert torch.equal(picked.ids, flat.ids[rows]) and torch.equal(picked.logp, flat.logp[rows])
+    assert torch.equal(picked.tail(), flat.tail()[rows])
+
+
+def test_losses_reject_targets_that_were_not_flattened():
+    student, teacher, labels, mask = batch(4, 6, seed=19)
+    t = make_targets(teacher, 3, 1.0)
+    grid = SoftTargets(t.ids.reshape(2, 2, 3), t.logp.reshape(2, 2, 3), t.logz.reshape(2, 2), 1.0, 6)
+    with pytest.raises(ConfigError, match=r"ids \(2, 2, 3\) \(want \[N, k\]\)"):
+        KDLoss(0.5, 1.0)(student, grid, labels, mask)

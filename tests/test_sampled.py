@@ -13,8 +13,7 @@ from stages import cache_format as fmt
 from stages import cache_teacher, targets, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.errors import ConfigError
-from stages.losses import KDLoss, SoftTargets
-from stages.sampled_loss import SampledKDLoss, SampledTargets
+from stages.losses import KDLoss, SampledKDLoss, SampledTargets, SoftTargets
 
 QUIET = {"progress": False, "log": lambda m: None}
 

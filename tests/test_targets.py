@@ -107,3 +107,11 @@ def test_large_vocabulary_logz_is_stable() -> None:
     ids, logp, logz = targets.topk_log_probs(logits, 64, 0.7)
     assert torch.isfinite(logz).all() and torch.isfinite(logp).all()
     assert torch.allclose(logz, torch.logsumexp(logits / 0.7, -1), rtol=1e-6)
+
+
+def test_tail_mass_keeps_float64_and_upcasts_half_precision() -> None:
+    logp = torch.log_softmax(torch.randn(4, 9, dtype=torch.float64), dim=-1)[:, :3]
+    assert targets.tail_mass(logp, 9).dtype == torch.float64
+    assert targets.tail_mass(logp.half(), 9).dtype == torch.float32
+    assert targets.tail_mass(logp, 3).dtype == torch.float64  # k == V: exact zeros in the same dtype
+    torch.testing.assert_close(targets.tail_mass(logp, 9), 1 - logp.exp().sum(-1))

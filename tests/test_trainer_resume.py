@@ -18,6 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pipeline.catalog import Catalog
 from pipeline.cli import main
+from stages import cache_format as fmt
 from stages import cache_teacher, checkpoint, run_dir, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.errors import ConfigError
@@ -241,7 +242,7 @@ def test_run_config_and_cache_request_round_trip_through_config(classifier_setup
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    saved = cache / cache_teacher.REQUEST
+    saved = cache / fmt.REQUEST
     again = CliRunner().invoke(main, ["cache-teacher", "--config", str(saved)])
     assert again.exit_code == 0 and Path(again.output.strip().splitlines()[-1]) == cache, again.output
     x = classifier_setup["data"].parent / "runs" / "x"

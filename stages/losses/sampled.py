@@ -15,13 +15,14 @@ import torch
 from torch import Tensor
 
 from stages.errors import ConfigError
-from stages.losses import LossOutput, _check_temperature, _SoftTargetLoss, _upcast
+from stages.losses.common import LossOutput, SoftTargetLoss, check_batch, check_temperature, upcast
 
 
 @dataclass(frozen=True)
 class SampledTargets:
-    """ids: [N, D] int64 distinct drawn ids (padding slots arbitrary); weights: [N, D] count / D (0 = padding).
+    """One teacher's sampled soft targets for positions on leading axes P (``[N]`` for the loss).
 
+    ids: [*P, D] int64 distinct drawn ids (padding slots arbitrary); weights: [*P, D] count / D (0 = padding).
     temperature: the T the ids were drawn at; vocab_size: V.
     """
 
@@ -31,14 +32,28 @@ class SampledTargets:
     vocab_size: int
 
     def __post_init__(self) -> None:
-        if self.ids.shape != self.weights.shape or self.ids.dim() != 2:
+        if self.ids.shape != self.weights.shape or self.ids.dim() < 2:
             raise ConfigError(
-                f"SampledTargets: ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} must both be [N, D]"
+                f"SampledTargets: ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} "
+                "must both be [N, D]"
             )
-        _check_temperature(self.temperature)
+        check_temperature(self.temperature)
+
+    def index(self, rows: Tensor) -> SampledTargets:
+        """The targets of the selected positions (``rows``: a bool mask of shape P, or int64 indices)."""
+        return SampledTargets(self.ids[rows], self.weights[rows], self.temperature, self.vocab_size)
+
+    def to(self, device: torch.device) -> SampledTargets:
+        """The same targets on ``device``."""
+        return SampledTargets(
+            self.ids.to(device, non_blocking=True),
+            self.weights.to(device, non_blocking=True),
+            self.temperature,
+            self.vocab_size,
+        )
 
 
-class SampledKDLoss(_SoftTargetLoss):
+class SampledKDLoss(SoftTargetLoss):
     """``alpha * T^2 * KL(p_hat || p_student,T) + (1 - alpha) * CE``, where p_hat = counts / D.
 
     forward(student_logits [N, V], targets: SampledTargets, labels [N], mask [N]) -> LossOutput with parts
@@ -50,14 +65,11 @@ class SampledKDLoss(_SoftTargetLoss):
     def forward(self, student_logits: Tensor, targets: SampledTargets, labels: Tensor, mask: Tensor) -> LossOutput:
         if targets.temperature != self.temperature:
             raise ConfigError(
-                f"sampled targets were drawn at T={targets.temperature}; they cannot be re-tempered to T={self.temperature}. "
-                "Train at the cache's temperature, or cache again at the T you want."
+                f"sampled targets were drawn at T={targets.temperature}; they cannot be re-tempered to "
+                f"T={self.temperature}. Train at the cache's temperature, or cache again at the T you want."
             )
-        if student_logits.shape[-1] != targets.vocab_size:
-            raise ConfigError(
-                f"student logits have {student_logits.shape[-1]} outputs; the sampled targets' vocabulary is {targets.vocab_size}"
-            )
-        x = _upcast(student_logits)
+        check_batch(student_logits, [targets], labels, mask)
+        x = upcast(student_logits)
         scaled = x if self.temperature == 1 else x / self.temperature
         log_partition = torch.logsumexp(scaled, dim=-1)
         log_q = scaled.gather(-1, targets.ids) - log_partition.unsqueeze(-1)

@@ -1,47 +1,30 @@
-"""Distillation losses computed from cached top-k soft targets.
-
-The soft-target losses are small ``nn.Module``s with one forward signature::
-
-    forward(student_logits [N, V], targets, labels [N] int64, mask [N] bool) -> LossOutput
-
-N counts positions (one per example for a classifier, one per token for a language model). ``labels`` holds
--100 (``IGNORE_INDEX``) where a position has no hard label; ``mask`` selects the positions that count at all.
-Every reduction over positions goes through ``masked_mean``.
-
-The cache stores log-probabilities under the teacher's FULL-vocabulary softmax, so the probability mass
-outside the top-k (the tail) is known exactly. The KL keeps it as one extra bucket, compared against the
-student's mass outside the same ids; bucketing ids together can only lower a KL (data-processing
-inequality), and with k == V the sparse KL equals the dense one.
-
-Math is done in fp32 or wider (``torch.promote_types(dtype, float32)``), so bf16/fp16 students are upcast and
-float64 inputs stay float64 (which ``gradcheck`` needs). The student's log-softmax is never materialised
-as a dense [N, V] tensor: only its values at the cached ids and its mass on the other ids are computed.
-"""
+"""What the soft-target losses share: the targets' type, the sparse KL with its tail bucket, the batch checks,
+the upcast, the masked mean, cross-entropy, and the base class that combines KD with CE."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from stages.errors import ConfigError
+from stages.targets import tail_mass
 
 IGNORE_INDEX = -100  # label of a position without a hard target (PyTorch's cross-entropy convention)
 
 
 @dataclass(frozen=True)
 class SoftTargets:
-    """One teacher's top-k soft targets for N positions, as the cache stores them.
+    """One teacher's top-k soft targets, as the cache stores them, for positions laid out on leading axes P
+    (``[N]`` for the losses; ``[B, S]`` in a token batch before ``flatten``).
 
-    ids: [N, k] int64, the teacher's top-k ids by descending probability.
-    logp: [N, k] float, ``z_i / temperature - logz``: log-probabilities under the full-vocabulary softmax.
-    logz: [N] float, ``logsumexp(z / temperature)`` over the full vocabulary (z: the teacher's logits).
+    ids: [*P, k] int64, the teacher's top-k ids by descending probability.
+    logp: [*P, k] float, ``z_i / temperature - logz``: log-probabilities under the full-vocabulary softmax.
+    logz: [*P] float, ``logsumexp(z / temperature)`` over the full vocabulary (z: the teacher's logits).
     temperature: the temperature the cache was written at.
     vocab_size: V, the size of the teacher's output vocabulary (number of classes for a classifier).
     """
@@ -54,33 +37,36 @@ class SoftTargets:
 
     def __post_init__(self) -> None:
         ids, logp, logz = self.ids, self.logp, self.logz
-        if ids.dim() != 2 or ids.dtype != torch.int64 or logp.shape != ids.shape or logz.shape != ids.shape[:1]:
+        if ids.dim() < 2 or ids.dtype != torch.int64 or logp.shape != ids.shape or logz.shape != ids.shape[:-1]:
             raise ConfigError(
                 "SoftTargets needs ids [N, k] int64, logp [N, k] and logz [N]; got ids "
                 f"{ids.dtype} {tuple(ids.shape)}, logp {tuple(logp.shape)}, logz {tuple(logz.shape)}"
             )
         if not 1 <= self.k <= self.vocab_size:
             raise ConfigError(f"SoftTargets has k={self.k} ids per position for V={self.vocab_size}; need 1 <= k <= V")
-        _check_temperature(self.temperature)
+        check_temperature(self.temperature)
 
     @property
     def k(self) -> int:
         return self.ids.shape[-1]
 
     def tail(self) -> Tensor:
-        """[N] mass outside the top-k, in [0, 1]; exactly 0 when k == V (not a rounding residue).
-
-        ``-expm1(logsumexp(logp))`` keeps a small tail's relative precision, in the dtype of ``logp`` upcast
-        to at least fp32.
-        """
-        logp = _upcast(self.logp)
-        if self.k == self.vocab_size:
-            return torch.zeros_like(logp[:, 0])
-        return (-torch.expm1(torch.logsumexp(logp, dim=-1))).clamp(0.0, 1.0)
+        """[*P] mass outside the top-k, in [0, 1], in the dtype of ``logp`` upcast to at least fp32."""
+        return tail_mass(self.logp, self.vocab_size)
 
     def index(self, rows: Tensor) -> SoftTargets:
-        """The targets of the selected positions (``rows``: a [N] bool mask or int64 indices)."""
+        """The targets of the selected positions (``rows``: a bool mask of shape P, or int64 indices)."""
         return SoftTargets(self.ids[rows], self.logp[rows], self.logz[rows], self.temperature, self.vocab_size)
+
+    def to(self, device: torch.device) -> SoftTargets:
+        """The same targets on ``device`` (non-blocking: the loader's tensors come from pinned or CPU memory)."""
+        return SoftTargets(
+            self.ids.to(device, non_blocking=True),
+            self.logp.to(device, non_blocking=True),
+            self.logz.to(device, non_blocking=True),
+            self.temperature,
+            self.vocab_size,
+        )
 
 
 @dataclass
@@ -91,17 +77,17 @@ class LossOutput:
     parts: dict[str, float]  # detached components, for logging only
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """x in at least fp32: half-precision inputs are upcast, float64 stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
     if not temperature > 0:  # also rejects NaN
         raise ConfigError(f"temperature must be > 0 (it divides the logits), got {temperature!r}")
 
 
-def _uncached_logp(targets: SoftTargets) -> Tensor:
+def uncached_logp(targets: SoftTargets) -> Tensor:
     """[N] log-probability of each id outside the top-k when the tail is spread uniformly over them.
 
     -inf when there is no tail (k == V, or a tail that rounded to 0).
@@ -124,16 +110,16 @@ def retemper(targets: SoftTargets, temperature: float) -> SoftTargets:
 
     Returns SoftTargets with the same ids, logp [N, k] and logz [N] at T (in at least fp32).
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if temperature == targets.temperature:
         return targets
     ratio = targets.temperature / temperature
     # Both terms below are z / T shifted by the same per-row constant ratio * logz, which cancels in logp.
-    top = ratio * _upcast(targets.logp)
+    top = ratio * upcast(targets.logp)
     uncached = targets.vocab_size - targets.k
-    bucket = ratio * _uncached_logp(targets) + (math.log(uncached) if uncached else -math.inf)  # all V - k tail ids
+    bucket = ratio * uncached_logp(targets) + (math.log(uncached) if uncached else -math.inf)  # all V - k tail ids
     log_partition = torch.logsumexp(torch.cat([top, bucket.unsqueeze(-1)], dim=-1), dim=-1)
-    logz = ratio * _upcast(targets.logz) + log_partition
+    logz = ratio * upcast(targets.logz) + log_partition
     return SoftTargets(targets.ids, top - log_partition.unsqueeze(-1), logz, temperature, targets.vocab_size)
 
 
@@ -147,14 +133,14 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return kept.sum() / mask.sum().clamp(min=1)
 
 
-def _top_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+def top_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """sum_i p_i (log p_i - log q_i) over the last dim: [N, K] -> [N]. Slots with p = 0 add 0 (0 log 0 = 0)."""
     p = log_p.exp()
     # where, not multiply: log_p = -inf gives NaN in the unused branch, which where drops in value and gradient.
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
 
 
-def _sparse_kl(log_p: Tensor, tail_p: Tensor, log_q: Tensor, log_q_tail: Tensor) -> Tensor:
+def sparse_kl(log_p: Tensor, tail_p: Tensor, log_q: Tensor, log_q_tail: Tensor) -> Tensor:
     """KL(teacher || student) with every id outside the listed ones merged into one tail bucket.
 
     log_p: [N, K] teacher log-probabilities of the listed ids (-inf in slots to skip, e.g. repeated ids).
@@ -163,18 +149,19 @@ def _sparse_kl(log_p: Tensor, tail_p: Tensor, log_q: Tensor, log_q_tail: Tensor)
     log_q_tail: [N] log of the student's mass outside them.
     Returns [N].
     """
-    return _top_kl(log_p, log_q) + torch.xlogy(tail_p, tail_p) - tail_p * log_q_tail  # xlogy: 0 log 0 = 0
+    return top_kl(log_p, log_q) + torch.xlogy(tail_p, tail_p) - tail_p * log_q_tail  # xlogy: 0 log 0 = 0
 
 
-def _check_batch(student_logits: Tensor, teachers: Sequence[SoftTargets], labels: Tensor, mask: Tensor) -> None:
+def check_batch(student_logits: Tensor, teachers: Sequence, labels: Tensor, mask: Tensor) -> None:
+    """Raise ConfigError unless logits [N, V], each teacher's targets (ids [N, k], V), labels and mask fit together."""
     if student_logits.dim() != 2:
         raise ConfigError(f"student_logits must be [N, V]; got shape {tuple(student_logits.shape)}")
     n, vocab_size = student_logits.shape
     for t in teachers:
-        if t.ids.shape[0] != n or t.vocab_size != vocab_size:
+        if t.ids.dim() != 2 or t.ids.shape[0] != n or t.vocab_size != vocab_size:
             raise ConfigError(
-                f"soft targets for N={t.ids.shape[0]}, V={t.vocab_size} do not fit student logits "
-                f"[N={n}, V={vocab_size}]"
+                f"soft targets with ids {tuple(t.ids.shape)} (want [N, k]) and V={t.vocab_size} do not fit "
+                f"student logits [N={n}, V={vocab_size}]; flatten a token batch's positions first"
             )
     if labels.shape != (n,) or mask.shape != (n,):
         raise ConfigError(f"labels and mask must be [N={n}]; got {tuple(labels.shape)} and {tuple(mask.shape)}")
@@ -182,7 +169,7 @@ def _check_batch(student_logits: Tensor, teachers: Sequence[SoftTargets], labels
         raise ConfigError(f"mask must be a bool tensor, got {mask.dtype}")
 
 
-def _cross_entropy(x: Tensor, labels: Tensor, mask: Tensor, log_partition: Tensor | None = None) -> Tensor:
+def cross_entropy(x: Tensor, labels: Tensor, mask: Tensor, log_partition: Tensor | None = None) -> Tensor:
     """Mean CE of logits x [N, V] against labels [N] over the masked positions that have a label -> scalar.
 
     ``log_partition`` [N], if given, is ``logsumexp(x)`` already computed, which saves a pass over [N, V].
@@ -193,17 +180,6 @@ def _cross_entropy(x: Tensor, labels: Tensor, mask: Tensor, log_partition: Tenso
     if log_partition is None:
         log_partition = torch.logsumexp(x, dim=-1)
     return masked_mean(log_partition - picked, labelled)
-
-
-def cross_entropy_only(student_logits: Tensor, labels: Tensor, mask: Tensor) -> LossOutput:
-    """Plain supervised loss, for a student trained without a teacher.
-
-    student_logits [N, V], labels [N] (-100: no label), mask [N] bool -> LossOutput with parts "ce", "total".
-    """
-    _check_batch(student_logits, [], labels, mask)
-    ce = _cross_entropy(_upcast(student_logits), labels, mask)
-    value = ce.item()
-    return LossOutput(ce, {"ce": value, "total": value})
 
 
 class _SplitAtIds(torch.autograd.Function):
@@ -241,14 +217,14 @@ class _SplitAtIds(torch.autograd.Function):
         return grad.div_(ctx.temperature), None, None
 
 
-class _SoftTargetLoss(nn.Module):
+class SoftTargetLoss(nn.Module):
     """What KDLoss and EnsembleKDLoss share: argument checks, the student side, the hard-label term."""
 
     def __init__(self, alpha: float, temperature: float) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1] (the weight of the distillation term), got {alpha!r}")
-        _check_temperature(temperature)
+        check_temperature(temperature)
         self.alpha = alpha  # weight of the KL term; 1 - alpha goes to cross-entropy on the labels
         self.temperature = temperature  # softens both distributions; T^2 keeps the KL's gradient scale T-independent
 
@@ -274,76 +250,8 @@ class _SoftTargetLoss(nn.Module):
         log_partition: ``logsumexp(x / T)`` [N] if the KL computed it. At T = 1 it is also CE's, which then
         costs no second pass over [N, V], forward or backward.
         """
-        ce = _cross_entropy(x, labels, mask, log_partition if self.temperature == 1 else None)
+        ce = cross_entropy(x, labels, mask, log_partition if self.temperature == 1 else None)
         kd = masked_mean(kd, mask)
         total = self.alpha * self.temperature**2 * kd + (1.0 - self.alpha) * ce
         kd_value, ce_value, total_value = torch.stack([kd, ce, total]).detach().tolist()  # one device sync
         return LossOutput(total, {"kd": kd_value, "ce": ce_value, "total": total_value})
-
-
-class KDLoss(_SoftTargetLoss):
-    """``alpha * T^2 * KL(p_teacher,T || p_student,T) + (1 - alpha) * CE(student_logits, labels)``.
-
-    forward(student_logits [N, V], targets: SoftTargets, labels [N], mask [N]) -> LossOutput with parts
-    "kd" (the mean KL, before alpha * T^2), "ce" and "total". Targets cached at another temperature are
-    re-tempered (``retemper``). The KL covers the top-k plus a tail bucket; ``renormalize=True`` instead
-    compares the teacher's and the student's distributions each renormalised within the teacher's top-k
-    (the classic sparse-KD loss: it ignores the tail, so needs no tail model at any T). KD is averaged over
-    ``mask``, CE over the masked positions that have a label, so unlabelled positions train on KD alone.
-    """
-
-    def __init__(self, alpha: float, temperature: float, renormalize: bool = False) -> None:
-        super().__init__(alpha, temperature)
-        self.renormalize = renormalize  # False: tail bucket (exact for k == V); True: top-k only
-
-    def forward(self, student_logits: Tensor, targets: SoftTargets, labels: Tensor, mask: Tensor) -> LossOutput:
-        _check_batch(student_logits, [targets], labels, mask)
-        x = _upcast(student_logits)
-        teacher = retemper(targets, self.temperature)
-        log_p = teacher.logp.to(x.dtype)
-        log_partition = None  # the top-k-only KL never sums over the full vocabulary
-        if self.renormalize:
-            log_q = (x.gather(-1, teacher.ids) / self.temperature).log_softmax(dim=-1)
-            kd = _top_kl(log_p.log_softmax(dim=-1), log_q)
-        else:
-            every_slot = torch.ones_like(teacher.ids, dtype=torch.bool)
-            log_q, log_q_tail, log_partition = self._student_log_probs(x, teacher.ids, every_slot)
-            kd = _sparse_kl(log_p, teacher.tail().to(x.dtype), log_q, log_q_tail)
-        return self._combine(kd, x, labels, mask, log_partition)
-
-
-class HiddenStateLoss(nn.Module):
-    """Distance between student and teacher hidden states, per position, averaged over the mask.
-
-    forward(student_hidden [N, D], teacher_hidden [N, D], mask [N] bool) -> LossOutput with parts {"hidden"}.
-    Its signature differs from the soft-target losses because it compares features, not distributions. Both
-    inputs must already have width D: projecting the student's width onto the teacher's is the trainer's
-    job, since the projection is a trained parameter.
-
-    kind "mse": mean over D of the squared difference. kind "cosine": 1 - cosine similarity.
-    """
-
-    def __init__(self, kind: Literal["mse", "cosine"]) -> None:
-        super().__init__()
-        if kind not in ("mse", "cosine"):
-            raise ConfigError(f"hidden-state loss kind must be 'mse' or 'cosine', got {kind!r}")
-        self.kind = kind
-
-    def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor) -> LossOutput:
-        if student_hidden.dim() != 2 or student_hidden.shape != teacher_hidden.shape:
-            raise ConfigError(
-                f"hidden states must both be [N, D]; got student {tuple(student_hidden.shape)}, "
-                f"teacher {tuple(teacher_hidden.shape)} (project to the teacher's width first)"
-            )
-        if mask.shape != student_hidden.shape[:1] or mask.dtype != torch.bool:
-            raise ConfigError(
-                f"mask must be a bool [N={student_hidden.shape[0]}] tensor, got {mask.dtype} {tuple(mask.shape)}"
-            )
-        dtype = torch.promote_types(torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32)
-        s, t = student_hidden.to(dtype), teacher_hidden.to(dtype)
-        if self.kind == "mse":
-            per_position = (s - t).pow(2).mean(dim=-1)
-        else:
-            per_position = 1.0 - F.cosine_similarity(s, t, dim=-1)
-        loss = masked_mean(per_position, mask)
-        return LossOutput(loss, {"hidden": loss.item()})

@@ -1,28 +1,28 @@
 """Multi-teacher distillation: one KD loss against a mixture of teachers' cached top-k soft targets.
 
 The teachers' top-k supports differ, so every loss here runs over the union of their ids plus one tail bucket
-for the ids no teacher cached (see ``stages/losses.py`` for the single-teacher loss and its conventions).
+for the ids no teacher cached (see ``stages/losses/kd.py`` for the single-teacher loss and its conventions).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from stages.config import ENSEMBLE_MODES
 from stages.errors import ConfigError
-from stages.losses import (
+from stages.losses.common import (
     LossOutput,
+    SoftTargetLoss,
     SoftTargets,
-    _check_batch,
-    _SoftTargetLoss,
-    _sparse_kl,
-    _uncached_logp,
-    _upcast,
+    check_batch,
     retemper,
+    sparse_kl,
+    uncached_logp,
+    upcast,
 )
 
 
@@ -71,7 +71,7 @@ def _logp_at(teacher: SoftTargets, ids: Tensor, uncached: Tensor) -> Tensor:
     sorted_ids, order = teacher.ids.sort(dim=-1)
     slot = torch.searchsorted(sorted_ids, ids).clamp(max=teacher.k - 1)  # ids above the largest land at k
     cached = sorted_ids.gather(-1, slot) == ids
-    logp = _upcast(teacher.logp).gather(-1, order.gather(-1, slot))
+    logp = upcast(teacher.logp).gather(-1, order.gather(-1, slot))
     return torch.where(cached, logp, uncached.unsqueeze(-1))
 
 
@@ -79,7 +79,7 @@ def _log_mixture(teachers: Sequence[SoftTargets], weights: Sequence[float]) -> t
     """The "prob" mixture in log space: ids [N, K], log P [N, K] (-inf where not valid), valid, tail [N]."""
     ids, valid = _union(teachers)
     log_p = torch.stack(
-        [math.log(w) + _logp_at(t, ids, _uncached_logp(t)) for t, w in zip(teachers, weights)]
+        [math.log(w) + _logp_at(t, ids, uncached_logp(t)) for t, w in zip(teachers, weights)]
     ).logsumexp(dim=0)
     # Teacher m's mass outside the union: its uniform tail share times the V - |U| ids no teacher cached.
     # Summing these directly, rather than 1 - sum P, keeps a small tail precise.
@@ -122,8 +122,8 @@ def _logit_average(
     for t, w in zip(teachers, weights):
         # A tail that rounded to 0 would give every id outside this teacher's top-k a -inf logit, vetoing ids
         # the other teachers rank highly; floor the per-id tail probability at the smallest normal number.
-        uncached = _uncached_logp(t).clamp(min=math.log(torch.finfo(logits.dtype).tiny))
-        logz = _upcast(t.logz).unsqueeze(-1)
+        uncached = uncached_logp(t).clamp(min=math.log(torch.finfo(logits.dtype).tiny))
+        logz = upcast(t.logz).unsqueeze(-1)
         logits = logits + w * t.temperature * (_logp_at(t, ids, uncached) + logz)
         tail_logit = tail_logit + w * t.temperature * (uncached + logz.squeeze(-1))
     scores = (logits / temperature).masked_fill(~valid, -math.inf)
@@ -133,7 +133,7 @@ def _logit_average(
     return ids, scores - log_partition, valid, (bucket - log_partition.squeeze(-1)).exp()
 
 
-class EnsembleKDLoss(_SoftTargetLoss):
+class EnsembleKDLoss(SoftTargetLoss):
     """KDLoss against an ensemble of teachers, each given as its own SoftTargets (same N and V, any k).
 
     forward(student_logits [N, V], targets: list[SoftTargets], labels [N], mask [N]) -> LossOutput, with the
@@ -153,11 +153,11 @@ class EnsembleKDLoss(_SoftTargetLoss):
         alpha: float,
         temperature: float,
         weights: Sequence[float] | None = None,
-        mode: Literal["prob", "logit"] = "prob",
+        mode: str = "prob",
     ) -> None:
         super().__init__(alpha, temperature)
-        if mode not in ("prob", "logit"):
-            raise ConfigError(f"ensemble mode must be 'prob' or 'logit', got {mode!r}")
+        if mode not in ENSEMBLE_MODES:
+            raise ConfigError(f"ensemble mode must be one of {ENSEMBLE_MODES}, got {mode!r}")
         if weights is not None:
             _check_weights(weights)  # the count is checked against the teachers in forward
         self.weights = None if weights is None else [float(w) for w in weights]  # None: uniform
@@ -167,13 +167,13 @@ class EnsembleKDLoss(_SoftTargetLoss):
         self, student_logits: Tensor, targets: Sequence[SoftTargets], labels: Tensor, mask: Tensor
     ) -> LossOutput:
         _check_teachers(targets)
-        _check_batch(student_logits, targets, labels, mask)
+        check_batch(student_logits, targets, labels, mask)
         weights = _normalised_weights(self.weights, len(targets))
-        x = _upcast(student_logits)
+        x = upcast(student_logits)
         if self.mode == "prob":
             ids, log_p, valid, tail = _log_mixture([retemper(t, self.temperature) for t in targets], weights)
         else:
             ids, log_p, valid, tail = _logit_average(targets, weights, self.temperature)
         log_q, log_q_tail, log_partition = self._student_log_probs(x, ids, valid)
-        kd = _sparse_kl(log_p.to(x.dtype), tail.to(x.dtype), log_q, log_q_tail)
+        kd = sparse_kl(log_p.to(x.dtype), tail.to(x.dtype), log_q, log_q_tail)
         return self._combine(kd, x, labels, mask, log_partition)
