@@ -65,7 +65,7 @@ def save(run: Path, step: int, state: dict, keep: int = KEEP) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-    for old in paths(run)[:-keep]:
+    for old in paths(run)[:-keep] + list(folder.glob("*.tmp")):  # .tmp: torn by a kill (the lock makes us the writer)
         old.unlink()
     return path
 

@@ -170,28 +170,52 @@ def last_step(path: Path) -> int | None:
     return max(steps) if steps else None
 
 
+def tensorboard_writer_class():
+    """torch's SummaryWriter; ConfigError naming the optional package when it is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard; "
+            "metrics.csv holds the same scalars)"
+        ) from exc
+    return SummaryWriter
+
+
 class MetricsLog:
     """Appends rows to metrics.csv as training runs, each flushed at once so `runs list` and tails see it.
 
     The header is the union of the columns so far; a row bringing a new column (the first eval row, a new loss
     part) rewrites the file once, atomically, under the wider header. ``rows`` are the ones already there (a
-    resumed run keeps those up to its checkpoint).
+    resumed run keeps those up to its checkpoint). ``tensorboard``: the same scalars as event files too, tagged
+    ``kind/column`` at the row's step; events a resumed run logs again replace the earlier process's.
     """
 
-    def __init__(self, path: Path, rows: list[dict] | None = None):
+    def __init__(self, path: Path, rows: list[dict] | None = None, tensorboard: bool = False):
         self.path = path / ROWS
         self.rows = list(rows or [])
         self.columns = list(dict.fromkeys([*_FIRST, *(k for row in self.rows for k in row)]))
         self._rewrite()
+        last = max((row["step"] for row in self.rows if row.get("step") is not None), default=0)
+        self.board = tensorboard_writer_class()(str(path / TENSORBOARD), purge_step=last + 1) if tensorboard else None
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        if self.board is not None:
+            for key, value in row.items():
+                if isinstance(value, float):
+                    self.board.add_scalar(f"{row['kind']}/{key}", value, row["step"])
+            self.board.flush()
         if any(k not in self.columns for k in row):
             self.columns += [k for k in row if k not in self.columns]
             self._rewrite()
             return
         with open(self.path, "a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=self.columns).writerow(row)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def _rewrite(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -61,7 +61,7 @@ class Trainer:
         self.elapsed_before = 0.0  # training seconds of the run's earlier processes (a resumed run)
         self.checkpoint_seconds = 0.0  # spent writing checkpoints, in this process
         self.lock: run_dir.RunLock | None = None
-        self.board = None  # TensorBoard writer (--tensorboard)
+        self.rows: run_dir.MetricsLog | None = None  # metrics.csv (and TensorBoard), open from setup on
         self.epoch_acc = _accumulator()  # the current epoch's loss sums
         self.window = _accumulator()  # the loss sums since the last "step" row
 
@@ -72,7 +72,7 @@ class Trainer:
         resuming = run_dir.check_out(self.out, c.overwrite, c.resume)
         replace = not resuming and self.out.exists() and any(self.out.iterdir())
         if c.tensorboard:
-            self._tensorboard_writer_class()  # missing package: say so before any work
+            run_dir.tensorboard_writer_class()  # missing package: say so before any work
         self.data = Dataset(c.data)
         self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
         self._check_caches()
@@ -119,11 +119,10 @@ class Trainer:
         state = checkpoint.load_last(self.out) if resuming else None
         if not resuming:
             run_dir.write_config(self.out, record)
-        self.rows = run_dir.MetricsLog(self.out, run_dir.read_rows(self.out)[: state["rows"]] if state else [])
+        kept = run_dir.read_rows(self.out)[: state["rows"]] if state else []  # those logged up to the checkpoint
+        self.rows = run_dir.MetricsLog(self.out, kept, tensorboard=c.tensorboard)
         if state is not None:
             self._restore(state)
-        if c.tensorboard:
-            self.board = self._tensorboard_writer_class()(str(self.out / run_dir.TENSORBOARD), purge_step=self.step + 1)
         self.started = time.perf_counter()
         self.log(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
@@ -181,17 +180,6 @@ class Trainer:
         self.elapsed_before = state["elapsed"]
         self.resume_state = state
         self.log(f"resuming {self.out} at step {self.step} (epoch {len(self.history) + 1})")
-
-    @staticmethod
-    def _tensorboard_writer_class():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise ConfigError(
-                "--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard; "
-                "metrics.csv holds the same scalars)"
-            ) from exc
-        return SummaryWriter
 
     def _held_out(self, data_path: str, cache_ref: str) -> StreamingLoader | None:
         """The loader of a held-out dataset (with its teacher cache, if given), or None when none was given."""
@@ -512,7 +500,7 @@ class Trainer:
             )
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
-        self._log_row(row)
+        self.rows.append(row)
         self.epoch_acc = _accumulator()
         self.log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         self._checkpoint(stage_epoch + 1, 0, parts)
@@ -536,16 +524,8 @@ class Trainer:
         }
         if self.token_level:
             row["tokens_per_s"] = self.window["positions"] / seconds
-        self._log_row(row)
-        self.window = _accumulator()
-
-    def _log_row(self, row: dict) -> None:
         self.rows.append(row)
-        if self.board is not None:
-            for key, value in row.items():
-                if isinstance(value, float):
-                    self.board.add_scalar(f"{row['kind']}/{key}", value, self.step)
-            self.board.flush()
+        self.window = _accumulator()
 
     def _checkpoint(self, stage_epochs: int, batches: int, parts: tuple) -> None:
         """Everything the next step depends on, with the position: ``batches`` taken of epoch ``stage_epochs``."""
@@ -652,8 +632,8 @@ class Trainer:
 
     def close(self) -> None:
         """Let go of the run directory (also after a failure: the run is then interrupted, and resumable)."""
-        if self.board is not None:
-            self.board.close()
+        if self.rows is not None:
+            self.rows.close()
         if self.lock is not None:
             self.lock.release()
 

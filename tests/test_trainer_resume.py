@@ -175,6 +175,7 @@ def _kill_and_resume(setup: dict, out: Path, cache: Path, point: str, count: int
     if point == "checkpoint":
         assert list((out / run_dir.CHECKPOINTS).glob("*.tmp")), "the kill left a checkpoint half-written"
     train_student.run(config, **QUIET)
+    assert not list((out / run_dir.CHECKPOINTS).glob("*.tmp")) and len(checkpoint.paths(out)) == checkpoint.KEEP
 
 
 def test_kill_9_during_a_checkpoint_write_then_resume_is_bitwise_identical(classifier_setup, tmp_path) -> None:
