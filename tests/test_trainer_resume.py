@@ -325,8 +325,14 @@ def test_tensorboard_writes_events_or_names_the_missing_package(classifier_setup
             train_student.run(config, **QUIET)
         assert not (tmp_path / "tb").exists()  # refused before any work
         return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     train_student.run(config, **QUIET)
-    assert list((tmp_path / "tb" / run_dir.TENSORBOARD).glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "tb" / run_dir.TENSORBOARD)).Reload()
+    rows = run_dir.read_rows(tmp_path / "tb")
+    for kind, column in (("step", "train_total"), ("epoch", "eval_accuracy")):
+        logged = [(e.step, pytest.approx(e.value)) for e in events.Scalars(f"{kind}/{column}")]
+        assert logged == [(r["step"], r[column]) for r in rows if r["kind"] == kind]
 
 
 def test_token_run_logs_tokens_per_second_and_bars_count_exact_steps(token_setup, tmp_path, monkeypatch) -> None:
