@@ -352,8 +352,11 @@ class Trainer:
     def _iterate(self, loader: StreamingLoader, epoch: int, skip: int = 0):
         loader.set_epoch(epoch, skip)
         if self.config.workers:
+            # Its own generator for the workers' base seed: drawn from torch's global one, it would shift the
+            # student's dropout by one draw per epoch, and differently in a run resumed mid-epoch.
+            seeds = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             return torch.utils.data.DataLoader(
-                loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False
+                loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False, generator=seeds
             )
         return loader
 

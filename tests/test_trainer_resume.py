@@ -365,3 +365,16 @@ def test_token_run_logs_tokens_per_second_and_bars_count_exact_steps(token_setup
     steps = [r for r in run_dir.read_rows(tmp_path / "lm") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, metrics["steps"] + 1))
     assert all(r["tokens_per_s"] > r["examples_per_s"] > 0 for r in steps)  # sequences hold 2..12 tokens
+
+
+@pytest.mark.slow
+def test_resume_with_dataloader_workers_is_identical(classifier_setup, tmp_path, monkeypatch) -> None:
+    """Two DataLoader workers: the resumed epoch's batches continue the workers' interrupted turn order."""
+    cache = _cache(classifier_setup, top_k=4, shard_size=70)
+    train_student.run(_config(classifier_setup, tmp_path / "reference", cache, workers=2), **QUIET)
+    with monkeypatch.context() as patch:
+        _fail_on_call(checkpoint, "save", 1, patch, before=False)  # step 4 of epoch 1: mid-epoch, mid-window
+        with pytest.raises(Interrupt):
+            train_student.run(_config(classifier_setup, tmp_path / "stopped", cache, workers=2), **QUIET)
+    train_student.run(_config(classifier_setup, tmp_path / "stopped", cache, workers=2), **QUIET)
+    assert _outcome(tmp_path / "stopped") == _outcome(tmp_path / "reference")
