@@ -20,6 +20,12 @@ import click
 from stages.errors import PipelineError
 
 _PASS_THROUGH = (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit)
+# What an interrupted command leaves behind, and how to carry on; other commands leave nothing to resume.
+_AFTER_INTERRUPT = {
+    "cache-teacher": " (cache-teacher keeps its complete shards and resumes after them when run again)",
+    "train-student": " (run the same command again, or train-student --resume --out RUN_DIR, to continue from the "
+    "run's last checkpoint; --overwrite starts it over)",
+}
 
 
 def errors_to_click(fn):
@@ -32,11 +38,8 @@ def errors_to_click(fn):
         except PipelineError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            click.echo(
-                "interrupted (run the same command again: cache-teacher resumes after its complete shards, "
-                "train-student from its last checkpoint)",
-                err=True,
-            )
+            command = click.get_current_context().info_name
+            click.echo(f"interrupted{_AFTER_INTERRUPT.get(command, '')}", err=True)
             sys.exit(130)
 
     return wrapper

@@ -206,13 +206,13 @@ def test_rows_appear_while_training_and_runs_list_shows_the_running_run(classifi
     out = tmp_path / "runs" / "live"
     seen = []
 
-    def watch(message: str) -> None:  # the trainer logs each epoch's end: look at the directory from outside
+    def watch(message: str) -> None:  # the trainer notes each epoch's end: look at the directory from outside
         if message.startswith("step "):
             catalog = Catalog(classifier_setup["cache_dir"], tmp_path / "runs")
             (entry,) = catalog.runs
             seen.append((entry.status, entry.last_step, len(run_dir.read_rows(out)), run_dir.read_metrics(out)))
 
-    train_student.run(_config(classifier_setup, out, cache, export_onnx=False), progress=False, log=watch)
+    train_student.run(_config(classifier_setup, out, cache, export_onnx=False), progress=True, log=watch)
     assert [s[:2] for s in seen] == [("running", 10), ("running", 20), ("running", 30)]
     assert all(rows > 0 and metrics is None for _, _, rows, metrics in seen)
     saved = run_dir.read_config(out)
