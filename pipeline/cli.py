@@ -107,6 +107,8 @@ def inspect_teacher(model, show_all) -> None:
 
     info, proto, _ = inspect(model)
     click.echo(f"teacher   {model}  sha256 {info.sha256[:12]}")
+    for f in info.external_data:
+        click.echo(f"data      {f.location}  {f.bytes} bytes  sha256 {f.sha256[:12]}")
     click.echo(f"kind      {info.kind}  classes/vocabulary {info.num_classes}")
     for i in info.inputs:
         click.echo(f"input     {i.name}  {i.dtype.__name__}  {list(i.shape)}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from stages import cache_format as fmt
 from stages.config import CacheTeacherConfig, to_dict
-from stages.dataset import ID_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.shard_runner import ShardRunner
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
@@ -238,6 +238,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "path": str(Path(config.teacher).resolve()),
             "name": Path(config.teacher).name,
             "sha256": info.sha256,
+            "external_data": [dataclasses.asdict(f) for f in info.external_data],
             "inputs": [{"name": i.name, "dtype": np.dtype(i.dtype).name, "shape": list(i.shape)} for i in info.inputs],
             "logits_output": info.logits_output,
             "kind": info.kind,
@@ -246,6 +247,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
         "dataset": {
             "path": str(Path(config.data).resolve()),
             "fingerprint": request["dataset_fingerprint"],
+            "fingerprint_of": FINGERPRINT_OF,
             "num_rows": dataset.num_rows,
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },

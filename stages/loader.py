@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.cache_format import HIDDEN_PREFIX, Cache
-from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
+from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 
@@ -224,14 +224,13 @@ class StreamingLoader(IterableDataset):
 
     # -- reading ------------------------------------------------------------------------------------------
     def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
-        columns = (
-            [ID_COLUMN] + self.input_columns + ([LABEL_COLUMN] if self.data.has_labels and not self.token_level else [])
-        )
+        label = self.data.label_column if not self.token_level else None
+        columns = [ID_COLUMN] + self.input_columns + ([label] if label else [])
         table = self.data.read(start, stop, columns)
         ids = table.column(ID_COLUMN).to_numpy()
         inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
-        if LABEL_COLUMN in columns:
-            labels = table.column(LABEL_COLUMN).fill_null(IGNORE_INDEX).to_numpy().astype(np.int64)
+        if label:
+            labels = table.column(label).cast(pa.int64()).fill_null(IGNORE_INDEX).to_numpy()
         else:
             labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
         rows, lengths, row_start = [], None, None

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from stages import cache_format as fmt
 from stages import checkpoint, run_dir
 from stages.config import TrainStudentConfig, to_dict
-from stages.dataset import LABEL_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
@@ -86,7 +86,7 @@ class Trainer:
         self.token_level = (
             self.caches[0].kind == "token"
             if self.caches
-            else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
+            else "input_ids" in self.data.columns and not self.data.has_labels
         )
         self.inputs = self._input_columns()
         kind = TOKEN if self.token_level else SEQUENCE if "input_ids" in self.inputs else VECTOR
@@ -223,7 +223,10 @@ class Trainer:
         cache.verify(checksums=True)
         if not cache.checksummed:
             self.log(f"note: cache {cache.key} predates manifest checksums; checked against its key and shards only")
-        want, have = cache.manifest["dataset"]["fingerprint"], data.fingerprint()
+        built_from = cache.manifest["dataset"]
+        # A cache written before fingerprints hashed the rows holds a fingerprint of the files' names and bytes.
+        have = data.fingerprint() if built_from.get("fingerprint_of") == FINGERPRINT_OF else data.file_fingerprint()
+        want = built_from["fingerprint"]
         if have != want:
             raise CacheError(
                 f"cache {cache.key} was built from another dataset ({cache.manifest['dataset']['path']}, fingerprint "
@@ -296,11 +299,7 @@ class Trainer:
         return cols
 
     def _check_labels(self) -> None:
-        if (
-            not self.data.has_labels
-            or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count
-            == self.data.num_rows
-        ):
+        if not self.data.has_labels or self.data.labels().null_count == self.data.num_rows:
             fix = (
                 "use --alpha 1 to train on the teacher's targets alone"
                 if self.caches
@@ -314,7 +313,7 @@ class Trainer:
         """Labels must be class indices the student's outputs cover: 0 <= label < num_outputs (nulls allowed)."""
         if not data.has_labels:
             return
-        low, high = pc.min_max(_label_column(data)).values()
+        low, high = pc.min_max(data.labels()).values()
         if low.as_py() is None:  # every label is null
             return
         if low.as_py() < 0:
@@ -352,7 +351,7 @@ class Trainer:
                 if data_path and ref:
                     return fmt.open_cache(fmt.resolve_cache(ref, c.cache_dir)).num_classes
             return self._max_token() + 1
-        return int(pc.max(_label_column(self.data)).as_py()) + 1
+        return int(pc.max(self.data.labels()).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
         c = self.config
@@ -737,17 +736,6 @@ def _add(acc: dict, parts: dict[str, float], examples: int, positions: int) -> N
 
 def _means(acc: dict) -> dict[str, float]:
     return {f"train_{key}": value / max(acc["batches"], 1) for key, value in acc["sums"].items()}
-
-
-def _label_column(data: Dataset) -> pa.ChunkedArray:
-    """The whole label column, checked to hold integer class indices."""
-    labels = data.read(0, data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
-    if not pa.types.is_integer(labels.type):
-        raise DatasetError(
-            f"column '{LABEL_COLUMN}' of {data.path} has type {labels.type}; labels are integer class indices "
-            "(null for unlabelled rows)"
-        )
-    return labels
 
 
 def _float_columns(data: Dataset) -> list[str]:
