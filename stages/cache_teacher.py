@@ -26,6 +26,7 @@ from stages import cache_format as fmt
 from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
+from stages.export_teacher import read_card
 from stages.shard_runner import ShardRunner
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
@@ -77,6 +78,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
         raise TeacherError(
             f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
         )
+    _check_tokenizer(config.teacher, dataset)
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
@@ -220,6 +222,17 @@ def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: b
     )
 
 
+def _check_tokenizer(teacher: str, dataset: Dataset) -> None:
+    """Data tokenised by prepare-data must use the tokenizer of a teacher made by export-teacher."""
+    card = read_card(Path(teacher).parent)
+    want = card.get("tokenizer_sha256") if card else None
+    if want and dataset.tokenizer_sha256 and dataset.tokenizer_sha256 != want:
+        raise DatasetError(
+            f"dataset {dataset.path} was tokenised with another tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) "
+            f"than the teacher's (sha256 {want[:12]}); re-run prepare-data with --tokenizer {Path(teacher).parent}"
+        )
+
+
 def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run) -> dict:
     import onnxruntime
 
@@ -251,6 +264,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "num_rows": dataset.num_rows,
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },
+        "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
         "top_k": config.top_k if config.target_format == "topk" else 0,
         "samples": config.samples if config.target_format == "sampled" else 0,
         "sample_seed": config.sample_seed if config.target_format == "sampled" else None,

@@ -25,6 +25,8 @@ from stages.errors import DatasetError
 ID_COLUMN = "id"
 FINGERPRINT_OF = "rows"  # what manifests say the fingerprint covers; older ones, without it, hashed the files
 LABEL_COLUMNS = ("label", "labels")  # "labels" is the Hugging Face name; a dataset may have one of them
+LOSS_MASK_COLUMN = "loss_mask"  # optional, token data: 1 where the token is a training target (chat: the assistant)
+TOKENIZER_SHA256_KEY = b"kd.tokenizer_sha256"  # Parquet metadata written by prepare-data
 _HASH_CHUNK = 1 << 20  # bytes read at a time while hashing a file
 
 
@@ -105,6 +107,12 @@ class Dataset:
                 "per row (null: unlabelled). Cast it to integers, or drop it (token-level targets come from input_ids)"
             )
         return name
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        """The sha256 of the tokenizer prepare-data used, or None for data made another way."""
+        value = (self.schema.metadata or {}).get(TOKENIZER_SHA256_KEY)
+        return value.decode() if value else None
 
     def read(self, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
         """Rows [start, stop) in dataset order, reading only the row groups that overlap them."""

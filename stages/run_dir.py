@@ -8,6 +8,7 @@
                             few are kept; ``stages.checkpoint`` writes and reads them)
     tensorboard/            event files with the same scalars (--tensorboard)
     checkpoint.safetensors  the final weights;  student.onnx  the exported student
+    hf/                     Hugging Face students: the transformers folder (save_pretrained)
     metrics.json            the final figures, written last: a run without it has not finished
     .lock                   held (flock) by the process that trains the run
 
@@ -34,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 WEIGHTS = "checkpoint.safetensors"
 ONNX = "student.onnx"
+HF = "hf"
 LOCK = ".lock"
 _FIRST = ("step", "epoch", "stage", "kind")  # metrics.csv's leading columns; the rest are floats
 _TEXT = ("stage", "kind")

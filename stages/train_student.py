@@ -30,8 +30,10 @@ from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
+from stages.hf_students import HFStudent, build_hf_student, is_hf_spec
 from stages.loader import StreamingLoader
 from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss, cross_entropy_only
+from stages.prepare_data import prepared_tokenizer
 from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family_fits, count_parameters
 
 # Options that do not change what a run computes: an interrupted run resumes whatever they are now.
@@ -90,7 +92,8 @@ class Trainer:
         )
         self.inputs = self._input_columns()
         kind = TOKEN if self.token_level else SEQUENCE if "input_ids" in self.inputs else VECTOR
-        check_family_fits(c.student, kind, self.inputs)
+        if not is_hf_spec(c.student):  # a transformers model says what it is in its own config
+            check_family_fits(c.student, kind, self.inputs)
         if c.alpha < 1 and not self.token_level:
             self._check_labels()
         self.num_outputs = self.caches[0].num_classes if self.caches else self._count_outputs()
@@ -354,6 +357,13 @@ class Trainer:
         return int(pc.max(self.data.labels()).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
+        if is_hf_spec(self.config.student):
+            return build_hf_student(
+                self.config.student,
+                num_outputs=self.num_outputs,
+                token_level=self.token_level,
+                tokenizer_sha=self.data.tokenizer_sha256,
+            )
         c = self.config
         if self.token_level or "input_ids" in self.inputs:
             vocab = self.num_outputs if self.token_level else self._max_token() + 1
@@ -683,6 +693,9 @@ class Trainer:
     def save(self) -> dict:
         c = self.config
         save_model(self.model, str(self.out / run_dir.WEIGHTS))
+        if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
+            if not self.model.save_pretrained(self.out / run_dir.HF, prepared_tokenizer(self.data)):
+                self.log(f"note: {self.out / run_dir.HF} has no tokenizer; copy the teacher's tokenizer files into it")
         metrics = {
             "method": c.method,
             "alpha": c.alpha,
