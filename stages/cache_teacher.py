@@ -62,6 +62,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
     inspected = inspect(config.teacher, config.logits_output or None)
     info, model, _ = inspected
     check_hidden(model, config.hidden)
+    del model
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
     missing = [
@@ -99,14 +100,17 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
         ) from exc
     if lock is None:
         raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
+    # _fill gets the only reference to the teacher's bytes and protobuf, and lets go of them once the session is
+    # built: the session holds its own copy of the weights, and a large teacher would otherwise be held 3 times.
+    handed, inspected = [inspected], None
     with lock:
-        return _fill(config, dataset, inspected, request, key, cache_dir, progress, log)
+        return _fill(config, dataset, handed, request, key, cache_dir, progress, log)
 
 
 def _fill(
-    config, dataset: Dataset, inspected: tuple, request: dict, key: str, cache_dir: Path, progress: bool, log
+    config, dataset: Dataset, handed: list[tuple], request: dict, key: str, cache_dir: Path, progress: bool, log
 ) -> CacheResult:
-    info = inspected[0]
+    info = handed[0][0]
     for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
         leftover.unlink()
     request_path = cache_dir / fmt.REQUEST
@@ -123,11 +127,11 @@ def _fill(
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")
     (cache_dir / fmt.JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in done))  # drop a torn tail
 
-    teacher = _load_teacher(config, inspected, topk_in_graph=config.postprocess == "graph")
+    teacher = _load_teacher(config, handed.pop(), topk_in_graph=config.postprocess == "graph")
     postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
     if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
         teacher = None  # release the first session's device memory before the second loads
-        teacher = _load_teacher(config, inspected, topk_in_graph=True)
+        teacher = _load_teacher(config, None, topk_in_graph=True)  # reads the model again: its bytes were let go
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
         + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")

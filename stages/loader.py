@@ -5,7 +5,8 @@ caches' shard boundaries). Units are dealt round-robin to ``rank * num_workers +
 workers (and processes) cover every row exactly once. A worker reads units into a window of at least
 ``buffer_examples`` examples, checks that the cache's ids equal the dataset's ids row for row, shuffles the
 window's examples and yields ready batches. Memory is bounded by the window plus one shard per cache,
-whatever the dataset's size.
+whatever the dataset's size. ``labelled_only`` trains on the labelled rows of a dataset whose caches cover every
+row (a labelled split followed by an unlabelled transfer set, cached once): pairing is still checked row for row.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class StreamingLoader(IterableDataset):
         top_k: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        labelled_only: bool = False,
     ):
         missing = [c for c in input_columns if c not in data.columns]
         if missing:
@@ -117,7 +119,9 @@ class StreamingLoader(IterableDataset):
         self.world_size = world_size
         self.epoch = 0
         self.skip = 0  # batches of the epoch to pass over (set_epoch)
-        self.units = self._units()
+        self.keep = self._labelled_rows() if labelled_only else None  # [rows] bool: the rows that are yielded
+        self.units, self.sizes = self._units()  # sizes[i]: examples unit i yields
+        self.num_examples = sum(self.sizes)
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit).
@@ -130,7 +134,20 @@ class StreamingLoader(IterableDataset):
         self.epoch = epoch
         self.skip = skip
 
-    def _units(self) -> list[tuple[int, int]]:
+    def _labelled_rows(self) -> np.ndarray:
+        if self.token_level:
+            raise ConfigError(
+                "labelled_only applies to classifier datasets; token-level rows are labelled by their tokens"
+            )
+        keep = self.data.labels().is_valid().to_numpy(zero_copy_only=False) if self.data.has_labels else None
+        if keep is None or not keep.any():
+            raise DatasetError(
+                f"labelled_only: dataset {self.data.path} has no labelled rows (no non-null label); "
+                "drop --labelled-only or add labels"
+            )
+        return keep
+
+    def _units(self) -> tuple[list[tuple[int, int]], list[int]]:
         n = self.data.num_rows
         cuts = {0, n}
         for cache in self.caches:
@@ -142,11 +159,15 @@ class StreamingLoader(IterableDataset):
         if not self.caches:
             cuts |= set(range(0, n, _UNIT_WITHOUT_CACHE))
         edges = sorted(cuts)
-        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        units = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        if self.keep is None:
+            return units, [b - a for a, b in units]
+        sizes = [int(self.keep[a:b].sum()) for a, b in units]
+        return [u for u, size in zip(units, sizes) if size], [size for size in sizes if size]
 
     def __len__(self) -> int:
         """Batches per epoch over all workers (an upper bound: each window may end in a short batch)."""
-        return -(-self.data.num_rows // self.batch_size) + len(self.units)
+        return -(-self.num_examples // self.batch_size) + len(self.units)
 
     def count_batches(self, epoch: int, workers: int = 0) -> int:
         """Exactly the batches that epoch yields on this rank over ``workers`` DataLoader workers (0 = in-process).
@@ -158,12 +179,12 @@ class StreamingLoader(IterableDataset):
     def _order(self, rng: np.random.Generator) -> np.ndarray:
         return rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
 
-    def _windows(self, units: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-        """A reader's units grouped into shuffle windows: each closes once it holds ``buffer_examples``."""
+    def _windows(self, units) -> list[list[int]]:
+        """A reader's units (indices) grouped into shuffle windows: each closes once it holds ``buffer_examples``."""
         windows, current, size = [], [], 0
         for unit in units:
             current.append(unit)
-            size += unit[1] - unit[0]
+            size += self.sizes[unit]
             if size >= self.buffer_examples:
                 windows.append(current)
                 current, size = [], 0
@@ -175,8 +196,8 @@ class StreamingLoader(IterableDataset):
         order = self._order(np.random.default_rng([self.seed, epoch]))
         counts = []
         for worker in range(per_rank):
-            mine = [self.units[i] for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]]
-            counts.append(sum(-(-sum(b - a for a, b in w) // self.batch_size) for w in self._windows(mine)))
+            mine = order[self.rank * per_rank + worker :: self.world_size * per_rank]
+            counts.append(sum(-(-sum(self.sizes[i] for i in w) // self.batch_size) for w in self._windows(mine)))
         return counts
 
     def _resume_plan(self, workers: int) -> tuple[int, list[int]]:
@@ -208,17 +229,17 @@ class StreamingLoader(IterableDataset):
             skip = skips[worker]
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = np.random.default_rng([self.seed, self.epoch])
-        mine = [self.units[i] for i in self._order(rng)[slot::slots]]
+        mine = self._order(rng)[slot::slots]
         shard_memo: list[dict] = [{} for _ in self.caches]  # one decoded shard per cache at a time
         for window in self._windows(mine):
-            examples = sum(b - a for a, b in window)
+            examples = sum(self.sizes[i] for i in window)
             batches = -(-examples // self.batch_size)
             if skip >= batches:  # wholly taken before the saved position: advance the shuffle, read nothing
                 if self.shuffle:
                     rng.permutation(examples)
                 skip -= batches
                 continue
-            block = _concat([self._read_unit(*unit, shard_memo) for unit in window])
+            block = _concat([self._read_unit(*self.units[i], shard_memo) for i in window])
             yield from self._batches(block, rng, skip)
             skip = 0
 
@@ -259,6 +280,11 @@ class StreamingLoader(IterableDataset):
                 else np.ones(len(ids), np.int64)
             )
             row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if self.keep is not None:  # after pairing, so a cache of other rows is still refused
+            keep = np.flatnonzero(self.keep[start:stop])
+            inputs = {c: [v[i] for i in keep] if isinstance(v, list) else v[keep] for c, v in inputs.items()}
+            # Cache rows stay whole: row_start keeps pointing into them.
+            ids, labels, lengths, row_start = ids[keep], labels[keep], lengths[keep], row_start[keep]
         return _Block(ids, inputs, labels, lengths, row_start, rows)
 
     def _shard_rows(self, c: int, cache: Cache, start: int, stop: int, memo: dict):

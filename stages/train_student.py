@@ -110,7 +110,11 @@ class Trainer:
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(
-            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None
+            self.data,
+            self.caches,
+            shuffle=True,
+            hidden=hidden_names if self.caches else None,
+            labelled_only=c.labelled_only,
         )
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
@@ -138,7 +142,7 @@ class Trainer:
         self._note(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
             f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
-            f"{self.data.num_rows} training examples"
+            f"{self.train_loader.num_examples} training examples"
         )
 
     def _record(self) -> dict:
@@ -418,7 +422,9 @@ class Trainer:
         # Spread the teacher's hidden states evenly over the student's layers, last to last.
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
-    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None):
+    def _loader(
+        self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None, labelled_only=False
+    ):
         loader = StreamingLoader(
             data,
             caches,
@@ -430,6 +436,7 @@ class Trainer:
             buffer_examples=self.config.buffer,
             seed=self.config.seed,
             top_k=self.config.top_k if top_k is None else top_k,
+            labelled_only=labelled_only,
         )
         return loader
 
