@@ -203,6 +203,12 @@ def test_labelled_only_yields_each_labelled_row_once_paired_with_a_cache_of_ever
         [i for b in _loader(setup, [cache], labelled_only=True, rank=r, world_size=3) for i in b.ids] for r in range(3)
     ]
     assert sorted(sum(ranks, [])) == list(range(0, 300, 3))
+    resumable = _loader(setup, [cache], labelled_only=True, buffer_examples=45, batch_size=8)  # windows by kept rows
+    resumable.set_epoch(4)
+    full = [b.ids for b in resumable]
+    for skip in (1, 4, len(full) - 1):
+        resumable.set_epoch(4, skip)
+        assert [b.ids for b in resumable] == full[skip:], skip
 
 
 def test_labelled_only_needs_labelled_classifier_rows(classifier_setup, token_setup, tmp_path) -> None:
