@@ -132,9 +132,10 @@ def _fill(
         shard_size = json.loads(request_path.read_text())["shard_size"]
     else:
         shard_size = config.shard_size or _DEFAULT_SHARD[info.kind]
-        fmt.write_json_atomic(
-            {"key": key, "request": request, "shard_size": shard_size, "config": to_dict(config)}, request_path
-        )
+        # Absolute paths: the record is a --config file that repeats this cache from any directory.
+        paths = {name: str(Path(getattr(config, name)).resolve()) for name in ("teacher", "data", "cache_dir")}
+        record = {"key": key, "request": request, "shard_size": shard_size, "config": to_dict(config) | paths}
+        fmt.write_json_atomic(record, request_path)
     done = fmt.read_journal(cache_dir)
     if done:
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")

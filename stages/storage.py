@@ -281,12 +281,12 @@ def rmtree(path: Path | ObjectPath) -> None:
         shutil.rmtree(path)
 
 
-def upload_tree(local: Path, target: ObjectPath, last: str) -> None:
+def upload_tree(local: Path, target: ObjectPath, last: str, skip: tuple[str, ...] = ()) -> None:
     """Copy a finished local directory to the object store, the file named ``last`` after every other one.
 
     ``last`` is the file whose presence says the whole is complete (a run's metrics.json), so a reader that
-    sees it sees everything.
+    sees it sees everything. Files named in ``skip`` (a lock file) stay behind.
     """
-    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.name not in skip)
     for f in sorted(files, key=lambda p: p.name == last):  # False sorts first: ``last`` goes last
         (target / f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
