@@ -208,9 +208,12 @@ def test_train_student_streams_from_an_s3_cache_and_s3_data_into_an_s3_run(class
         assert remote[name] == pytest.approx(local[name], rel=1e-6), name  # same bytes in, same training
     with pytest.raises(ConfigError, match=r"run directory s3://kd-test/runs/kd exists and is not empty"):
         train_student.run(TrainStudentConfig(data=data, out=f"{s3}/runs/kd", **common | {"alpha": 0.0}), **QUIET)
+    with pytest.raises(ConfigError, match=r"--resume: s3://kd-test/runs/kd2 is on an object store"):
+        train_student.run(TrainStudentConfig(data=data, out=f"{s3}/runs/kd2", resume=True, **common), **QUIET)
     run = storage.location(f"{s3}/runs/kd")
     names = {p.name for p in run.iterdir()}
-    assert {"metrics.json", "metrics.csv", "config.json", "checkpoint.safetensors"} <= names
+    assert {"metrics.json", "metrics.csv", "config.json", "checkpoint.safetensors"} <= names and ".lock" not in names
+    assert json.loads((run / "config.json").read_text())["config"]["out"] == f"{s3}/runs/kd"
     assert json.loads((run / "metrics.json").read_text())["test_accuracy"] == remote["test_accuracy"]
     listed = _cli("runs", "list", "--runs-dir", f"{s3}/runs", "--cache-dir", f"{s3}/caches", "--format", "json")
     assert listed.exit_code == 0, listed.output
