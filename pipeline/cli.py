@@ -81,6 +81,11 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 )
 @_cache_option("--samples", type=int, help="Sampled format: draws per position.")
 @_cache_option("--sample-seed", type=int, help="Sampled format: seed of the draws.")
+@_cache_option(
+    "--num-workers", type=int, help="Launcher-free: independent jobs that split the shards (not under torchrun)."
+)
+@_cache_option("--worker-index", type=int, help="Launcher-free: this job's index, 0 .. num-workers - 1.")
+@_cache_option("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before failing.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click

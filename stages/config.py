@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 TARGET_FORMATS = ("topk", "sampled")
 ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
 HIDDEN_LOSSES = ("mse", "cosine")
+DIST_TIMEOUT = 1800.0  # torchrun: long enough for the slowest rank's last shard or epoch, short of a hang
 
 
 def default_cache_root() -> str:
@@ -49,6 +50,9 @@ class CacheTeacherConfig:
     target_format: str = "topk"  # topk: the k most likely ids; sampled: ids drawn from the teacher, with counts
     samples: int = 64  # sampled format: draws per position (unbiased in expectation, unlike top-k)
     sample_seed: int = 0  # sampled format: the draws are a function of (seed, row, position), not of batching
+    num_workers: int = 1  # launcher-free jobs (SLURM array, Kubernetes) that split the shards; torchrun sets its own
+    worker_index: int = 0  # this launcher-free job's index in [0, num_workers): it writes shards s with s % W == I
+    dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others before the job fails
 
     def problems(self) -> list[str]:
         out = []
@@ -80,6 +84,13 @@ class CacheTeacherConfig:
             out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
         if len(set(self.hidden)) != len(self.hidden):
             out.append(f"hidden: {self.hidden} names a tensor twice")
+        if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:
+            out.append(
+                f"num_workers {self.num_workers} / worker_index {self.worker_index}: want num_workers >= 1 and "
+                "0 <= worker_index < num_workers"
+            )
+        if not self.dist_timeout > 0:
+            out.append(f"dist_timeout: {self.dist_timeout} must be > 0 seconds")
         return out
 
 

@@ -1,0 +1,85 @@
+"""Both stages under ``torchrun``: the process group its environment describes, and the few collectives the
+stages use.
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every process it starts. Without
+them, or with a world of one, ``init`` returns None and a stage runs as the single process it always was.
+Every collective waits at most ``timeout`` seconds, and a peer that died, failed or did not answer becomes a
+DistributedError (one line, exit 1) instead of a hang; torchrun also stops the other ranks of a failed job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from stages.errors import DistributedError
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a torchrun job: ``rank`` of ``world_size``, ``local_rank`` on its host (its GPU)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    timeout: float  # seconds any collective waits for the other ranks
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes what there is one of (the manifest, the run directory)."""
+        return self.rank == 0
+
+    def gather(self, obj: Any, what: str) -> list[Any]:
+        """``obj`` of every rank, in rank order, on every rank; also a barrier."""
+        out: list[Any] = [None] * self.world_size
+        with self.collective(what):
+            dist.all_gather_object(out, obj)
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor, what: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """``tensor`` reduced over the ranks, in place."""
+        with self.collective(what):
+            dist.all_reduce(tensor, op)
+        return tensor
+
+    @contextmanager
+    def collective(self, what: str) -> Iterator[None]:
+        """Communication with the other ranks (also DDP's gradient all-reduce) that fails with a clear message."""
+        try:
+            yield
+        except (RuntimeError, ValueError) as exc:  # DistBackendError and gloo/NCCL failures are RuntimeErrors
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise DistributedError(
+                f"rank {self.rank} of {self.world_size}: {what} failed, because another rank stopped, failed or did "
+                f"not answer within {self.timeout:g}s ({detail}). The job stops; re-run the same command to resume."
+            ) from exc
+
+
+def init(timeout: float, backend: str = "gloo") -> Group | None:
+    """Join the process group torchrun describes; None when this process was not launched as one of several."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return None
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError) as exc:
+            raise DistributedError(
+                f"cannot join the torchrun job (WORLD_SIZE {world_size}, MASTER_ADDR "
+                f"{os.environ.get('MASTER_ADDR')!r}, MASTER_PORT {os.environ.get('MASTER_PORT')!r}): {exc}. "
+                "Launch with torchrun, which sets these, and check that every rank can reach the master."
+            ) from exc
+    return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), timeout)
+
+
+def close(group: Group | None) -> None:
+    """Leave the process group after a successful run (a failed one just exits: its peers see it gone)."""
+    if group is not None and dist.is_initialized():
+        dist.destroy_process_group()
