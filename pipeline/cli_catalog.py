@@ -1,4 +1,4 @@
-"""Catalog commands: ``caches`` (list, show, verify, commit, rm, gc), ``runs`` (list, compare), ``query`` and ``report``.
+"""Catalog commands: ``caches`` (list, show, verify, commit, rm, gc), ``runs`` (list, compare), ``query``, ``report``.
 
 Each parses its options, builds a fresh ``Catalog`` from the files on disk (pipeline/catalog.py says why nothing
 is stored), calls it, and prints. ``pipeline.cli`` calls ``register(main)``.
