@@ -127,6 +127,10 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option(
     "--student", help="Student: mlp, cnn1d, transformer, causal-lm (family:key=value,...) or module:function."
 )
+@_train_option(
+    "--inputs",
+    help="Float columns a vector student reads, comma-separated, concatenated in this order; empty: the teacher's.",
+)
 @_train_option("--method", type=click.Choice(METHODS), help="kd, ensemble (several caches) or progressive.")
 @_train_option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0: from scratch.")
 @_train_option("--temperature", type=float, help="Distillation temperature; 0: the cache's T.")
@@ -177,6 +181,8 @@ def train_student(config_file, quiet, **options) -> None:
     from stages import train_student as stage
 
     options["cache"] = list(options["cache"]) or None
+    if options["inputs"] is not None:
+        options["inputs"] = [name.strip() for name in options["inputs"].split(",") if name.strip()]
     if options["weights"] is not None:
         try:
             options["weights"] = [float(w) for w in options["weights"].split(",")]

@@ -20,6 +20,12 @@ import click
 from stages.errors import PipelineError
 
 _PASS_THROUGH = (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit)
+# What an interrupted command leaves behind, and how to carry on; other commands leave nothing to resume.
+_AFTER_INTERRUPT = {
+    "cache-teacher": " (cache-teacher keeps its complete shards and resumes after them when run again)",
+    "train-student": " (train-student saves a run only when training ends, so this run has no metrics.json; "
+    "run the same command again, with --overwrite if --out is not empty, to start it over)",
+}
 
 
 def errors_to_click(fn):
@@ -32,9 +38,8 @@ def errors_to_click(fn):
         except PipelineError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
-            click.echo(
-                "interrupted (cache-teacher keeps its complete shards and resumes after them when run again)", err=True
-            )
+            command = click.get_current_context().info_name
+            click.echo(f"interrupted{_AFTER_INTERRUPT.get(command, '')}", err=True)
             sys.exit(130)
 
     return wrapper

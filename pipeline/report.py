@@ -9,6 +9,9 @@
     tail_mass.png         histogram of the cache's tail mass
     report.md             the page that ties them together, with the numbers behind each plot
 
+A sampled cache (``--target-format sampled``) stores draws, not probabilities: both teacher plots are left out
+with the reason on the page, which shows the draws' statistics instead.
+
 The teacher plots use the first cache of the first run that has one. The cache-side numbers come from DuckDB
 over the shards; matplotlib draws through the Agg canvas (no display, no pyplot global state).
 """
@@ -124,6 +127,11 @@ def reliability(catalog: Catalog, entry: CacheEntry, bins: int = RELIABILITY_BIN
     m = entry.manifest
     if m["teacher"]["kind"] != "classifier":
         return [], "the cache is token-level: its dataset has no per-example labels to score the teacher against"
+    if _sampled(entry):
+        return [], (
+            f"the cache holds {m['samples']} draws per example, not the teacher's probabilities, so it has no exact "
+            "top-1 confidence (a draw frequency is noisy and biased upward); a top-k cache of the same teacher has one"
+        )
     try:
         data = Dataset(m["dataset"]["path"])
     except PipelineError as exc:
@@ -222,6 +230,27 @@ def plot_tail_mass(catalog: Catalog, entry: CacheEntry, path: Path, bins: int = 
     return {"positions": n, "mean": mean, "max": top}
 
 
+def _sampled(entry: CacheEntry) -> bool:
+    return entry.manifest.get("target_format") == "sampled"
+
+
+def _draw_lines(catalog: Catalog, entry: CacheEntry) -> list[str]:
+    """A sampled cache's statistics over every position, in place of the tail mass it does not store."""
+    stats = catalog.statistics(entry)
+    names = {"distinct_ids": "distinct ids drawn", "top_draw_frequency": "top draw's frequency"}
+    lines = [
+        f"Draws per position: {entry.manifest['samples']} (a sampled cache stores no tail mass), over "
+        f"{stats['positions']} positions:",
+        "",
+        "| statistic | " + " | ".join(stats["distinct_ids"]) + " |",
+        "|---" * (1 + len(stats["distinct_ids"])) + "|",
+    ]
+    lines += [
+        f"| {label} | " + " | ".join(_fmt(v) for v in stats[name].values()) + " |" for name, label in names.items()
+    ]
+    return lines
+
+
 def _teacher_cache(catalog: Catalog, runs: list[RunEntry]) -> tuple[CacheEntry | None, str]:
     for run in runs:
         if not run.cache_keys:
@@ -282,9 +311,10 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         lines.append(f"_{note}._")
     else:
         m = entry.manifest
+        targets = f"{m['samples']} sampled draws" if _sampled(entry) else f"top-{m['top_k']}"
         lines += [
             f"Cache `{entry.key}`: teacher `{m['teacher']['name']}` (sha256 {m['teacher']['sha256'][:12]}), "
-            f"top-{m['top_k']} at T={m['temperature']:g}, {m['num_positions']} positions, dataset `{m['dataset']['path']}`.",
+            f"{targets} at T={m['temperature']:g}, {m['num_positions']} positions, dataset `{m['dataset']['path']}`.",
             "",
         ]
         table, why = reliability(catalog, entry)
@@ -306,13 +336,17 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
             ]
         else:
             lines.append(f"_Reliability diagram skipped: {why}._")
-        t = plot_tail_mass(catalog, entry, out / "tail_mass.png")
-        lines += [
-            "",
-            f"Tail mass (probability outside the cached top-k): mean {t['mean']:.4g}, max {t['max']:.4g} over {t['positions']} positions.",
-            "",
-            "![tail-mass histogram](tail_mass.png)",
-        ]
+        if _sampled(entry):
+            lines += ["", *_draw_lines(catalog, entry)]
+        else:
+            t = plot_tail_mass(catalog, entry, out / "tail_mass.png")
+            lines += [
+                "",
+                f"Tail mass (probability outside the cached top-k): mean {t['mean']:.4g}, max {t['max']:.4g} "
+                f"over {t['positions']} positions.",
+                "",
+                "![tail-mass histogram](tail_mass.png)",
+            ]
     page = out / "report.md"
     page.write_text("\n".join(lines) + "\n")
     return page

@@ -161,6 +161,7 @@ class TrainStudentConfig:
     cache: list[str] = field(default_factory=list)  # cache paths, keys or key prefixes; one per teacher
     out: str = ""  # run directory (required)
     student: str = "mlp"  # family[:options] or module:function (see README, "Students")
+    inputs: list[str] = field(default_factory=list)  # float columns a vector student reads; empty = the teacher's
     method: str = "kd"  # kd | ensemble | progressive
     alpha: float = 0.5  # weight of the distillation term; 0 = from scratch (no cache needed), 1 = teacher only
     temperature: float = 0.0  # distillation T; 0 = the cache's own T (no re-tempering)

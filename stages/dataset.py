@@ -71,6 +71,8 @@ class Dataset:
                 self._groups.append(_RowGroup(fi, gi, start, n))
                 start += n
         self.num_rows = start
+        if not self.num_rows:  # nothing to cache, train on or evaluate: every stage would fail further in
+            raise DatasetError(f"dataset {self.path} has no rows; give a dataset with at least one row")
         self._starts = [g.start for g in self._groups]
         self._fingerprint: str | None = None
         self._last_group: tuple | None = None
@@ -164,9 +166,11 @@ def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray
     rows = column.to_pylist() if _depth(column.type) > 1 else None
     if rows is not None:
         try:
-            return [np.asarray(r) for r in rows]
+            arrays = [np.asarray(r) for r in rows]
         except ValueError as exc:
             raise DatasetError(f"column '{name}' holds ragged nested lists: {exc}") from exc
+        # Same shape in every row (an image, a [C, L] signal): one dense array, not sequences to pad.
+        return np.stack(arrays) if len({a.shape for a in arrays}) == 1 else arrays
     offsets = column.offsets.to_numpy() if not pa.types.is_fixed_size_list(column.type) else None
     values = column.flatten().to_numpy(zero_copy_only=False)
     if offsets is None:

@@ -3,7 +3,9 @@
 Every student is an ``nn.Module`` whose ``forward(inputs)`` takes a dict of tensors named like the dataset's
 columns and returns a ``StudentOutput``; ``num_layers`` says how many entries ``hidden`` has.
 
-- Vector classifiers (``mlp``, ``cnn1d``) read ``inputs["x"]`` float32 [B, F] and return logits [B, C].
+- Vector classifiers (``mlp``, ``cnn1d``) read the float inputs they were built for, by the dataset column's
+  name (``inputs["pixels"]`` [B, F], or [B, ...] flattened to [B, F]); several inputs are flattened and
+  concatenated in the order given, F = the sum of their widths. They return logits [B, C].
 - Token models (``transformer``, ``causal-lm``) read ``inputs["input_ids"]`` int64 [B, S] and an optional
   ``inputs["attention_mask"]`` int64 [B, S] (1 = real token, 0 = padding). The classifier returns [B, C], the
   causal LM [B, S, V].
@@ -63,19 +65,29 @@ class CausalLMOptions:
     tie: bool = True  # share input embedding and output head: V * d_model weights once, not twice
 
 
-class MLPStudent(nn.Module):
-    """inputs["x"] [B, F] -> (Linear, ReLU) per width -> Linear -> logits [B, C]; hidden[i] [B, hidden[i]]."""
+def _vector(inputs: dict[str, Tensor], names: list[str]) -> Tensor:
+    """The named float inputs, each flattened to [B, F_i], concatenated in ``names`` order: [B, sum F_i]."""
+    parts = [inputs[name].flatten(1) for name in names]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def __init__(self, input_dim: int, num_outputs: int, options: MLPOptions):
+
+class MLPStudent(nn.Module):
+    """The vector of its inputs [B, F] -> (Linear, ReLU) per width -> Linear -> logits [B, C]; hidden[i] [B, hidden[i]].
+
+    input_dims: {dataset column: features}, read and concatenated in this order (F = the sum).
+    """
+
+    def __init__(self, input_dims: dict[str, int], num_outputs: int, options: MLPOptions):
         super().__init__()
-        widths = [input_dim, *options.hidden]
+        self.input_names = list(input_dims)
+        widths = [sum(input_dims.values()), *options.hidden]
         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths, widths[1:]))
         self.dropout = nn.Dropout(options.dropout)
         self.head = nn.Linear(widths[-1], num_outputs)
         self.num_layers = len(self.layers)
 
     def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
-        h = inputs["x"]
+        h = _vector(inputs, self.input_names)
         hidden = []
         for layer in self.layers:
             h = layer(h)
@@ -85,14 +97,16 @@ class MLPStudent(nn.Module):
 
 
 class CNN1dStudent(nn.Module):
-    """inputs["x"] [B, F] as [B, 1, F] -> (Conv1d stride 2, ReLU) per channel count -> Linear -> logits [B, C].
+    """The vector of its inputs [B, F] as [B, 1, F] -> (Conv1d stride 2, ReLU) per channel count -> Linear -> [B, C].
 
-    hidden[i] is layer i's map [B, C_i, L_i] flattened to [B, C_i * L_i], L_i = (L_{i-1} - 1) // 2 + 1 for odd
-    kernels.
+    input_dims: {dataset column: features}, read and concatenated in this order (F = the sum). hidden[i] is layer
+    i's map [B, C_i, L_i] flattened to [B, C_i * L_i], L_i = (L_{i-1} - 1) // 2 + 1 for odd kernels.
     """
 
-    def __init__(self, input_dim: int, num_outputs: int, options: CNN1dOptions):
+    def __init__(self, input_dims: dict[str, int], num_outputs: int, options: CNN1dOptions):
         super().__init__()
+        self.input_names = list(input_dims)
+        input_dim = sum(input_dims.values())
         k = options.kernel
         channels = [1, *options.channels]
         self.layers = nn.ModuleList(
@@ -111,7 +125,7 @@ class CNN1dStudent(nn.Module):
         self.num_layers = len(self.layers)
 
     def forward(self, inputs: dict[str, Tensor]) -> StudentOutput:
-        h = inputs["x"].unsqueeze(1)
+        h = _vector(inputs, self.input_names).unsqueeze(1)
         hidden = []
         for layer in self.layers:
             h = layer(h)

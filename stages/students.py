@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -74,29 +75,65 @@ def build_student(
     spec: str,
     *,
     num_outputs: int,
-    input_dim: int | None = None,
+    input_dim: int | dict[str, int | tuple[int, ...]] | None = None,
     vocab_size: int | None = None,
     options: dict[str, Any] | None = None,
+    wider_outputs: bool = False,
 ) -> nn.Module:
     """Build the student a spec names.
 
     num_outputs: classes for classifiers; the (possibly padded) vocabulary for a causal LM.
-    input_dim: F of ``inputs["x"]`` [B, F]; needed by ``mlp`` and ``cnn1d``.
+    input_dim: the float vector input(s) of ``mlp``, ``cnn1d`` and vector builders: ``{column: F_i}`` or
+        ``{column: per-example shape}`` for nested columns (the student reads ``inputs[column]`` [B, *shape] for
+        each, flattened, and concatenates them in this order), or an int F for one input ``x``.
     vocab_size: token ids are < vocab_size; needed by ``transformer``, optional for ``causal-lm`` (<= num_outputs).
     options: overrides in dict form, e.g. from a config file; a key given here and in the spec is an error.
+    wider_outputs: accept a builder whose logits are wider than num_outputs (a padded vocabulary that the trainer
+        truncates with --truncate-vocab); otherwise the width must equal num_outputs.
     """
     family, spec_options = parse_student_spec(spec)
     extra = dict(options or {})
     both = sorted(set(spec_options) & set(extra))
     if both:
         raise ConfigError(f"student option(s) {both} given both in spec {spec!r} and in options; give each once")
+    shapes = {
+        name: (size,) if isinstance(size, int) else tuple(size)
+        for name, size in ({"x": input_dim} if isinstance(input_dim, int) else input_dim or {}).items()
+    }
+    dims = {name: math.prod(shape) for name, shape in shapes.items()}
     if family in _FAMILIES:
         built_options = _FAMILIES[family](**spec_options, **_typed_options(family, extra))
         _check_ranges(family, built_options)
-        return _build_builtin(family, built_options, num_outputs, input_dim, vocab_size)
-    sizes = {"input_dim": input_dim, "vocab_size": vocab_size}
+        return _build_builtin(family, built_options, num_outputs, dims, vocab_size)
+    sizes = {"input_dim": sum(dims.values()) if dims else None, "vocab_size": vocab_size}
     kwargs = {"num_outputs": num_outputs, **{k: v for k, v in sizes.items() if v is not None}, **spec_options, **extra}
-    return _build_custom(family, kwargs, num_outputs, input_dim, vocab_size)
+    return _build_custom(family, kwargs, num_outputs, shapes, vocab_size, wider_outputs)
+
+
+# What each built-in family reads and predicts: the data it fits, checked by ``check_family_fits``.
+VECTOR, SEQUENCE, TOKEN = "vector", "sequence", "token"
+_FITS = {"mlp": VECTOR, "cnn1d": VECTOR, "transformer": SEQUENCE, "causal-lm": TOKEN}
+_DATA = {
+    VECTOR: "float vectors with one target per example",
+    SEQUENCE: "token ids with one target per sequence",
+    TOKEN: "token ids with one target per token (a language model)",
+}
+_USE = {VECTOR: "mlp or cnn1d", SEQUENCE: "transformer (sequence classifier)", TOKEN: "causal-lm"}
+
+
+def check_family_fits(spec: str, data: str, columns: list[str]) -> None:
+    """Refuse a built-in family that cannot read this data, naming the family that can.
+
+    data: VECTOR, SEQUENCE or TOKEN (what the dataset's inputs and the cache's kind make it); columns: the
+    dataset's input columns, for the message. Your own ``module:function`` builders are not checked here.
+    """
+    family = parse_student_spec(spec)[0]
+    if _FITS.get(family, data) == data:
+        return
+    raise ConfigError(
+        f"student {family!r} reads {_DATA[_FITS[family]]}; this run has {_DATA[data]} "
+        f"in column(s) {', '.join(columns)}: use {_USE[data]}"
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -193,15 +230,18 @@ def _guess_value(value: str) -> Any:
 
 
 def _build_builtin(
-    family: str, options: Any, num_outputs: int, input_dim: int | None, vocab_size: int | None
+    family: str, options: Any, num_outputs: int, input_dims: dict[str, int] | None, vocab_size: int | None
 ) -> nn.Module:
     if num_outputs < 1:
         raise ConfigError(f"num_outputs={num_outputs} for student {family!r}; it must be at least 1")
     if family in ("mlp", "cnn1d"):
-        if input_dim is None or input_dim < 1:
-            raise ConfigError(f"student {family!r} needs input_dim >= 1 (features of inputs['x']); got {input_dim}")
+        if not input_dims or min(input_dims.values()) < 1:
+            raise ConfigError(
+                f"student {family!r} needs float vector inputs of >= 1 feature each "
+                f"(input_dim={{column: features}}); got {input_dims}"
+            )
         cls = MLPStudent if family == "mlp" else CNN1dStudent
-        return cls(input_dim, num_outputs, options)
+        return cls(input_dims, num_outputs, options)
     if family == "transformer":
         if vocab_size is None or vocab_size < 1:
             raise ConfigError(f"student 'transformer' needs vocab_size >= 1 (the tokenizer's); got {vocab_size}")
@@ -215,10 +255,19 @@ def _build_builtin(
 
 
 def _build_custom(
-    target: str, kwargs: dict[str, Any], num_outputs: int, input_dim: int | None, vocab_size: int | None
+    target: str,
+    kwargs: dict[str, Any],
+    num_outputs: int,
+    input_shapes: dict[str, tuple[int, ...]],
+    vocab_size: int | None,
+    wider_outputs: bool,
 ) -> nn.Module:
     """Import the builder, call it, and check once on a tiny batch that the module keeps the student protocol."""
     builder = _import_builder(target)
+    parameters = inspect.signature(builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if input_shapes and vocab_size is None and ("input_names" in parameters or takes_any):
+        kwargs["input_names"] = list(input_shapes)  # optional: only builders that ask for the column names get them
     try:
         inspect.signature(builder).bind(**kwargs)
     except TypeError as exc:
@@ -230,8 +279,8 @@ def _build_custom(
     if vocab_size is not None:
         ids = torch.zeros(2, 4, dtype=torch.long, device=device)
         probe = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    elif input_dim is not None:
-        probe = {"x": torch.zeros(2, input_dim, device=device)}
+    elif input_shapes:  # each input as the loader gives it: [B, F_i], or [B, *shape] for nested columns
+        probe = {name: torch.zeros(2, *shape, device=device) for name, shape in input_shapes.items()}
     else:
         raise ConfigError(f"student {target!r} needs input_dim (vector inputs) or vocab_size (token inputs)")
     was_training = model.training
@@ -246,10 +295,14 @@ def _build_custom(
         ) from exc
     model.train(was_training)
     out = _as_output(raw, target)
-    if out.logits.shape[0] != 2 or out.logits.shape[-1] != num_outputs:
+    width = out.logits.shape[-1]
+    if out.logits.shape[0] != 2 or not (width == num_outputs or (wider_outputs and width > num_outputs)):
+        wider = (
+            " (a padded vocabulary: pass --truncate-vocab to train on its first logits)" if width > num_outputs else ""
+        )
         raise ConfigError(
             f"student {target!r} returned logits of shape {tuple(out.logits.shape)} for a batch of 2; expected "
-            f"[2, {num_outputs}] or [2, S, {num_outputs}] (num_outputs last)"
+            f"[2, {num_outputs}] or [2, S, {num_outputs}] (num_outputs last){wider}"
         )
     num_layers = getattr(model, "num_layers", len(out.hidden))
     if num_layers != len(out.hidden):

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from safetensors.torch import save_model
 from torch import nn
@@ -28,12 +30,16 @@ from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
 from stages.loader import StreamingLoader
 from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss, cross_entropy_only
-from stages.students import build_student, count_parameters
+from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family_fits, count_parameters
 
 METRICS = "metrics.json"  # written last: a run directory without it did not finish
 
 
 def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
+    """Set up (every check before anything is written), train, save; returns the final metrics.
+
+    progress: a progress bar, the setup line and one line per epoch; False (--quiet) logs only the summary line.
+    """
     trainer = Trainer(config, progress, log)
     trainer.setup()
     trainer.train()
@@ -57,6 +63,7 @@ class Trainer:
             raise ConfigError(
                 f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite"
             )
+        self.device = self._device()
         self.data = Dataset(c.data)
         self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
         self._check_caches()
@@ -66,9 +73,13 @@ class Trainer:
             else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
         )
         self.inputs = self._input_columns()
+        kind = TOKEN if self.token_level else SEQUENCE if "input_ids" in self.inputs else VECTOR
+        check_family_fits(c.student, kind, self.inputs)
         if c.alpha < 1 and not self.token_level:
             self._check_labels()
         self.num_outputs = self.caches[0].num_classes if self.caches else self._count_outputs()
+        if not self.token_level:
+            self._check_label_range(self.data)
         self.temperature = c.temperature or (self.caches[0].temperature if self.caches else 1.0)
 
         if c.threads:
@@ -76,9 +87,6 @@ class Trainer:
         random.seed(c.seed)
         np.random.seed(c.seed)
         torch.manual_seed(c.seed)
-        self.device = torch.device(
-            "cuda" if c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available()) else "cpu"
-        )
         self.model = self._build_student().to(self.device)
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
@@ -97,16 +105,33 @@ class Trainer:
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.log(
-            f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device}; method {c.method}, "
-            f"alpha {c.alpha}, T {self.temperature}; {self.data.num_rows} training examples"
+        self._note(
+            f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
+            f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
+            f"{self.data.num_rows} training examples"
         )
+
+    def _note(self, message: str) -> None:
+        """Setup and per-epoch lines: shown with the progress bar, left out by --quiet (the summary line stays)."""
+        if self.progress:
+            self.log(message)
+
+    def _device(self) -> torch.device:
+        want = self.config.device
+        if want == "cuda" and not torch.cuda.is_available():
+            why = "this build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(
+                f"--device cuda: torch has no CUDA here (torch {torch.__version__}: {why}); use --device cpu or auto"
+            )
+        return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
     def _held_out(self, data_path: str, cache_ref: str) -> StreamingLoader | None:
         """The loader of a held-out dataset (with its teacher cache, if given), or None when none was given."""
         if not data_path:
             return None
         data = Dataset(data_path)
+        if not self.token_level:
+            self._check_label_range(data)
         caches = [self._open_cache(cache_ref, data)] if cache_ref else []
         if caches and caches[0].target_format != "topk":
             raise CacheError(
@@ -149,16 +174,45 @@ class Trainer:
             )
 
     def _input_columns(self) -> list[str]:
-        if self.caches:
-            names = [i["name"] for i in self.caches[0].manifest["teacher"]["inputs"]]
-            cols = [n for n in names if n in self.data.columns]
-        else:
-            cols = ["input_ids"] if "input_ids" in self.data.columns else ["x"]
+        """The dataset columns the student reads: the token ids, or float vector column(s) concatenated in order.
+
+        Vector columns are those of --inputs, else the teacher's float inputs, else (no cache) the dataset's one
+        float column: with several and no teacher to say which, the user names them.
+        """
+        columns, floats = self.data.columns, _float_columns(self.data)
+        if self.config.inputs:
+            chosen = self.config.inputs
+            if self.token_level or "input_ids" in chosen:
+                raise ConfigError(
+                    f"--inputs {','.join(chosen)}: --inputs picks float vector columns for a vector student; "
+                    "token students read input_ids (and attention_mask) without it"
+                )
+            bad = [name for name in chosen if name not in floats]
+            if bad:
+                raise DatasetError(
+                    f"--inputs: {bad} of dataset {self.data.path} are not float vector columns; "
+                    f"its float columns are {floats or 'none'} (all columns: {columns})"
+                )
+            return list(chosen)
         if self.token_level:
             cols = ["input_ids"]  # the loader builds the mask; token-level students read ids only
-        if not cols or any(col not in self.data.columns for col in cols):
+        elif self.caches:
+            teacher = [i["name"] for i in self.caches[0].manifest["teacher"]["inputs"]]
+            present = [n for n in teacher if n in columns]
+            cols = present if "input_ids" in present else [n for n in present if n in floats]
+        elif "input_ids" in columns:
+            cols = ["input_ids"]
+        elif len(floats) > 1:
+            raise ConfigError(
+                f"dataset {self.data.path} has several float columns {floats} and no teacher cache says which the "
+                f"student reads; name them with --inputs, e.g. --inputs {floats[0]} or --inputs {','.join(floats)}"
+            )
+        else:
+            cols = floats
+        if not cols or any(col not in columns for col in cols):
             raise DatasetError(
-                f"dataset {self.data.path} lacks the model input column(s) {cols}; it has {self.data.columns}"
+                f"dataset {self.data.path} has no model input column the student can read (token ids 'input_ids' "
+                f"or a float vector column); it has {columns}"
             )
         return cols
 
@@ -177,6 +231,35 @@ class Trainer:
                 f"alpha {self.config.alpha} < 1 needs labels, but dataset {self.data.path} has none; {fix}"
             )
 
+    def _check_label_range(self, data: Dataset) -> None:
+        """Labels must be class indices the student's outputs cover: 0 <= label < num_outputs (nulls allowed)."""
+        if not data.has_labels:
+            return
+        low, high = pc.min_max(_label_column(data)).values()
+        if low.as_py() is None:  # every label is null
+            return
+        if low.as_py() < 0:
+            raise DatasetError(
+                f"dataset {data.path} has label {low.as_py()}; labels are class indices 0..{self.num_outputs - 1} "
+                "(null, not a negative number, for an unlabelled row)"
+            )
+        if high.as_py() >= self.num_outputs:
+            width, fix = (
+                (
+                    f"the cache's teacher has {self.num_outputs} classes (cache {self.caches[0].key})",
+                    f"use the cache of a teacher with at least {high.as_py() + 1} classes",
+                )
+                if self.caches
+                else (
+                    f"the student has {self.num_outputs} outputs, the largest label of {self.data.path} + 1",
+                    "train on a dataset that holds every class",
+                )
+            )
+            raise DatasetError(
+                f"dataset {data.path} has label {high.as_py()}, outside the classes 0..{self.num_outputs - 1}: "
+                f"{width}. Fix the labels, or {fix}"
+            )
+
     def _count_outputs(self) -> int:
         """Outputs of a student trained without a teacher cache (cross-entropy only).
 
@@ -190,20 +273,20 @@ class Trainer:
                 if data_path and ref:
                     return fmt.open_cache(fmt.resolve_cache(ref, c.cache_dir)).num_classes
             return self._max_token() + 1
-        labels = self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
-        return int(max(v for v in labels.to_pylist() if v is not None)) + 1
+        return int(pc.max(_label_column(self.data)).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
-        first = self.data.read(0, 1, self.inputs)
-        sample = first.column(self.inputs[0])[0].as_py()
+        c = self.config
         if self.token_level or "input_ids" in self.inputs:
             vocab = self.num_outputs if self.token_level else self._max_token() + 1
-            return build_student(self.config.student, num_outputs=self.num_outputs, vocab_size=vocab)
-        return build_student(self.config.student, num_outputs=self.num_outputs, input_dim=int(np.asarray(sample).size))
+            return build_student(
+                c.student, num_outputs=self.num_outputs, vocab_size=vocab, wider_outputs=c.truncate_vocab
+            )
+        first = self.data.read(0, 1, self.inputs)
+        shapes = {name: np.asarray(first.column(name)[0].as_py()).shape for name in self.inputs}
+        return build_student(c.student, num_outputs=self.num_outputs, input_dim=shapes, wider_outputs=c.truncate_vocab)
 
     def _max_token(self) -> int:
-        import pyarrow.compute as pc
-
         paths = [self.data] + [Dataset(p) for p in (self.config.eval_data, self.config.test_data) if p]
         return max(int(pc.max(pc.list_flatten(d.read(0, d.num_rows, ["input_ids"]).column(0))).as_py()) for d in paths)
 
@@ -357,7 +440,7 @@ class Trainer:
             )
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
-        self.log("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        self._note("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
     def _kd_step(self, batch):
         logits, labels, mask, targets = flatten(batch, self.model(batch.inputs).logits, self.vocab)
@@ -451,8 +534,29 @@ class Trainer:
             metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / "student.onnx")
             self.model.to(self.device)
         fmt.write_json_atomic(metrics, self.out / METRICS)
-        self.log(
-            f"run saved to {self.out}: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
-        )
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
+        self.log(f"run saved to {self.out}: {figures or 'no test figures (give --eval-data or --test-data)'}")
         return metrics
+
+
+def _label_column(data: Dataset) -> pa.ChunkedArray:
+    """The whole label column, checked to hold integer class indices."""
+    labels = data.read(0, data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
+    if not pa.types.is_integer(labels.type):
+        raise DatasetError(
+            f"column '{LABEL_COLUMN}' of {data.path} has type {labels.type}; labels are integer class indices "
+            "(null for unlabelled rows)"
+        )
+    return labels
+
+
+def _float_columns(data: Dataset) -> list[str]:
+    """Columns holding (possibly nested) lists of floats: the candidates for a vector student's input."""
+    found = []
+    for name in data.columns:
+        kind, depth = data.schema.field(name).type, 0
+        while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            kind, depth = kind.value_type, depth + 1
+        if depth and pa.types.is_floating(kind):
+            found.append(name)
+    return found

@@ -148,8 +148,10 @@ def test_progressive_stages_move_the_right_parameters(classifier_setup, tmp_path
     trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
     assert trainer.hidden_map == [(0, "hidden"), (1, "hidden")]
+
     def snapshot():
         return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
     def changed(a, b):
         return {k for k in a if not torch.equal(a[k], b[k])}
 
