@@ -166,7 +166,7 @@ class TrainStudentConfig:
     alpha: float = 0.5  # weight of the distillation term; 0 = from scratch (no cache needed), 1 = teacher only
     temperature: float = 0.0  # distillation T; 0 = the cache's own T (no re-tempering)
     epochs: int = 10  # epochs of the final (logit) stage
-    batch_size: int = 64  # examples per step
+    batch_size: int = 64  # examples per step, per rank under torchrun (the global batch is this times the ranks)
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     lr_schedule: str = "constant"  # constant | cosine (to 0 over each stage's steps)
@@ -192,6 +192,9 @@ class TrainStudentConfig:
     threads: int = 0  # torch CPU threads; 0 = torch default. 1 is faster for tiny students on a busy machine
     export_onnx: bool = True  # write and check student.onnx
     overwrite: bool = False  # replace an existing run directory
+    dist_timeout: float = (
+        DIST_TIMEOUT  # torchrun: seconds a rank waits for the others (rank 0 evaluating) before failing
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -236,4 +239,6 @@ class TrainStudentConfig:
             out.append(f"lr_schedule: {self.lr_schedule!r} must be one of {LR_SCHEDULES}")
         if self.warmup_steps < 0:
             out.append(f"warmup_steps: {self.warmup_steps} must be >= 0")
+        if not self.dist_timeout > 0:
+            out.append(f"dist_timeout: {self.dist_timeout} must be > 0 seconds")
         return out

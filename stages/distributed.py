@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stages.errors import DistributedError
+from stages.errors import DistributedError, PipelineError
 
 
 @dataclass(frozen=True)
@@ -83,3 +83,63 @@ def close(group: Group | None) -> None:
     """Leave the process group after a successful run (a failed one just exits: its peers see it gone)."""
     if group is not None and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def together(group: Group | None, what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank; if it fails on any rank with a PipelineError, it fails on every rank.
+
+    The failed rank raises its own error; the others say which rank failed and why, so no rank trains on while
+    another has stopped (a rank that crashes outright is caught by the next collective instead).
+    """
+    if group is None:
+        return fn()
+    try:
+        result, failure = fn(), None
+    except PipelineError as exc:
+        result, failure = None, exc
+    failures = group.gather(None if failure is None else str(failure), what)
+    if failure is not None:
+        raise failure
+    for rank, message in enumerate(failures):
+        if message is not None:
+            raise DistributedError(f"rank {rank} failed in {what}, so every rank stops: {message}")
+    return result
+
+
+def even_steps(
+    group: Group | None, batches: Iterable, steps: int, size: Callable[[Any], int]
+) -> Iterator[tuple[Any, float]]:
+    """(batch, loss weight) for ``steps`` steps on every rank, however many batches this rank has.
+
+    DDP averages gradients over ranks, and ranks must take the same optimizer steps. Weighting a rank's mean
+    loss by ``world_size * size(batch) / (size summed over ranks)`` makes that average the mean over every
+    rank's examples (positions) of the step, as one process with the global batch would take it. A rank whose
+    batches ran out repeats its last one at weight 0: it joins the all-reduce and adds nothing.
+    One process: every batch at weight 1.
+    """
+    if group is None:
+        yield from ((batch, 1.0) for batch in batches)
+        return
+    source, last = iter(batches), None
+    for _ in range(steps):
+        batch = next(source, None)
+        last = batch if batch is not None else last
+        mine = 0 if batch is None else size(batch)
+        total = int(group.all_reduce(torch.tensor([mine], dtype=torch.int64), "weighting a step"))
+        yield last, group.world_size * mine / max(total, 1)
+
+
+def max_over_ranks(group: Group | None, value: int, what: str) -> int:
+    """The largest ``value`` of any rank (this rank's own with one process)."""
+    if group is None:
+        return value
+    return int(group.all_reduce(torch.tensor([value], dtype=torch.int64), what, op=dist.ReduceOp.MAX))
+
+
+def mean_over_ranks(group: Group | None, sums: dict[str, float], count: int, what: str) -> tuple[dict[str, float], int]:
+    """Per-key sums and their count added up over the ranks (a mean over every rank's batches)."""
+    if group is None:
+        return sums, count
+    keys = sorted(sums)
+    reduced = group.all_reduce(torch.tensor([float(count)] + [sums[k] for k in keys], dtype=torch.float64), what)
+    return dict(zip(keys, reduced[1:].tolist())), int(reduced[0])

@@ -11,6 +11,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,12 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import save_model
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from stages import cache_format as fmt
+from stages import distributed
 from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import LABEL_COLUMN, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
@@ -39,18 +42,28 @@ def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
     """Set up (every check before anything is written), train, save; returns the final metrics.
 
     progress: a progress bar, the setup line and one line per epoch; False (--quiet) logs only the summary line.
+    Under torchrun every rank trains its share of each epoch under DistributedDataParallel; rank 0 alone writes
+    the run directory, evaluates and exports, and a failure on any rank fails every rank.
     """
-    trainer = Trainer(config, progress, log)
-    trainer.setup()
-    trainer.train()
-    return trainer.save()
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    group = distributed.init(config.dist_timeout, backend="nccl" if cuda else "gloo")
+    trainer = Trainer(config, progress and (group is None or group.main), log, group)
+    distributed.together(group, "setup", trainer.setup)
+    with group.collective("training") if group is not None else nullcontext():
+        trainer.train()
+    metrics = distributed.together(group, "saving the run", trainer.save)
+    distributed.close(group)
+    return metrics
 
 
 class Trainer:
-    def __init__(self, config: TrainStudentConfig, progress: bool, log):
+    def __init__(self, config: TrainStudentConfig, progress: bool, log, group: distributed.Group | None = None):
         self.config = config
         self.progress = progress
         self.log = log
+        self.group = group  # torchrun's ranks; None for one process
+        self.main = group is None or group.main  # the rank that writes, evaluates and exports
+        self.world_size = 1 if group is None else group.world_size
         self.history: list[dict] = []  # one row per epoch, every stage counted
         self.frozen: set[int] = set()  # ids of parameters that earlier progressive stages froze
 
@@ -58,7 +71,7 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         self.out = Path(c.out)
-        replace = self.out.exists() and any(self.out.iterdir())
+        replace = self.main and self.out.exists() and any(self.out.iterdir())
         if replace and not c.overwrite:
             raise ConfigError(
                 f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite"
@@ -91,8 +104,9 @@ class Trainer:
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(
-            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None
+            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None, ranks=True
         )
+        self.forward = self._parallel()
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
@@ -104,7 +118,13 @@ class Trainer:
             self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
             shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.group is not None:
+            self._note(
+                f"{self.world_size} ranks: global batch {c.batch_size * self.world_size} "
+                f"({c.batch_size} per rank), each rank reading its share of every epoch"
+            )
         self._note(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
             f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
@@ -123,7 +143,30 @@ class Trainer:
             raise ConfigError(
                 f"--device cuda: torch has no CUDA here (torch {torch.__version__}: {why}); use --device cpu or auto"
             )
-        return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        if want == "cpu" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        if self.group is None:
+            return torch.device("cuda")
+        torch.cuda.set_device(self.group.local_rank)  # NCCL's device for this rank: its own GPU
+        return torch.device("cuda", self.group.local_rank)
+
+    def _parallel(self) -> nn.Module:
+        """The student as the training steps call it: wrapped in DDP under torchrun (gradients averaged over the
+        ranks, rank 0's initial weights broadcast to every rank), the plain module otherwise."""
+        if self.group is None:
+            return self.model
+        if self.config.method == "progressive":
+            raise ConfigError(
+                "--method progressive does not run under torchrun yet (its projections are not synchronised); "
+                "run it as one process, or use --method kd or ensemble"
+            )
+        if len(self.train_loader.units) < self.world_size:
+            raise ConfigError(
+                f"the training set splits into {len(self.train_loader.units)} unit(s) (cache shards) for "
+                f"{self.world_size} ranks; use fewer ranks or a cache with more, smaller shards (--shard-size)"
+            )
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _held_out(self, data_path: str, cache_ref: str) -> StreamingLoader | None:
         """The loader of a held-out dataset (with its teacher cache, if given), or None when none was given."""
@@ -330,7 +373,10 @@ class Trainer:
         # Spread the teacher's hidden states evenly over the student's layers, last to last.
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
-    def _loader(self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None):
+    def _loader(
+        self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None, ranks: bool = False
+    ):
+        """``ranks``: this rank's share only (the training set); held-out sets are read whole, by rank 0."""
         loader = StreamingLoader(
             data,
             caches,
@@ -342,6 +388,8 @@ class Trainer:
             buffer_examples=self.config.buffer,
             seed=self.config.seed,
             top_k=self.config.top_k if top_k is None else top_k,
+            rank=self.group.rank if ranks and self.group is not None else 0,
+            world_size=self.world_size if ranks else 1,
         )
         return loader
 
@@ -392,7 +440,7 @@ class Trainer:
         c = self.config
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         first = len(self.history) + 1  # the stage's first epoch number (the loader's shuffle seed)
-        total = max(sum(self.train_loader.count_batches(e, c.workers) for e in range(first, first + epochs)), 1)
+        total = max(sum(self._batches_in(e) for e in range(first, first + epochs)), 1)
         warmup = c.warmup_steps
 
         def factor(step: int) -> float:
@@ -404,29 +452,38 @@ class Trainer:
 
         return optimizer, LambdaLR(optimizer, factor)
 
+    def _batches_in(self, epoch: int) -> int:
+        """Steps of one epoch: its batches on this rank, or on the rank with the most (ranks step together)."""
+        mine = self.train_loader.count_batches(epoch, self.config.workers)
+        return distributed.max_over_ranks(self.group, mine, "counting an epoch's batches")
+
     def _epoch(self, stage: str, step, optimizer_schedule: tuple[torch.optim.Optimizer, LambdaLR]) -> None:
         optimizer, schedule = optimizer_schedule
         epoch = len(self.history) + 1
         sums: dict[str, float] = {}
         steps = 0
         t0 = time.perf_counter()
+        batches = self._batches_in(epoch)
         bar = tqdm(
-            self._iterate(self.train_loader, epoch),
-            total=len(self.train_loader),
+            distributed.even_steps(self.group, self._iterate(self.train_loader, epoch), batches, self._positions),
+            total=batches,
             disable=not self.progress,
             desc=f"epoch {epoch} {stage}",
             leave=False,
         )
-        for batch in bar:
+        for batch, weight in bar:
             out = step(batch.to(self.device))
             optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
+            (out.total * weight).backward()  # weight: this rank's share of the step's examples (1: one process)
             optimizer.step()
             schedule.step()
+            if weight == 0:  # a rank out of batches, keeping step with the others: no loss of its own
+                continue
             for k, v in out.parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
             bar.set_postfix(loss=f"{out.parts.get('total', out.parts.get('hidden', 0.0)):.4f}")
+        sums, steps = distributed.mean_over_ranks(self.group, sums, steps, "averaging the epoch's losses")
         row = {
             "epoch": epoch,
             "stage": stage,
@@ -434,7 +491,7 @@ class Trainer:
             "seconds": time.perf_counter() - t0,
             "lr": schedule.get_last_lr()[0],
         }
-        if self.eval_set is not None:
+        if self.eval_set is not None and self.main:  # the other ranks go on to the next epoch's first step
             metrics = evaluate(
                 self.model, self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab
             )
@@ -442,8 +499,12 @@ class Trainer:
         self.history.append(row)
         self._note("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
+    def _positions(self, batch) -> int:
+        """What a step's loss is a mean over: target positions (token level) or examples."""
+        return int(batch.mask.sum()) if self.token_level else len(batch.ids)
+
     def _kd_step(self, batch):
-        logits, labels, mask, targets = flatten(batch, self.model(batch.inputs).logits, self.vocab)
+        logits, labels, mask, targets = flatten(batch, self.forward(batch.inputs).logits, self.vocab)
         if not self.caches:
             return cross_entropy_only(logits, labels, mask)
         return self.loss(logits, targets if self.config.method == "ensemble" else targets[0], labels, mask)
@@ -483,6 +544,9 @@ class Trainer:
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self) -> dict:
+        """Rank 0 writes the run directory and returns the metrics; any other rank has nothing to write ({})."""
+        if not self.main:
+            return {}
         c = self.config
         save_model(self.model, str(self.out / "checkpoint.safetensors"))
         with open(self.out / "metrics.csv", "w", newline="") as fh:
@@ -515,6 +579,8 @@ class Trainer:
             "temperature": self.temperature,
             "student": c.student,
             "epochs": len(self.history),
+            "ranks": self.world_size,
+            "global_batch_size": c.batch_size * self.world_size,
             "train_seconds": round(self.train_seconds, 2),
             "cache_keys": [x["key"] for x in caches],
         }
