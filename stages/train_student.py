@@ -106,7 +106,7 @@ class Trainer:
         self.train_loader = self._loader(
             self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None, ranks=True
         )
-        self.forward = self._parallel()
+        self._check_ranks()
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
@@ -150,11 +150,9 @@ class Trainer:
         torch.cuda.set_device(self.group.local_rank)  # NCCL's device for this rank: its own GPU
         return torch.device("cuda", self.group.local_rank)
 
-    def _parallel(self) -> nn.Module:
-        """The student as the training steps call it: wrapped in DDP under torchrun (gradients averaged over the
-        ranks, rank 0's initial weights broadcast to every rank), the plain module otherwise."""
+    def _check_ranks(self) -> None:
         if self.group is None:
-            return self.model
+            return
         if self.config.method == "progressive":
             raise ConfigError(
                 "--method progressive does not run under torchrun yet (its projections are not synchronised); "
@@ -165,6 +163,14 @@ class Trainer:
                 f"the training set splits into {len(self.train_loader.units)} unit(s) (cache shards) for "
                 f"{self.world_size} ranks; use fewer ranks or a cache with more, smaller shards (--shard-size)"
             )
+
+    def _parallel(self) -> nn.Module:
+        """The student as the training steps call it: wrapped in DDP under torchrun (gradients averaged over the
+        ranks, rank 0's initial weights broadcast to every rank), the plain module otherwise.
+
+        Built once every rank's setup has passed: DDP's constructor is itself a collective."""
+        if self.group is None:
+            return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids)
 
@@ -408,6 +414,7 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> None:
         """Progressive hidden-state stages (method progressive), then the logit stage."""
+        self.forward = self._parallel()
         started = time.perf_counter()
         for layer, name in self.hidden_map:
             self.hidden_stage(layer, name)
