@@ -107,6 +107,7 @@ class Trainer:
             self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None, ranks=True
         )
         self._check_ranks()
+        self.forward: nn.Module = self.model  # what the training steps call; DDP-wrapped by train() under torchrun
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
@@ -165,12 +166,8 @@ class Trainer:
             )
 
     def _parallel(self) -> nn.Module:
-        """The student as the training steps call it: wrapped in DDP under torchrun (gradients averaged over the
-        ranks, rank 0's initial weights broadcast to every rank), the plain module otherwise.
-
-        Built once every rank's setup has passed: DDP's constructor is itself a collective."""
-        if self.group is None:
-            return self.model
+        """The student wrapped in DDP: gradients averaged over the ranks, rank 0's initial weights broadcast to
+        every rank. Built once every rank's setup has passed: DDP's constructor is itself a collective."""
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids)
 
@@ -414,7 +411,8 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> None:
         """Progressive hidden-state stages (method progressive), then the logit stage."""
-        self.forward = self._parallel()
+        if self.group is not None:
+            self.forward = self._parallel()
         started = time.perf_counter()
         for layer, name in self.hidden_map:
             self.hidden_stage(layer, name)
