@@ -22,7 +22,7 @@ Method:
 Throughput counts real (non-padding) token positions.
 
     python benchmarks/cache_throughput.py                                   # synthetic 50,257-vocab teacher
-    python benchmarks/cache_throughput.py --teacher data/smollm2/smollm2-135m.onnx --positions 4000
+    python benchmarks/cache_throughput.py --teacher data/smollm2/teacher.onnx --positions 4000
 """
 
 from __future__ import annotations

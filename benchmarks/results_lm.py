@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from common import pipeline, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER = ROOT / "data" / "smollm2" / "smollm2-135m.onnx"
+TEACHER = ROOT / "data" / "smollm2" / "teacher.onnx"
 TOKENIZER = ROOT / "data" / "smollm2"
 EOS_ID = 0  # <|endoftext|>: separates articles
 PAD_ID = 2  # <|im_end|>: the teacher's pad token (the sequences are unpadded and of one length; no padding happens)

@@ -109,6 +109,8 @@ def inspect_teacher(model, show_all) -> None:
 
     info, proto, _ = inspect(model)
     click.echo(f"teacher   {model}  sha256 {info.sha256[:12]}")
+    for f in info.external_data:
+        click.echo(f"data      {f.location}  {f.bytes} bytes  sha256 {f.sha256[:12]}")
     click.echo(f"kind      {info.kind}  classes/vocabulary {info.num_classes}")
     for i in info.inputs:
         click.echo(f"input     {i.name}  {i.dtype.__name__}  {list(i.shape)}")
@@ -194,6 +196,68 @@ def train_student(config_file, quiet, **options) -> None:
     config = load_config(TrainStudentConfig, config_file, options)
     stage.run(config, progress=not quiet, log=log)
     click.echo(config.out)
+
+
+@main.command("export-teacher")
+@click.argument("src")
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "sequence-classification", "feature-extraction"]),
+    default="causal-lm",
+    show_default=True,
+    help="What the graph returns: next-token logits, class logits, or the last hidden states.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Export folder (created if missing).")
+@click.option("--opset", type=int, default=0, help="ONNX opset (default: the exporter's).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Weight type.")
+@click.option(
+    "--no-optimize", "optimize", flag_value=False, default=True, help="Skip the graph clean-up (faster export)."
+)
+@errors_to_click
+def export_teacher(src, **options) -> None:
+    """Export a local Hugging Face model folder or .gguf file to an ONNX teacher. Prints the .onnx path last."""
+    from stages import export_teacher as stage
+
+    config = load_config(stage.ExportTeacherConfig, None, {"src": src, **options})
+    result = stage.run(config, log=log)
+    check = result.card["check"]
+    log(f"ORT vs torch: max |delta logit| {check['max_abs_diff']:.3g} (logit scale {check['logit_scale']:.3g})")
+    click.echo(str(result.onnx_path))
+
+
+@main.command("prepare-data")
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--tokenizer", required=True, help="The teacher's tokenizer: its export folder or a tokenizer.json.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Parquet file to write.")
+@click.option("--max-length", type=click.IntRange(min=2), help="Tokens per row: packed length or truncation (512).")
+@click.option("--pack", is_flag=True, default=None, help="Join documents with end-of-text and cut fixed lengths.")
+@click.option("--text-field", help="JSONL/CSV/Parquet field holding the text (default text).")
+@click.option("--label-field", help="Field holding the class label (name or integer).")
+@click.option("--chat", is_flag=True, default=None, help="Records hold chat 'messages'; loss on assistant tokens only.")
+@click.option("--split", help="Split documents, e.g. train=0.9,val=0.05,test=0.05: one file per split.")
+@click.option("--seed", type=int, help="Seed of the split's shuffle (default 0).")
+@errors_to_click
+def prepare_data(src, **options) -> None:
+    """Tokenise text, JSONL, chat, CSV, Parquet or datasets folders into a dataset. Prints the output path last."""
+    from stages import prepare_data as stage
+
+    config = load_config(stage.PrepareDataConfig, None, {"src": list(src), **options})
+    result = stage.run(config, log=log)
+    click.echo(str(result.path))
+
+
+@main.command("generate")
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens to add.")
+@click.option("--teacher", is_flag=True, help="Sample the run's ONNX teacher instead of the student.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user turn with the tokenizer's chat template.")
+@errors_to_click
+def generate(run, prompt, max_new_tokens, teacher, chat) -> None:
+    """Print a greedy continuation of --prompt by a causal-LM student (hf:) or, with --teacher, its teacher."""
+    from stages import generate as stage
+
+    click.echo(stage.run(run, prompt, max_new_tokens=max_new_tokens, teacher=teacher, chat=chat))
 
 
 cli_catalog.register(main)  # caches, runs, query, report

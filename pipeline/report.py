@@ -143,7 +143,8 @@ def reliability(catalog: Catalog, entry: CacheEntry, bins: int = RELIABILITY_BIN
         SELECT least(floor(conf * {bins}), {bins - 1})::INTEGER AS bin, count(*) AS n, avg(conf) AS confidence,
                avg((pred = label)::DOUBLE) AS accuracy
         FROM (SELECT id, exp(topk_logp[1]::DOUBLE) AS conf, topk_ids[1] AS pred FROM ({catalog.positions_sql(entry)})) c
-        JOIN (SELECT id, label FROM read_parquet([{files}], union_by_name=true) WHERE label IS NOT NULL) d USING (id)
+        JOIN (SELECT id, "{data.label_column}" AS label FROM read_parquet([{files}], union_by_name=true)
+              WHERE "{data.label_column}" IS NOT NULL) d USING (id)
         GROUP BY bin ORDER BY bin""")
     if not rows:
         return [], f"no row of the cache's dataset {data.path} has a label"

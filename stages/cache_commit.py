@@ -7,6 +7,7 @@ files alone (``pipeline caches commit KEY``), for launcher-free workers whose la
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import errno
 import json
@@ -21,7 +22,7 @@ import torch
 
 from stages import cache_format as fmt
 from stages.config import CacheTeacherConfig, load_config, to_dict
-from stages.dataset import ID_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError
 from stages.teacher import TeacherInfo, inspect
 
@@ -162,6 +163,7 @@ def _manifest(config, dataset, info: TeacherInfo, request, done, learnt, run) ->
             "path": str(Path(config.teacher).resolve()),
             "name": Path(config.teacher).name,
             "sha256": info.sha256,
+            "external_data": [dataclasses.asdict(f) for f in info.external_data],
             "inputs": [{"name": i.name, "dtype": np.dtype(i.dtype).name, "shape": list(i.shape)} for i in info.inputs],
             "logits_output": info.logits_output,
             "kind": info.kind,
@@ -170,9 +172,11 @@ def _manifest(config, dataset, info: TeacherInfo, request, done, learnt, run) ->
         "dataset": {
             "path": str(Path(config.data).resolve()),
             "fingerprint": request["dataset_fingerprint"],
+            "fingerprint_of": FINGERPRINT_OF,
             "num_rows": dataset.num_rows,
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },
+        "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
         "top_k": config.top_k if config.target_format == "topk" else 0,
         "samples": config.samples if config.target_format == "sampled" else 0,
         "sample_seed": config.sample_seed if config.target_format == "sampled" else None,

@@ -26,6 +26,7 @@ from stages.cache_commit import CacheResult, writing
 from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import Dataset
 from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
+from stages.export_teacher import read_card
 from stages.shard_runner import ShardRunner
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
@@ -98,6 +99,7 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
         raise TeacherError(
             f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
         )
+    _check_tokenizer(config.teacher, dataset)
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
@@ -297,3 +299,14 @@ def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: b
         topk_in_graph=(config.top_k, float(config.temperature)) if topk_in_graph else None,
         inspected=inspected,
     )
+
+
+def _check_tokenizer(teacher: str, dataset: Dataset) -> None:
+    """Data tokenised by prepare-data must use the tokenizer of a teacher made by export-teacher."""
+    card = read_card(Path(teacher).parent)
+    want = card.get("tokenizer_sha256") if card else None
+    if want and dataset.tokenizer_sha256 and dataset.tokenizer_sha256 != want:
+        raise DatasetError(
+            f"dataset {dataset.path} was tokenised with another tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) "
+            f"than the teacher's (sha256 {want[:12]}); re-run prepare-data with --tokenizer {Path(teacher).parent}"
+        )

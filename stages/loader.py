@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.cache_format import HIDDEN_PREFIX, Cache
-from stages.dataset import ID_COLUMN, LABEL_COLUMN, Dataset, column_to_array, concat_ranges
+from stages.dataset import ID_COLUMN, LOSS_MASK_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 
@@ -181,14 +181,15 @@ class StreamingLoader(IterableDataset):
 
     # -- reading ------------------------------------------------------------------------------------------
     def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
-        columns = (
-            [ID_COLUMN] + self.input_columns + ([LABEL_COLUMN] if self.data.has_labels and not self.token_level else [])
-        )
+        label = self.data.label_column if not self.token_level else None
+        columns = [ID_COLUMN] + self.input_columns + ([label] if label else [])
+        if self.token_level and LOSS_MASK_COLUMN in self.data.columns:
+            columns.append(LOSS_MASK_COLUMN)  # carried with the inputs, folded into the batch mask
         table = self.data.read(start, stop, columns)
         ids = table.column(ID_COLUMN).to_numpy()
-        inputs = {c: column_to_array(table.column(c), c) for c in self.input_columns}
-        if LABEL_COLUMN in columns:
-            labels = table.column(LABEL_COLUMN).fill_null(IGNORE_INDEX).to_numpy().astype(np.int64)
+        inputs = {c: column_to_array(table.column(c), c) for c in columns[1:] if c != label}
+        if label:
+            labels = table.column(label).cast(pa.int64()).fill_null(IGNORE_INDEX).to_numpy()
         else:
             labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
         rows, lengths, row_start = [], None, None
@@ -333,6 +334,8 @@ class StreamingLoader(IterableDataset):
                 out[where] = values[rows]
                 t[key] = torch.from_numpy(out)
             per_cache.append(t)
+        if LOSS_MASK_COLUMN in block.inputs:
+            mask = mask & _shifted_loss_mask(block.inputs[LOSS_MASK_COLUMN], idx, lengths, s)
         targets, hidden = self._typed(per_cache)
         return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(mask), targets, hidden, block.ids[idx].tolist())
 
@@ -348,6 +351,18 @@ class StreamingLoader(IterableDataset):
                 targets.append(SoftTargets(t["ids"], t["logp"], t["logz"], cache.temperature, cache.num_classes))
             hidden.append({k.removeprefix(HIDDEN_PREFIX): v for k, v in t.items() if k.startswith(HIDDEN_PREFIX)})
         return targets, hidden
+
+
+def _shifted_loss_mask(loss_mask, idx: np.ndarray, lengths: np.ndarray, s: int) -> np.ndarray:
+    """[B, S] bool: position t counts when token t + 1 is a target (``loss_mask`` 1), since t predicts t + 1.
+
+    The last token predicts past the example's end, so it never counts; nor do positions of padding.
+    """
+    out = np.zeros((len(idx), s), dtype=bool)
+    for j, i in enumerate(idx):
+        row = np.asarray(loss_mask[i])[: lengths[j]]
+        out[j, : len(row) - 1] = row[1:] != 0
+    return out
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:

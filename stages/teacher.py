@@ -13,6 +13,8 @@ Two ways to turn logits into cached targets:
 from __future__ import annotations
 
 import hashlib
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,22 +38,93 @@ class TeacherInput:
     shape: tuple  # ints for fixed axes, strings or None for dynamic ones
 
 
+@dataclass(frozen=True)
+class ExternalFile:
+    """One external-data file of a teacher: its name as the graph spells it (relative to the model's folder)."""
+
+    location: str
+    bytes: int
+    sha256: str
+
+
 @dataclass
 class TeacherInfo:
     path: str
-    sha256: str
+    sha256: str  # the teacher's identity (``teacher_identity``): the graph and every external-data file
     inputs: list[TeacherInput]
     logits_output: str
     kind: str  # CLASSIFIER or TOKEN
     num_classes: int | None  # vocabulary size for token teachers; None until known if the axis is dynamic
     hidden: list[str] = field(default_factory=list)
+    external_data: list[ExternalFile] = field(default_factory=list)  # sorted by location; empty if self-contained
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def teacher_identity(graph: bytes, external: list[ExternalFile]) -> str:
+    """sha256 of everything the session reads: the graph file's bytes and each external-data file's name and bytes.
+
+    A self-contained model's identity is the sha256 of its file, as it always was, so its old caches still hit.
+    With external data the names count too (``external`` is in location order), so swapping two files' contents
+    changes the identity even though the set of bytes is the same.
+    """
+    graph_sha = hashlib.sha256(graph).hexdigest()
+    if not external:
+        return graph_sha
+    h = hashlib.sha256(graph_sha.encode())
+    for f in external:
+        h.update(b"\0" + f.location.encode() + b"\0" + f.sha256.encode())
+    return h.hexdigest()
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Every tensor stored in a graph: initializers and node attributes, subgraphs (If/Loop bodies) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes) -> Iterator[TensorProto]:
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(sub)
+
+
+def external_files(model: onnx.ModelProto, folder: Path) -> list[ExternalFile]:
+    """The external-data files the graph references, hashed (streamed: a multi-GB file is never held in memory)."""
+    locations = set()
+    functions = (tensor for function in model.functions for tensor in _node_tensors(function.node))
+    for tensor in itertools.chain(_all_tensors(model.graph), functions):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            locations.add(entries.get("location", ""))
+    files = []
+    for location in sorted(locations):
+        # ONNX resolves external data against the model's folder and ORT refuses anything outside it.
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise TeacherError(
+                f"the teacher's external-data location {location!r} is not a relative path inside {folder}; "
+                "re-save the model with its external data next to it (onnx.save_model(..., location=NAME))"
+            )
+        path = folder / location
+        if not path.is_file():
+            raise TeacherError(
+                f"the teacher's external-data file {location!r} is missing from {folder}; "
+                "copy it next to the .onnx file that references it"
+            )
+        with open(path, "rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        files.append(ExternalFile(location, path.stat().st_size, digest))
+    return files
 
 
 def load_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
+    """The graph (its external data left on disk: ORT reads it from the model's folder) and the file's bytes."""
     path = Path(path)
     if not path.is_file():
         raise TeacherError(f"teacher model not found: {path}")
@@ -64,8 +137,6 @@ def load_model(path: str | Path) -> tuple[onnx.ModelProto, bytes]:
         ) from exc
     if not model.graph.node or not model.graph.output:
         raise TeacherError(f"{path} is not a usable ONNX model: its graph has no nodes or no outputs")
-    if any(init.data_location == TensorProto.EXTERNAL for init in model.graph.initializer):
-        onnx.load_external_data_for_model(model, str(path.parent))
     return model, data
 
 
@@ -168,7 +239,9 @@ def inspect(path: str | Path, logits_output: str | None = None) -> tuple[Teacher
             "or [batch, seq, vocab] (token-level). Choose the logits with --logits-output."
         )
     num_classes = shape[-1] if isinstance(shape[-1], int) and shape[-1] > 0 else None
-    info = TeacherInfo(str(Path(path)), _sha256(data), inputs, name, kind, num_classes)
+    external = external_files(model, Path(path).parent)
+    identity = teacher_identity(data, external)
+    info = TeacherInfo(str(Path(path)), identity, inputs, name, kind, num_classes, external_data=external)
     return info, model, data
 
 
@@ -221,6 +294,11 @@ class Teacher:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # The session is built from bytes (the graph we hashed, or its modified copy), so ORT cannot know where
+        # the model lives; external-data locations are relative to the model's folder, whatever the cwd.
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(Path(self.info.path).resolve().parent)
+        )
         # A CUDA provider that fails to load is logged by ORT as an error before it falls back; we read back
         # get_providers() and say what ran ourselves, so keep that noise off the user's terminal.
         ort.set_default_logger_severity(4)

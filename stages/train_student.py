@@ -27,15 +27,18 @@ from tqdm import tqdm
 from stages import cache_format as fmt
 from stages import distributed
 from stages.config import TrainStudentConfig, to_dict
-from stages.dataset import LABEL_COLUMN, Dataset
+from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
 from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
+from stages.hf_students import HFStudent, build_hf_student, is_hf_spec
 from stages.loader import StreamingLoader
 from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss, cross_entropy_only
+from stages.prepare_data import prepared_tokenizer
 from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family_fits, count_parameters
 
 METRICS = "metrics.json"  # written last: a run directory without it did not finish
+HF_DIR = "hf"  # Hugging Face students: the transformers folder (save_pretrained) inside the run directory
 
 
 def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
@@ -83,11 +86,12 @@ class Trainer:
         self.token_level = (
             self.caches[0].kind == "token"
             if self.caches
-            else "input_ids" in self.data.columns and LABEL_COLUMN not in self.data.columns
+            else "input_ids" in self.data.columns and not self.data.has_labels
         )
         self.inputs = self._input_columns()
         kind = TOKEN if self.token_level else SEQUENCE if "input_ids" in self.inputs else VECTOR
-        check_family_fits(c.student, kind, self.inputs)
+        if not is_hf_spec(c.student):  # a transformers model says what it is in its own config
+            check_family_fits(c.student, kind, self.inputs)
         if c.alpha < 1 and not self.token_level:
             self._check_labels()
         self.num_outputs = self.caches[0].num_classes if self.caches else self._count_outputs()
@@ -190,7 +194,10 @@ class Trainer:
         cache.verify(checksums=True)
         if not cache.checksummed:
             self.log(f"note: cache {cache.key} predates manifest checksums; checked against its key and shards only")
-        want, have = cache.manifest["dataset"]["fingerprint"], data.fingerprint()
+        built_from = cache.manifest["dataset"]
+        # A cache written before fingerprints hashed the rows holds a fingerprint of the files' names and bytes.
+        have = data.fingerprint() if built_from.get("fingerprint_of") == FINGERPRINT_OF else data.file_fingerprint()
+        want = built_from["fingerprint"]
         if have != want:
             raise CacheError(
                 f"cache {cache.key} was built from another dataset ({cache.manifest['dataset']['path']}, fingerprint "
@@ -263,11 +270,7 @@ class Trainer:
         return cols
 
     def _check_labels(self) -> None:
-        if (
-            not self.data.has_labels
-            or self.data.read(0, self.data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN).null_count
-            == self.data.num_rows
-        ):
+        if not self.data.has_labels or self.data.labels().null_count == self.data.num_rows:
             fix = (
                 "use --alpha 1 to train on the teacher's targets alone"
                 if self.caches
@@ -281,7 +284,7 @@ class Trainer:
         """Labels must be class indices the student's outputs cover: 0 <= label < num_outputs (nulls allowed)."""
         if not data.has_labels:
             return
-        low, high = pc.min_max(_label_column(data)).values()
+        low, high = pc.min_max(data.labels()).values()
         if low.as_py() is None:  # every label is null
             return
         if low.as_py() < 0:
@@ -319,9 +322,16 @@ class Trainer:
                 if data_path and ref:
                     return fmt.open_cache(fmt.resolve_cache(ref, c.cache_dir)).num_classes
             return self._max_token() + 1
-        return int(pc.max(_label_column(self.data)).as_py()) + 1
+        return int(pc.max(self.data.labels()).as_py()) + 1
 
     def _build_student(self) -> nn.Module:
+        if is_hf_spec(self.config.student):
+            return build_hf_student(
+                self.config.student,
+                num_outputs=self.num_outputs,
+                token_level=self.token_level,
+                tokenizer_sha=self.data.tokenizer_sha256,
+            )
         c = self.config
         if self.token_level or "input_ids" in self.inputs:
             vocab = self.num_outputs if self.token_level else self._max_token() + 1
@@ -554,6 +564,9 @@ class Trainer:
             return {}
         c = self.config
         save_model(self.model, str(self.out / "checkpoint.safetensors"))
+        if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
+            if not self.model.save_pretrained(self.out / HF_DIR, prepared_tokenizer(self.data)):
+                self.log(f"note: {self.out / HF_DIR} has no tokenizer; copy the teacher's tokenizer files into it")
         with open(self.out / "metrics.csv", "w", newline="") as fh:
             fields = list(dict.fromkeys(k for row in self.history for k in row))
             writer = csv.DictWriter(fh, fieldnames=fields)
@@ -608,17 +621,6 @@ class Trainer:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
         self.log(f"run saved to {self.out}: {figures or 'no test figures (give --eval-data or --test-data)'}")
         return metrics
-
-
-def _label_column(data: Dataset) -> pa.ChunkedArray:
-    """The whole label column, checked to hold integer class indices."""
-    labels = data.read(0, data.num_rows, [LABEL_COLUMN]).column(LABEL_COLUMN)
-    if not pa.types.is_integer(labels.type):
-        raise DatasetError(
-            f"column '{LABEL_COLUMN}' of {data.path} has type {labels.type}; labels are integer class indices "
-            "(null for unlabelled rows)"
-        )
-    return labels
 
 
 def _float_columns(data: Dataset) -> list[str]:

@@ -9,6 +9,7 @@ import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
 
 IR_VERSION = 8  # old enough for every onnxruntime this project supports
 OPSET = 17
@@ -19,6 +20,21 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
+
+
+def save_with_external_data(src: Path, dst: Path, locations: dict[str, str]) -> Path:
+    """Re-save model ``src`` as ``dst`` with initializer NAME's bytes in file ``locations[NAME]`` (relative to dst).
+
+    Several tensors may share a file (they are appended); the rest stay inside the graph.
+    """
+    model = onnx.load(src)
+    for init in model.graph.initializer:
+        if init.name in locations:
+            set_external_data(init, locations[init.name])  # onnx.save_model writes the bytes there
+    for location in set(locations.values()):
+        (dst.parent / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, dst)
+    return dst
 
 
 def classifier_weights(features: int, width: int, classes: int, seed: int = 0) -> dict[str, np.ndarray]:

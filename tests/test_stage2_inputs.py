@@ -312,7 +312,7 @@ def test_labels_outside_the_teachers_classes_are_refused_at_setup(tmp_path) -> N
         pq.read_table(negative).drop_columns(["label"]).append_column("label", pa.array([str(i) for i in range(ROWS)]))
     )
     pq.write_table(text, tmp_path / "text.parquet")
-    _refused(_train(tmp_path / "text.parquet", out, tmp_path / "c", "--alpha", "0"), out, "type string", "integer")
+    _refused(_train(tmp_path / "text.parquet", out, tmp_path / "c", "--alpha", "0"), out, "holds string", "integer")
 
     good = _vectors(tmp_path / "good.parquet", {"pixels": 10})
     good_cache = _cache(teacher, good, tmp_path / "c", "--top-k", "3")

@@ -98,7 +98,9 @@ def test_fidelity_kl_is_nonnegative_and_zero_when_k_is_vocabulary(case, t) -> No
     dense = targets.reconstruct_log_probs(ids, logp, v)
     assert torch.allclose(dense.exp().sum(-1), torch.ones(len(logits)), atol=1e-5)
     ids_v, logp_v, _ = targets.topk_log_probs(logits, v, t)
-    assert torch.allclose(targets.cache_fidelity_kl(logits, t, ids_v, logp_v), torch.zeros(len(logits)), atol=1e-5)
+    # Zero up to float32 rounding, which grows with the size of the scaled logits z/T (up to ~600 here).
+    rounding = 1e-6 * max(1.0, float((logits / t).abs().max()))
+    assert torch.allclose(targets.cache_fidelity_kl(logits, t, ids_v, logp_v), torch.zeros(len(logits)), atol=rounding)
 
 
 def test_large_vocabulary_logz_is_stable() -> None:

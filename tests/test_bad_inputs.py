@@ -1,0 +1,275 @@
+"""The bad-input matrix: every mistake a user makes ends in exit 1 and one message naming it, never a traceback.
+
+Each case builds its own bad input from a shared set of good files, runs one command in-process, and checks the
+same four things: exit status 1 through the CLI's error boundary (a named PipelineError, not the boundary's
+"internal error" fallback), the words that name the problem, no traceback in the output, and nothing left that
+looks complete (no manifest.json for a cache, no metrics.json for a run).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from stages import cache_format as fmt
+from tests import teachers
+
+ROWS, CLASSES = 60, 10
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """Good files every case starts from: a classifier and a token teacher, their datasets, and their caches."""
+    root = tmp_path_factory.mktemp("base")
+    x = np.random.default_rng(1).normal(size=(ROWS, 8)).astype(np.float32)
+    files = {
+        "clf": root / "clf.onnx",
+        "tok": root / "tok.onnx",
+        "vec": teachers.write_vectors(root / "vec.parquet", x, np.arange(ROWS) % CLASSES),
+        "seq": teachers.write_sequences(root / "seq.parquet", teachers.random_sequences(20, 50)),
+        "x": x,
+        "caches": root / "caches",
+    }
+    teachers.make_classifier(files["clf"], classes=CLASSES)
+    teachers.make_token_teacher(files["tok"])
+    files["vec_cache"] = Path(_ok("cache-teacher", "--teacher", files["clf"], "--data", files["vec"], *_at(files)))
+    files["seq_cache"] = Path(_ok("cache-teacher", "--teacher", files["tok"], "--data", files["seq"], *_at(files)))
+    return files
+
+
+def _at(base: dict) -> list:
+    return ["--cache-dir", base["caches"], "--quiet", "--top-k", "5"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _ok(*args) -> str:
+    result = _invoke(*args)
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+def _own_cache(base: dict, tmp: Path, which: str = "vec_cache") -> Path:
+    """A private copy of a good cache, for a case that damages it."""
+    copy = tmp / "caches" / base[which].name
+    shutil.copytree(base[which], copy)
+    return copy
+
+
+def _train(base: dict, tmp: Path, data: Path, *extra) -> list:
+    return ["train-student", "--data", data, "--out", tmp / "run", "--epochs", "1", "--quiet", *extra]
+
+
+# ---- the cases: each returns (argv, words the message must contain); `tmp` is the case's own directory ----------
+
+
+def not_onnx(base, tmp):
+    (tmp / "model.onnx").write_text("not a model")
+    return ["cache-teacher", "--teacher", tmp / "model.onnx", "--data", base["vec"], "--cache-dir", tmp / "c"], [
+        "is not an ONNX model"
+    ]
+
+
+def missing_external_data(base, tmp):
+    model = teachers.save_with_external_data(base["clf"], tmp / "ext.onnx", {"w1": "weights.bin"})
+    (tmp / "weights.bin").unlink()
+    return ["cache-teacher", "--teacher", model, "--data", base["vec"], "--cache-dir", tmp / "c"], ["weights.bin"]
+
+
+def missing_dataset(base, tmp):
+    return ["cache-teacher", "--teacher", base["clf"], "--data", tmp / "nope.parquet", "--cache-dir", tmp / "c"], [
+        "dataset not found"
+    ]
+
+
+def dataset_without_the_teachers_input(base, tmp):
+    return ["cache-teacher", "--teacher", base["clf"], "--data", base["seq"], "--cache-dir", tmp / "c"], [
+        "needs input(s) ['x']"
+    ]
+
+
+def empty_dataset(base, tmp):
+    teachers.write_vectors(tmp / "empty.parquet", base["x"][:0], np.arange(0))
+    return ["cache-teacher", "--teacher", base["clf"], "--data", tmp / "empty.parquet", "--cache-dir", tmp / "c"], [
+        "has no rows"
+    ]
+
+
+def both_label_columns(base, tmp):
+    table = pq.read_table(base["vec"])
+    pq.write_table(table.append_column("labels", table.column("label")), tmp / "both.parquet")
+    return ["cache-teacher", "--teacher", base["clf"], "--data", tmp / "both.parquet", "--cache-dir", tmp / "c"], [
+        "label",
+        "labels",
+    ]
+
+
+def top_k_above_classes(base, tmp):
+    args = ["cache-teacher", "--teacher", base["clf"], "--data", base["vec"], "--cache-dir", tmp / "c", "--top-k"]
+    return [*args, CLASSES + 1], [f"top_k {CLASSES + 1}", f"<= {CLASSES}"]
+
+
+def cache_teacher_on_missing_cuda(base, tmp):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message given when CUDA cannot be loaded")
+    return ["cache-teacher", "--teacher", base["clf"], "--data", base["vec"], "--cache-dir", tmp / "c", "--device"] + [
+        "cuda"
+    ], ["--device cuda", "--device cpu"]
+
+
+def edited_manifest_verify(base, tmp):
+    cache = _own_cache(base, tmp)
+    manifest = json.loads((cache / fmt.MANIFEST).read_text())
+    manifest["top_k"] = 3
+    (cache / fmt.MANIFEST).write_text(json.dumps(manifest))
+    return ["caches", "verify", cache.name, "--cache-dir", tmp / "caches"], ["manifest.json"]
+
+
+def edited_manifest_train(base, tmp):
+    cache = _own_cache(base, tmp)
+    manifest = json.loads((cache / fmt.MANIFEST).read_text())
+    manifest["top_k"] = 3
+    (cache / fmt.MANIFEST).write_text(json.dumps(manifest))
+    return _train(base, tmp, base["vec"], "--cache", cache), ["manifest.json", "changed"]
+
+
+def truncated_shard_train(base, tmp):
+    cache = _own_cache(base, tmp)
+    shard = next(cache.glob("shard-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    return _train(base, tmp, base["vec"], "--cache", cache), [shard.name]
+
+
+def truncated_shard_verify(base, tmp):
+    cache = _own_cache(base, tmp)
+    shard = next(cache.glob("shard-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    return ["caches", "verify", cache.name, "--cache-dir", tmp / "caches"], [shard.name]
+
+
+def cache_of_another_dataset(base, tmp):
+    teachers.write_vectors(tmp / "other.parquet", base["x"] + 1, np.arange(ROWS) % CLASSES)
+    return _train(base, tmp, tmp / "other.parquet", "--cache", base["vec_cache"]), ["another dataset"]
+
+
+def unknown_cache_key(base, tmp):
+    return _train(base, tmp, base["vec"], "--cache", "0123abcd", "--cache-dir", base["caches"]), ["no cache matches"]
+
+
+def label_outside_the_teachers_classes(base, tmp):
+    labels = np.arange(ROWS) % CLASSES
+    labels[4] = CLASSES + 2
+    teachers.write_vectors(tmp / "bad.parquet", base["x"], labels)
+    cache = _ok(
+        "cache-teacher", "--teacher", base["clf"], "--data", tmp / "bad.parquet", *_at({"caches": tmp / "caches"})
+    )
+    return _train(base, tmp, tmp / "bad.parquet", "--cache", cache), [f"label {CLASSES + 2}"]
+
+
+def student_family_that_does_not_fit(base, tmp):
+    return _train(base, tmp, base["seq"], "--cache", base["seq_cache"], "--student", "mlp"), ["mlp", "causal-lm"]
+
+
+def unknown_student_input(base, tmp):
+    return _train(base, tmp, base["vec"], "--alpha", "0", "--inputs", "pixels"), ["pixels", "['x']"]
+
+
+def empty_dataset_train(base, tmp):
+    teachers.write_vectors(tmp / "empty.parquet", base["x"][:0], np.arange(0))
+    return _train(base, tmp, tmp / "empty.parquet", "--alpha", "0"), ["has no rows"]
+
+
+def train_on_missing_cuda(base, tmp):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message given when torch has no CUDA")
+    return _train(base, tmp, base["vec"], "--alpha", "0", "--device", "cuda"), ["--device cuda", "--device cpu"]
+
+
+def unknown_config_key(base, tmp):
+    (tmp / "run.toml").write_text('data = "x.parquet"\nlearning_rate = 0.1\n')
+    return ["train-student", "--config", tmp / "run.toml", "--out", tmp / "run"], ["unknown key 'learning_rate'"]
+
+
+CASES: list[Callable] = [
+    not_onnx,
+    missing_external_data,
+    missing_dataset,
+    dataset_without_the_teachers_input,
+    empty_dataset,
+    both_label_columns,
+    top_k_above_classes,
+    cache_teacher_on_missing_cuda,
+    edited_manifest_verify,
+    edited_manifest_train,
+    truncated_shard_train,
+    truncated_shard_verify,
+    cache_of_another_dataset,
+    unknown_cache_key,
+    label_outside_the_teachers_classes,
+    student_family_that_does_not_fit,
+    unknown_student_input,
+    empty_dataset_train,
+    train_on_missing_cuda,
+    unknown_config_key,
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.__name__)
+def test_bad_input_is_one_named_error(case, base, tmp_path) -> None:
+    args, words = case(base, tmp_path)
+    result = _invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert "internal error" not in result.output, result.output
+    # One message (a config lists every problem; verify reports each cache first).
+    assert [line for line in result.output.splitlines() if line.startswith("Error: ")], result.output
+    for word in words:
+        assert word in result.output, (word, result.output)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert not list((tmp_path / "c").glob("*/" + fmt.MANIFEST)), "a refused cache-teacher leaves no manifest"
+
+
+def test_disk_full_while_caching_names_what_was_kept(base, tmp_path, monkeypatch) -> None:
+    table = pq.read_table(base["vec"])
+    pq.write_table(table, tmp_path / "vec.parquet", row_group_size=10)
+    real = fmt.write_shard
+    calls = []
+
+    def full_after_one(table: pa.Table, path: Path) -> dict:
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, path)
+
+    monkeypatch.setattr(fmt, "write_shard", full_after_one)
+    args = [
+        "cache-teacher",
+        "--teacher",
+        base["clf"],
+        "--data",
+        tmp_path / "vec.parquet",
+        "--cache-dir",
+        tmp_path / "c",
+    ]
+    result = _invoke(*args, "--shard-size", "20", "--quiet")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "disk full" in result.output and "1 complete shard(s) kept" in result.output
+    assert not list((tmp_path / "c").glob("*/" + fmt.MANIFEST))
+    monkeypatch.setattr(fmt, "write_shard", real)
+    resumed = _invoke(*args, "--shard-size", "20", "--quiet")
+    assert resumed.exit_code == 0, resumed.output
+    assert (Path(resumed.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).is_file()
