@@ -59,7 +59,12 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 @_cache_option(
     "--cache-dir", type=click.Path(file_okay=False), help="Cache root ($KD_CACHE_DIR, else ~/.cache/kd-pipeline)."
 )
-@_cache_option("--batch-size", type=int, help="Examples per teacher call.")
+@_cache_option("--batch-size", type=int, help="Examples per teacher call, at most.")
+@_cache_option(
+    "--logits-budget-mb",
+    type=int,
+    help="MiB of float32 logits one teacher call may return; positions per call = budget / (4 V).",
+)
 @_cache_option("--device", type=click.Choice(DEVICES), help="Execution provider: auto (CUDA if it loads), cpu or cuda.")
 @_cache_option("--threads", type=int, help="ONNX Runtime intra-op threads; 0: one per core.")
 @_cache_option("--hidden", multiple=True, help="Intermediate tensor to cache as float16 (repeatable).")
@@ -145,6 +150,12 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant, or cosine decay to 0 over each stage.")
 @_train_option("--warmup-steps", type=int, help="Linear warm-up steps at the start of each stage.")
 @_train_option("--seed", type=int, help="Seed: the same seed repeats the run.")
+@_train_option(
+    "--labelled-only",
+    is_flag=True,
+    default=None,
+    help="Train on the rows with a label only (skip a transfer set's rows); caches still cover every row.",
+)
 @_train_option("--eval-data", type=click.Path(), help="Held-out dataset evaluated every epoch.")
 @_train_option("--eval-cache", help="The teacher's cache of --eval-data: adds agreement and KL to the teacher.")
 @_train_option("--test-data", type=click.Path(), help="Test dataset evaluated once after training (test_* metrics).")

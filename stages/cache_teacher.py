@@ -83,6 +83,7 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
     inspected = inspect(config.teacher, config.logits_output or None)
     info, model, _ = inspected
     check_hidden(model, config.hidden)
+    del model
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
     missing = [
@@ -118,8 +119,11 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
         raise CacheError(
             f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir."
         ) from exc
+    # _fill gets the only reference to the teacher's bytes and protobuf, and lets go of them once the session is
+    # built: the session holds its own copy of the weights, and a large teacher would otherwise be held 3 times.
+    handed, inspected = [inspected], None
     try:
-        return _fill(config, dataset, inspected, request, key, cache_dir, progress, log, group, worker, workers, locks)
+        return _fill(config, dataset, handed, request, key, cache_dir, progress, log, group, worker, workers, locks)
     finally:
         for lock in locks:
             lock.close()
@@ -155,7 +159,7 @@ def _lock(cache_dir: Path, worker: int, workers: int, wait: float) -> list:
 def _fill(
     config,
     dataset: Dataset,
-    inspected: tuple,
+    handed: list[tuple],
     request: dict,
     key: str,
     cache_dir: Path,
@@ -166,7 +170,7 @@ def _fill(
     workers: int,
     locks: list,
 ) -> CacheResult:
-    info = inspected[0]
+    info = handed[0][0]
     # The first writer's shard size holds for every later one (a resume, the other workers): shards must tile.
     record = {"key": key, "request": request, "shard_size": config.shard_size or _DEFAULT_SHARD[info.kind]}
     shard_size = fmt.claim_json(record | {"config": to_dict(config)}, cache_dir / fmt.REQUEST)["shard_size"]
@@ -185,11 +189,11 @@ def _fill(
     journal.write_text("".join(json.dumps(done[s]) + "\n" for s in sorted(done)))  # drop a torn tail
 
     device_id = group.local_rank if group is not None else 0  # each rank on its own host's GPU
-    teacher = _load_teacher(config, inspected, topk_in_graph=config.postprocess == "graph", device_id=device_id)
+    teacher = _load_teacher(config, handed.pop(), topk_in_graph=config.postprocess == "graph", device_id=device_id)
     postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
     if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
         teacher = None  # release the first session's device memory before the second loads
-        teacher = _load_teacher(config, inspected, topk_in_graph=True, device_id=device_id)
+        teacher = _load_teacher(config, None, topk_in_graph=True, device_id=device_id)  # its bytes were let go
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
         + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")

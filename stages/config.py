@@ -38,7 +38,11 @@ class CacheTeacherConfig:
     top_k: int = 0  # ids cached per position (0: all classes up to 32); the tail mass keeps the rest exact
     temperature: float = 1.0  # T of the cached softmax; students may re-temper
     cache_dir: str = field(default_factory=default_cache_root)  # root under which <key>/ is created
-    batch_size: int = 64  # examples per teacher call
+    batch_size: int = 64  # examples per teacher call, at most; logits_budget_mb may make a call smaller
+    # MiB of float32 logits [positions, V] one teacher call may return: positions per call <= budget / (4 V),
+    # padding included (256 positions at V = 262,144). Bounds memory whatever the vocabulary; one sequence
+    # longer than that still runs alone. Batching never changes the cached content.
+    logits_budget_mb: int = 256
     device: str = "auto"  # auto: CUDA when ONNX Runtime can load it, else CPU
     threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per core
     hidden: list[str] = field(default_factory=list)  # intermediate tensors to cache as float16
@@ -66,6 +70,8 @@ class CacheTeacherConfig:
             out.append(f"temperature: {self.temperature} must be > 0 (T divides the logits)")
         if self.batch_size < 1:
             out.append(f"batch_size: {self.batch_size} must be >= 1")
+        if self.logits_budget_mb < 1:
+            out.append(f"logits_budget_mb: {self.logits_budget_mb} must be >= 1 (MiB of logits per teacher call)")
         if self.device not in DEVICES:
             out.append(f"device: {self.device!r} must be one of {DEVICES}")
         if self.postprocess not in POSTPROCESS:
@@ -172,6 +178,7 @@ class TrainStudentConfig:
     lr_schedule: str = "constant"  # constant | cosine (to 0 over each stage's steps)
     warmup_steps: int = 0  # linear warm-up from 0 to lr over the first steps of each stage
     seed: int = 0  # seeds torch, the shuffle, and initialisation: same seed, same run
+    labelled_only: bool = False  # train on the labelled rows only; the caches still cover (and pair with) every row
     eval_data: str = ""  # held-out dataset evaluated every epoch
     eval_cache: str = ""  # the teacher's cache of eval_data: adds agreement and KL to the teacher
     test_data: str = ""  # evaluated once after training (test_* metrics); default: eval_data's final figures

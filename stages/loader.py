@@ -5,7 +5,8 @@ caches' shard boundaries). Units are dealt round-robin to ``rank * num_workers +
 workers (and processes) cover every row exactly once. A worker reads units into a window of at least
 ``buffer_examples`` examples, checks that the cache's ids equal the dataset's ids row for row, shuffles the
 window's examples and yields ready batches. Memory is bounded by the window plus one shard per cache,
-whatever the dataset's size.
+whatever the dataset's size. ``labelled_only`` trains on the labelled rows of a dataset whose caches cover every
+row (a labelled split followed by an unlabelled transfer set, cached once): pairing is still checked row for row.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class StreamingLoader(IterableDataset):
         top_k: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        labelled_only: bool = False,
     ):
         missing = [c for c in input_columns if c not in data.columns]
         if missing:
@@ -116,13 +118,28 @@ class StreamingLoader(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.units = self._units()
+        self.keep = self._labelled_rows() if labelled_only else None  # [rows] bool: the rows that are yielded
+        self.units, self.sizes = self._units()  # sizes[i]: examples unit i yields
+        self.num_examples = sum(self.sizes)
 
     def set_epoch(self, epoch: int) -> None:
         """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit)."""
         self.epoch = epoch
 
-    def _units(self) -> list[tuple[int, int]]:
+    def _labelled_rows(self) -> np.ndarray:
+        if self.token_level:
+            raise ConfigError(
+                "labelled_only applies to classifier datasets; token-level rows are labelled by their tokens"
+            )
+        keep = self.data.labels().is_valid().to_numpy(zero_copy_only=False) if self.data.has_labels else None
+        if keep is None or not keep.any():
+            raise DatasetError(
+                f"labelled_only: dataset {self.data.path} has no labelled rows (no non-null label); "
+                "drop --labelled-only or add labels"
+            )
+        return keep
+
+    def _units(self) -> tuple[list[tuple[int, int]], list[int]]:
         n = self.data.num_rows
         cuts = {0, n}
         for cache in self.caches:
@@ -134,11 +151,15 @@ class StreamingLoader(IterableDataset):
         if not self.caches:
             cuts |= set(range(0, n, _UNIT_WITHOUT_CACHE))
         edges = sorted(cuts)
-        return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        units = [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        if self.keep is None:
+            return units, [b - a for a, b in units]
+        sizes = [int(self.keep[a:b].sum()) for a, b in units]
+        return [u for u, size in zip(units, sizes) if size], [size for size in sizes if size]
 
     def __len__(self) -> int:
         """Batches per epoch over all workers (an upper bound: each window may end in a short batch)."""
-        return -(-self.data.num_rows // self.batch_size) + len(self.units)
+        return -(-self.num_examples // self.batch_size) + len(self.units)
 
     def count_batches(self, epoch: int, workers: int = 0) -> int:
         """Exactly the batches that epoch yields on this rank over ``workers`` DataLoader workers (0 = in-process).
@@ -152,8 +173,7 @@ class StreamingLoader(IterableDataset):
         for worker in range(per_rank):
             size = 0
             for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]:
-                start, stop = self.units[i]
-                size += stop - start
+                size += self.sizes[i]
                 if size >= self.buffer_examples:
                     total, size = total + -(-size // self.batch_size), 0
             total += -(-size // self.batch_size)
@@ -216,6 +236,11 @@ class StreamingLoader(IterableDataset):
                 else np.ones(len(ids), np.int64)
             )
             row_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if self.keep is not None:  # after pairing, so a cache of other rows is still refused
+            keep = np.flatnonzero(self.keep[start:stop])
+            inputs = {c: [v[i] for i in keep] if isinstance(v, list) else v[keep] for c, v in inputs.items()}
+            # Cache rows stay whole: row_start keeps pointing into them.
+            ids, labels, lengths, row_start = ids[keep], labels[keep], lengths[keep], row_start[keep]
         return _Block(ids, inputs, labels, lengths, row_start, rows)
 
     def _shard_rows(self, c: int, cache: Cache, start: int, stop: int, memo: dict):

@@ -15,6 +15,12 @@ from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
 from stages.teacher import CLASSIFIER, Teacher
 
+# Post-processing works on row blocks of the logits so its memory does not grow with batch x V.
+_TOPK_BLOCK_BYTES = 64 << 20  # top-k runs in place; torch.topk slows down on blocks below ~32 MiB (measured)
+# The probe and sampled draws copy their rows and make a few [rows, V] temporaries; smaller blocks pay torch's
+# per-call overhead (the probe took 2x the CPU time at 4 MiB than at 16 MiB, V = 262,144).
+_DENSE_BLOCK_BYTES = 16 << 20
+
 
 class ShardRunner:
     """Runs the teacher over one shard's rows and builds the shard's Arrow table (rows in dataset order)."""
@@ -39,24 +45,42 @@ class ShardRunner:
         arrays = {c: column_to_array(table.column(c), c) for c in self.columns[1:]}
         pieces: list[tuple[np.ndarray, dict]] = []  # (example indices, outputs) per batch
         for batch_idx, feeds, mask in self._batches(arrays, len(ids)):
+            # No name holds the outputs past their batch: ORT's arena then reuses the logits' buffer for the
+            # next call instead of allocating a second one (the bare session's own peak).
             outs = self.teacher.run(feeds, dense_logits=self.probe_left > 0)
             pieces.append((batch_idx, self._postprocess(outs, mask, ids, batch_idx)))
+            del outs
             bar.update(len(batch_idx))
         return self._assemble(ids, pieces), self._probe_summary()
 
     # -- batching ---------------------------------------------------------------------------------------
+    def _positions_per_call(self) -> int:
+        """The most positions (rows x padded length) one teacher call may hold: the logits budget over 4 V bytes.
+
+        Until the vocabulary is known (a dynamic vocabulary axis), one row: the first call's logits reveal it.
+        """
+        if self.num_classes is None:
+            return 1
+        return max(1, (self.config.logits_budget_mb << 20) // (4 * self.num_classes))
+
     def _batches(self, arrays: dict, n: int):
-        """Yield (example indices, feeds, position mask or None). Token batches group similar lengths."""
+        """Yield (example indices, feeds, position mask or None). Token batches group similar lengths.
+
+        A batch holds at most batch_size rows and, padding included, at most _positions_per_call() positions
+        (at least one row). Batches are made lazily, after the previous one was post-processed.
+        """
         bs = self.config.batch_size
         inputs = {i.name: i for i in self.teacher.info.inputs}
         ragged = any(isinstance(arrays[name], list) for name in arrays)
         if self.kind == CLASSIFIER and not ragged and all(name in arrays for name in inputs):
-            for lo in range(0, n, bs):
-                idx = np.arange(lo, min(lo + bs, n))
+            lo = 0
+            while lo < n:
+                idx = np.arange(lo, min(lo + min(bs, self._positions_per_call()), n))
                 feeds = {}
                 for name, inp in inputs.items():
                     feeds[name] = self._fixed(arrays[name], idx, inp)
                 yield idx, feeds, None
+                lo = int(idx[-1]) + 1
             return
         # Token inputs: a token-level teacher, or a sequence classifier (one distribution per example, no mask).
         lead = "input_ids" if "input_ids" in arrays else next(iter(arrays))
@@ -65,8 +89,13 @@ class ShardRunner:
             bad = int(np.flatnonzero(lengths == 0)[0])
             raise DatasetError(f"row {bad} of the shard has an empty '{lead}'; every sequence needs at least one token")
         order = np.argsort(lengths, kind="stable")  # length grouping: little padding, fewer wasted positions
-        for lo in range(0, n, bs):
-            idx = np.sort(order[lo : lo + bs])
+        lo = 0
+        while lo < n:
+            # Ascending lengths: c rows take c x (length of the c-th) positions, which grows with c.
+            widths = lengths[order[lo : lo + bs]]
+            fits = np.arange(1, len(widths) + 1) * widths <= self._positions_per_call()
+            idx = np.sort(order[lo : lo + max(1, int(fits.sum()))])
+            lo += len(idx)
             width = int(lengths[idx].max())
             mask = np.zeros((len(idx), width), dtype=np.int64)
             for j, i in enumerate(idx):
@@ -114,7 +143,7 @@ class ShardRunner:
     # -- targets ----------------------------------------------------------------------------------------
     def _postprocess(self, outs: list[np.ndarray], mask: np.ndarray | None, ids: pa.Array, idx: np.ndarray) -> dict:
         sampled = self.config.target_format == "sampled"
-        # Sampled targets still take the top-1 and logZ: they check the logits and feed the probe.
+        # Sampled targets still take the top-1 and logZ: they check the logits.
         k, temperature = 1 if sampled else self.config.top_k, float(self.config.temperature)
         n_main, n_hidden = (3 if self.teacher.topk_in_graph else 1), len(self.teacher.info.hidden)
         main, hidden, extra = outs[:n_main], outs[n_main : n_main + n_hidden], outs[n_main + n_hidden :]
@@ -125,45 +154,8 @@ class ShardRunner:
             if keep is not None
             else (lambda a, flat=False: a)
         )
-        dense = extra[0] if extra else main[0]  # the full logits [.., V], when this run has them
-        # Flat [positions, V] view of the logits, padding included: no copy of the real rows. Top-k over a few
-        # padded rows costs less than gathering the real ones out of [B*S, V] (benchmarks/README.md).
-        flat = (
-            None if self.teacher.topk_in_graph and not extra else torch.from_numpy(dense).reshape(-1, dense.shape[-1])
-        )
-        if self.teacher.topk_in_graph:
-            top_ids, logp, logz = (select(torch.from_numpy(a)) for a in main)
-            if self.num_classes is None:
-                raise TeacherError(
-                    "in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess torch"
-                )
-        else:
-            vocab = flat.shape[-1]
-            if self.num_classes is None:
-                self.num_classes = vocab
-            if k > vocab:
-                raise TeacherError(
-                    f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}"
-                )
-            top_ids, logp, logz = (select(t, flat=True) for t in targets.topk_log_probs(flat, k, temperature))
-        real_logits = None if flat is None else (lambda: select(flat, flat=True))
-        bad = ~torch.isfinite(logz) | torch.isnan(logp).any(-1)
-        if bad.any():
-            raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
-        tail = targets.tail_mass(logp, self.num_classes)
-        if sampled:
-            logits = real_logits()
-            drawn, counts = targets.sample_counts(logits, temperature, torch.from_numpy(self._uniforms(idx, mask)))
-            result = {"sample_ids": drawn.to(torch.int32).numpy(), "sample_counts": counts.to(torch.int16).numpy()}
-        else:
-            result = {
-                "ids": top_ids.to(torch.int32).numpy(),
-                "logp": logp.numpy(),
-                "logz": logz.numpy(),
-                "tail": tail.numpy(),
-            }
-        if mask is not None:
-            result["counts"] = mask.sum(1)
+        result = {} if mask is None else {"counts": mask.sum(1)}
+        # Hidden states first: the top-k below overwrites the logits, and a hidden output may be the same tensor.
         for name, h in zip(self.teacher.info.hidden, hidden):
             if mask is not None and h.shape[:2] != mask.shape:
                 raise TeacherError(
@@ -173,12 +165,58 @@ class ShardRunner:
             self.hidden_shapes.setdefault(name, per_row)
             h = select(h)
             result[fmt.HIDDEN_PREFIX + name] = h.reshape(h.shape[0], -1).astype(np.float16)
-        if self.probe_left > 0 and sampled:
-            # What the draws cover: the teacher's mass on the distinct ids drawn (the rest is unseen).
-            covered = torch.log_softmax(logits.double() / temperature, -1).gather(1, drawn).exp() * (counts > 0)
-            self._probe(logits, top_ids, logp, 1 - covered.sum(-1).float(), with_kl=False)
-        elif self.probe_left > 0:
-            self._probe(real_logits(), top_ids, logp, tail)
+
+        dense = extra[0] if extra else (None if self.teacher.topk_in_graph else main[0])  # the full logits [.., V]
+        # Flat [positions, V] view of the logits, padding included (no copy), and the real positions' rows in it.
+        flat = None if dense is None else torch.from_numpy(dense).reshape(-1, dense.shape[-1])
+        real = (
+            None
+            if flat is None
+            else torch.from_numpy(np.flatnonzero(keep) if keep is not None else np.arange(len(flat)))
+        )
+        if flat is not None and self.num_classes is None:
+            self.num_classes = flat.shape[-1]
+        if sampled:
+            uniforms = torch.from_numpy(self._uniforms(idx, mask))
+            draws = [targets.sample_counts(z, temperature, uniforms[at]) for at, z in _dense_blocks(flat, real)]
+            drawn, counts = (torch.cat(parts) for parts in zip(*draws))
+            result |= {"sample_ids": drawn.to(torch.int32).numpy(), "sample_counts": counts.to(torch.int16).numpy()}
+        if self.probe_left > 0:  # before the top-k, which overwrites the raw logits the probe reads
+            self._probe(flat, real[: self.probe_left], *((drawn, counts) if sampled else ()))
+
+        if self.teacher.topk_in_graph:
+            top_ids, logp, logz = (select(torch.from_numpy(a)) for a in main)
+            if self.num_classes is None:
+                raise TeacherError(
+                    "in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess torch"
+                )
+        else:
+            vocab = flat.shape[-1]
+            if k > vocab:
+                raise TeacherError(
+                    f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}"
+                )
+            # In place in ORT's output buffer (this call owns it; ORT's CPU outputs are writable): no [positions, V]
+            # temporary. In row blocks, so logits of another dtype are converted a block at a time. Top-k over a few
+            # padded rows costs less than gathering the real ones out of [B*S, V] (benchmarks/README.md); only the
+            # [.., k] results are selected.
+            step = max(1, _TOPK_BLOCK_BYTES // (4 * vocab))
+            blocks = [
+                targets.topk_log_probs(flat[lo : lo + step], k, temperature, dense.flags.writeable)
+                for lo in range(0, len(flat), step)
+            ]
+            top_ids, logp, logz = (select(torch.cat(parts), flat=True) for parts in zip(*blocks))
+        bad = ~torch.isfinite(logz) | torch.isnan(logp).any(-1)
+        if bad.any():
+            raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
+        if not sampled:
+            tail = targets.tail_mass(logp, self.num_classes)
+            result |= {
+                "ids": top_ids.to(torch.int32).numpy(),
+                "logp": logp.numpy(),
+                "logz": logz.numpy(),
+                "tail": tail.numpy(),
+            }
         return result
 
     def _uniforms(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -191,16 +229,26 @@ class ShardRunner:
             keys = (np.repeat(rows, mask.sum(1)).astype(np.uint64) << np.uint64(24)) + position[mask].astype(np.uint64)
         return targets.hashed_uniforms(keys, self.config.samples, self.config.sample_seed)
 
-    def _probe(self, logits: torch.Tensor, top_ids, logp, tail, with_kl: bool = True) -> None:
-        """Dense statistics on the first positions: what the cache loses (KL), entropy, confidence."""
-        n = min(self.probe_left, logits.shape[0])
+    def _probe(self, flat: torch.Tensor, rows: torch.Tensor, drawn=None, counts=None) -> None:
+        """Dense statistics on the first positions: what the cache loses (KL), entropy, confidence.
+
+        Reads the raw logits a few rows at a time and reduces them itself. With sampled targets (``drawn``,
+        ``counts`` of these rows) the tail is the teacher's mass outside the distinct ids drawn, and there is no KL.
+        """
         T = float(self.config.temperature)
-        if with_kl:
-            self.probe_stats["kl"] += targets.cache_fidelity_kl(logits[:n], T, top_ids[:n], logp[:n]).tolist()
-        self.probe_stats["entropy"] += targets.entropy(logits[:n], T).tolist()
-        self.probe_stats["top1"] += logp[:n, 0].exp().tolist()
-        self.probe_stats["tail"] += tail[:n].tolist()
-        self.probe_left -= n
+        k = 1 if drawn is not None else self.config.top_k
+        for at, z in _dense_blocks(flat, rows):
+            top_ids, logp, _ = targets.topk_log_probs(z, k, T)
+            if drawn is None:
+                tail = targets.tail_mass(logp, self.num_classes)
+                self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp).tolist()
+            else:
+                covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
+                tail = 1 - covered.sum(-1).float()
+            self.probe_stats["entropy"] += targets.entropy(z, T).tolist()
+            self.probe_stats["top1"] += logp[:, 0].exp().tolist()
+            self.probe_stats["tail"] += tail.tolist()
+        self.probe_left -= len(rows)
 
     def _probe_summary(self) -> dict | None:
         """Summarise the probe once, from the first shard this run computes; later shards take none.
@@ -271,6 +319,14 @@ class ShardRunner:
                 out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1]
             )
         return pa.table(columns, schema=self.schema)
+
+
+def _dense_blocks(flat: torch.Tensor, rows: torch.Tensor):
+    """Yield (slice of ``rows``, float32 copy of those rows of ``flat``), _DENSE_BLOCK_BYTES of logits at a time."""
+    step = max(1, _DENSE_BLOCK_BYTES // (4 * flat.shape[-1]))
+    for lo in range(0, max(len(rows), 1), step):  # one empty block when there are no rows: empty results, not none
+        at = slice(lo, min(lo + step, len(rows)))
+        yield at, flat.index_select(0, rows[at]).float()
 
 
 def _ragged_list(values: np.ndarray, keep: np.ndarray) -> pa.ListArray:

@@ -18,13 +18,16 @@ import torch
 from torch import Tensor
 
 
-def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def topk_log_probs(logits: Tensor, k: int, temperature: float, in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k ids and full-vocabulary log-probabilities at ``temperature``.
 
     Args:
         logits: [N, V] teacher logits (any float dtype; computed in fp32).
         k: how many ids to keep, 1 <= k <= V.
         temperature: T > 0.
+        in_place: run the log-sum-exp pass in the logits' own memory, which it overwrites (float32 logits; other
+            dtypes are converted to a float32 copy, which it overwrites instead). Otherwise the pass makes one
+            [N, V] float32 temporary.
 
     Returns:
         ids [N, k] int64 sorted by descending probability, logp [N, k] float32, logz [N] float32.
@@ -32,10 +35,12 @@ def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, 
     z = logits.float()
     values, ids = torch.topk(z, k, dim=-1, sorted=True)
     # logZ = max/T + log(sum(exp((z - max)/T))). The top-1 value is the row max, so the separate max pass
-    # that torch.logsumexp makes is saved; the in-place chain keeps one [N, V] temporary.
+    # that torch.logsumexp makes is saved.
     row_max = values[:, :1]
-    shifted = z - row_max
-    sum_exp = shifted.mul_(1.0 / temperature).exp_().sum(dim=-1)
+    shifted = z.sub_(row_max) if in_place or z is not logits else z - row_max
+    if temperature != 1.0:  # x * 1.0 == x exactly: at T = 1 the pass is skipped with no change in the result
+        shifted.mul_(1.0 / temperature)
+    sum_exp = shifted.exp_().sum(dim=-1)
     logz = row_max.squeeze(-1) / temperature + sum_exp.log()
     logp = values / temperature - logz.unsqueeze(-1)
     return ids, logp, logz
@@ -61,8 +66,8 @@ def tail_mass(logp: Tensor, vocab_size: int) -> Tensor:
 
 def entropy(logits: Tensor, temperature: float) -> Tensor:
     """Entropy (nats) of softmax(logits / T) over the full vocabulary. logits [N, V] -> [N]."""
-    logq = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logq.exp() * logq).sum(dim=-1)
+    logq = _log_softmax(logits, temperature)
+    return -logq.exp().mul_(logq).sum(dim=-1)  # in place: two [N, V] temporaries at a time
 
 
 def reconstruct_log_probs(ids: Tensor, logp: Tensor, vocab_size: int) -> Tensor:
@@ -92,12 +97,18 @@ def cache_fidelity_kl(logits: Tensor, temperature: float, ids: Tensor, logp: Ten
     logits [N, V] -> [N].
     """
     vocab_size = logits.shape[-1]
-    log_teacher = torch.log_softmax(logits.float() / temperature, dim=-1)
-    log_cached = reconstruct_log_probs(ids, logp, vocab_size)
-    p = log_teacher.exp()
+    log_teacher = _log_softmax(logits, temperature)
+    # p * (log_teacher - log_cached), in place so that two [N, V] temporaries live at a time, not six.
+    terms = reconstruct_log_probs(ids, logp, vocab_size).neg_().add_(log_teacher)
+    p = log_teacher.exp_()
     # Where the teacher gives an id zero mass the term is 0 whatever the cache says; xlogy-style guard.
-    terms = torch.where(p > 0, p * (log_teacher - log_cached), torch.zeros_like(p))
-    return terms.sum(dim=-1).clamp_min(0.0)
+    return terms.mul_(p).masked_fill_(~(p > 0), 0.0).sum(dim=-1).clamp_min(0.0)
+
+
+def _log_softmax(logits: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / T) in fp32; x / 1.0 == x, so at T = 1 the division (a [N, V] copy) is skipped."""
+    z = logits.float()
+    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -108,7 +108,12 @@ class Trainer:
         self.hidden_map = self._layer_map() if c.method == "progressive" else []
         hidden_names = [sorted({name for _, name in self.hidden_map})] + [[] for _ in self.caches[1:]]
         self.train_loader = self._loader(
-            self.data, self.caches, shuffle=True, hidden=hidden_names if self.caches else None, ranks=True
+            self.data,
+            self.caches,
+            shuffle=True,
+            hidden=hidden_names if self.caches else None,
+            labelled_only=c.labelled_only,
+            ranks=True,
         )
         self._check_ranks()
         self.forward: nn.Module = self.model  # what the training steps call; DDP-wrapped by train() under torchrun
@@ -133,7 +138,7 @@ class Trainer:
         self._note(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
             f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
-            f"{self.data.num_rows} training examples"
+            f"{self.train_loader.num_examples} training examples"
         )
 
     def _note(self, message: str) -> None:
@@ -387,7 +392,14 @@ class Trainer:
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
     def _loader(
-        self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None, ranks: bool = False
+        self,
+        data: Dataset,
+        caches: list,
+        shuffle: bool,
+        hidden=None,
+        top_k: int | None = None,
+        labelled_only=False,
+        ranks: bool = False,
     ):
         """``ranks``: this rank's share only (the training set); held-out sets are read whole, by rank 0."""
         loader = StreamingLoader(
@@ -401,6 +413,7 @@ class Trainer:
             buffer_examples=self.config.buffer,
             seed=self.config.seed,
             top_k=self.config.top_k if top_k is None else top_k,
+            labelled_only=labelled_only,
             rank=self.group.rank if ranks and self.group is not None else 0,
             world_size=self.world_size if ranks else 1,
         )

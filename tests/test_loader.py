@@ -14,7 +14,7 @@ from stages import cache_format as fmt
 from stages import cache_teacher
 from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset
-from stages.errors import CacheError
+from stages.errors import CacheError, ConfigError, DatasetError
 from stages.loader import StreamingLoader
 from stages.losses import IGNORE_INDEX
 from tests import teachers
@@ -153,3 +153,48 @@ def test_top_k_prefix_of_a_wider_cache_equals_the_narrow_cache(classifier_setup)
     assert torch.equal(a.targets[0].logp, b.targets[0].logp)
     with pytest.raises(Exception, match="top_k 7 is more than"):
         _loader(classifier_setup, [wide], top_k=7)
+
+
+def test_labelled_only_yields_each_labelled_row_once_paired_with_a_cache_of_every_row(
+    classifier_setup, tmp_path
+) -> None:
+    """A labelled split plus unlabelled transfer rows, cached once: training on the labelled rows alone."""
+    labels = [i % 10 if i % 3 == 0 else None for i in range(300)]
+    setup = classifier_setup | {
+        "data": teachers.write_vectors(tmp_path / "partial.parquet", classifier_setup["x"], labels)
+    }
+    cache = _cache(setup, top_k=3, shard_size=70)
+    expected = _rows_by_id(cache)
+    for kw in ({}, {"buffer_examples": 45, "batch_size": 16}, {"shuffle": False, "batch_size": 7}):
+        loader = _loader(setup, [cache], labelled_only=True, **kw)
+        loader.set_epoch(2)
+        batches = list(loader)
+        seen = Counter(i for b in batches for i in b.ids)
+        assert seen == Counter(range(0, 300, 3)), kw
+        assert loader.num_examples == 100 and loader.count_batches(2) == len(batches) <= len(loader), kw
+        for batch in batches:
+            for j, i in enumerate(batch.ids):
+                assert batch.targets[0].ids[j].tolist() == expected[(i, 0)][0]
+                assert np.allclose(batch.inputs["x"][j].numpy(), classifier_setup["x"][i])
+                assert batch.labels[j] == i % 10
+    ranks = [
+        [i for b in _loader(setup, [cache], labelled_only=True, rank=r, world_size=3) for i in b.ids] for r in range(3)
+    ]
+    assert sorted(sum(ranks, [])) == list(range(0, 300, 3))
+
+
+def test_labelled_only_needs_labelled_classifier_rows(classifier_setup, token_setup, tmp_path) -> None:
+    unlabelled = teachers.write_vectors(tmp_path / "transfer.parquet", classifier_setup["x"])
+    with pytest.raises(DatasetError, match="no labelled rows"):
+        StreamingLoader(
+            Dataset(unlabelled), [], input_columns=["x"], batch_size=8, token_level=False, labelled_only=True
+        )
+    with pytest.raises(ConfigError, match="classifier datasets"):
+        StreamingLoader(
+            Dataset(token_setup["data"]),
+            [],
+            input_columns=["input_ids"],
+            batch_size=8,
+            token_level=True,
+            labelled_only=True,
+        )

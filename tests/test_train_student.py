@@ -106,6 +106,29 @@ def test_partially_labelled_rows_train_on_kd_alone(classifier_setup, tmp_path) -
     assert run["train_ce"] > 0 and run["train_kd"] > 0
 
 
+def test_labelled_only_on_a_cache_of_every_row_trains_like_the_labelled_rows_alone(classifier_setup, tmp_path) -> None:
+    """One cache over labelled + unlabelled rows; `--labelled-only` equals caching and training the labelled rows.
+
+    One batch holds every labelled row (batch_size > 100), so the shuffle order cannot make the two runs differ.
+    """
+    s = classifier_setup
+    labelled = teachers.write_vectors(tmp_path / "labelled.parquet", s["x"][:100], np.arange(100) % 10)
+    mixed = teachers.write_vectors(
+        tmp_path / "mixed.parquet", s["x"], [i % 10 if i < 100 else None for i in range(300)]
+    )
+    runs = []
+    for name, data, extra in (("alone", labelled, ()), ("subset", mixed, ("--labelled-only",))):
+        cache = _cache(s, data=data, top_k=10)
+        out = tmp_path / name
+        args = ["--cache", str(cache), "--alpha", "0.5", "--batch-size", "128", "--epochs", "3", "--out", str(out)]
+        result = _invoke(s, tmp_path, *args, *extra, data=data)
+        assert result.exit_code == 0, result.output
+        runs.append(json.loads((out / "metrics.json").read_text()))
+    assert runs[0]["train_total"] > 0
+    assert np.isclose(runs[0]["train_total"], runs[1]["train_total"], rtol=1e-5)
+    assert json.loads((tmp_path / "subset" / "config.json").read_text())["config"]["labelled_only"] is True
+
+
 def test_ensemble_of_two_caches_and_logit_mode(classifier_setup, tmp_path) -> None:
     a = _cache(classifier_setup, top_k=3)
     other = teachers.make_classifier(tmp_path / "clf2.onnx", seed=5)
