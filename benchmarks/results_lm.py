@@ -42,7 +42,6 @@ CE-only rows train without a cache (``--alpha 0``); the evaluation caches give t
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -60,6 +59,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from common import pipeline, write_section
+
+from stages.run_dir import read_metrics, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "data" / "smollm2" / "teacher.onnx"
@@ -356,7 +357,7 @@ class Runs:
         if top_k:
             cmd += ["--top-k", str(top_k)]
         header = "pipeline " + shlex.join(cmd)
-        kept = (run_dir / "metrics.json").is_file() and log.is_file() and log.read_text().split("\n", 1)[0] == header
+        kept = read_metrics(run_dir) is not None and log.is_file() and log.read_text().split("\n", 1)[0] == header
         if not kept and a.report_only:
             return None
         if not kept:  # a subprocess per run: --jobs of them train side by side
@@ -367,12 +368,11 @@ class Runs:
                 subprocess.run(
                     [sys.executable, "-m", "pipeline", *cmd], stdout=fh, stderr=subprocess.STDOUT, check=True
                 )
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        with open(run_dir / "metrics.csv", newline="") as fh:
-            last = list(csv.DictReader(fh))[-1]
+        metrics = read_metrics(run_dir)
+        last = [row for row in read_rows(run_dir) if row["kind"] == "epoch"][-1]
         metrics |= {
-            "val_perplexity": float(last["eval_perplexity"]),
-            "val_agreement": float(last["eval_agreement"]),
+            "val_perplexity": last["eval_perplexity"],
+            "val_agreement": last["eval_agreement"],
             "run": str(run_dir),
             "kept": kept,
         }

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
 import itertools
 import json
@@ -53,6 +52,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from common import write_section
+
+from stages.run_dir import read_config, read_metrics
+from stages.run_dir import read_rows as run_dir_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "mnist1d"
@@ -312,8 +314,7 @@ def grid_points(row: Row) -> list[dict[str, object]]:
 
 def val_curve(run_dir: Path) -> list[float]:
     """Validation accuracy after each logit-stage epoch (progressive hidden stages are not candidates)."""
-    with open(run_dir / "metrics.csv") as fh:
-        return [float(r["eval_accuracy"]) for r in csv.DictReader(fh) if r["stage"] == "logits"]
+    return [r["eval_accuracy"] for r in run_dir_rows(run_dir) if r["kind"] == "epoch" and r["stage"] == "logits"]
 
 
 class Benchmark:
@@ -462,7 +463,7 @@ class Benchmark:
                 ]
         for runs in self.finals.values():
             for run in runs:
-                run["metrics"] = json.loads((run["out"] / "metrics.json").read_text())
+                run["metrics"] = read_metrics(run["out"])
                 run["log"] = shown(str(run["out"]) + ".log")
                 run["command"] = command_text(run.pop("argv"))
                 run["out"] = shown(run["out"])
@@ -860,7 +861,7 @@ def add_facts(results: dict, out_dir: Path) -> dict:
             }
     results["teacher_facts"] = facts
     for row in results["rows"].values():
-        config = json.loads((ROOT / row["runs"][0]["out"] / "config.json").read_text())
+        config = read_config(ROOT / row["runs"][0]["out"])
         row["student_parameters"] = config["student_parameters"]
     return results
 

@@ -5,23 +5,23 @@ Where the truth lives: in the files the two stages already write, and nowhere el
 Every command builds the catalog afresh from them in an in-memory DuckDB connection and throws it away; no
 catalog database is ever stored, so nothing can go stale: delete or corrupt a cache and the next command sees
 it. Building is cheap: it reads small JSON/CSV files and directory listings; Parquet shards are read only when
-a query touches ``positions`` (or ``caches show`` computes its statistics).
+a query touches ``positions`` (or ``caches show`` computes its statistics). ``stages.run_dir`` reads the runs.
 
 Views (SQL names; the README, "Catalog, queries and reports", lists every column):
 
     caches      one row per directory under the cache root, complete or not (status says which)
     shards      one row per shard a manifest lists, with whether its file is present
-    runs        one row per run directory (any directory under the runs root holding config.json)
+    runs        one row per run directory (any directory under the runs root holding config.json), with its
+                status (complete / running / interrupted) and last logged step
     run_caches  which cache each run used: run, cache_key, role ('train' | 'eval')
     epochs      one row per run epoch, from metrics.csv
+    steps       one row per logged training step (every --log-every steps), from metrics.csv
     positions   one row per cached position of every complete cache (only with ``positions=True``)
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -32,12 +32,10 @@ import duckdb
 import pyarrow as pa
 
 from stages import cache_format as fmt
+from stages import run_dir
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
 
-RUN_CONFIG = "config.json"  # a directory holding it is a run
-RUN_METRICS = "metrics.json"  # written last by train-student: a run without it did not finish
-RUN_EPOCHS = "metrics.csv"
 _KEY_NAME = re.compile(rf"^[0-9a-f]{{{fmt.KEY_LENGTH}}}$")
 # Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.
 _TOPK_COLUMNS = "topk_ids, topk_logp, logz, tail_mass"
@@ -91,6 +89,7 @@ RUN_SCHEMA = pa.schema(
         ("run", pa.string()),
         ("status", pa.string()),
         ("complete", pa.bool_()),
+        ("last_step", pa.int64()),
         ("path", pa.string()),
         ("method", pa.string()),
         ("student", pa.string()),
@@ -136,7 +135,7 @@ class CacheEntry:
 
 @dataclass
 class RunEntry:
-    """One run directory. ``metrics`` is None while the run has not finished (no metrics.json)."""
+    """One run directory. ``metrics`` is None while the run has not finished (``status`` says why)."""
 
     name: str
     path: Path
@@ -144,13 +143,32 @@ class RunEntry:
     metrics: dict | None
     cache_keys: list[str]
     eval_cache_key: str | None
-    epochs: list[dict] = field(default_factory=list)
+    status: str = run_dir.COMPLETE
+    rows: list[dict] = field(default_factory=list)  # metrics.csv: "step" and "epoch" rows in the order logged
+
+    @property
+    def epochs(self) -> list[dict]:
+        return [row for row in self.rows if row["kind"] == "epoch"]
+
+    @property
+    def steps(self) -> list[dict]:
+        return [row for row in self.rows if row["kind"] == "step"]
+
+    @property
+    def last_step(self) -> int | None:
+        steps = [row["step"] for row in self.rows if row.get("step") is not None]
+        return max(steps) if steps else None
 
     def require_metrics(self) -> dict:
         if self.metrics is None:
+            fix = (
+                "wait for it"
+                if self.status == run_dir.RUNNING
+                else "resume it with `pipeline train-student --resume --out " + str(self.path) + "`"
+            )
             raise PipelineError(
-                f"run {self.name} ({self.path}) has no {RUN_METRICS}: it has not finished (still training, or it "
-                "failed). Wait for it, or re-run train-student with --overwrite."
+                f"run {self.name} ({self.path}) has no {run_dir.METRICS}: it is {self.status} at step "
+                f"{self.last_step}, not finished. {fix[0].upper() + fix[1:]}."
             )
         return self.metrics
 
@@ -195,42 +213,22 @@ def _key_of(ref: str, keys: set[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def _read_epochs(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            parsed: dict = {}
-            for k, v in row.items():
-                if k == "stage":
-                    parsed[k] = v
-                elif k == "epoch":
-                    parsed[k] = int(v)
-                else:
-                    parsed[k] = float(v) if v not in ("", None) else None
-            rows.append(parsed)
-    return rows
-
-
 def scan_runs(root: Path, cache_keys: set[str]) -> list[RunEntry]:
-    """Every directory under ``root`` holding config.json (not looking inside a run for more runs)."""
+    """Every directory under ``root`` holding a run's config.json (not looking inside a run for more runs)."""
     runs: list[RunEntry] = []
     if not root.is_dir():
         return runs
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, _ in os.walk(root):
         dirnames.sort()
-        if RUN_CONFIG not in filenames:
+        path = Path(dirpath)
+        if not run_dir.is_run(path):
             continue
         dirnames.clear()  # a run's subdirectories are part of it, not runs of their own
-        path = Path(dirpath)
         try:
-            saved = json.loads((path / RUN_CONFIG).read_text())
-            metrics = json.loads((path / RUN_METRICS).read_text()) if (path / RUN_METRICS).is_file() else None
-        except json.JSONDecodeError:
-            continue  # not a run this pipeline wrote (or one torn mid-write): leave it out
-        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
-            continue
+            saved = run_dir.read_config(path)
+            metrics = run_dir.read_metrics(path)
+        except (PipelineError, ValueError):
+            continue  # not a run this pipeline wrote: leave it out
         config = saved["config"]
         trained = [c["key"] for c in saved.get("caches", []) if isinstance(c, dict) and "key" in c]
         name = path.relative_to(root).as_posix() if path != root else path.name
@@ -242,7 +240,8 @@ def scan_runs(root: Path, cache_keys: set[str]) -> list[RunEntry]:
                 metrics,
                 trained,
                 _key_of(config.get("eval_cache", ""), cache_keys),
-                _read_epochs(path / RUN_EPOCHS),
+                run_dir.status(path),
+                run_dir.read_rows(path),
             )
         )
     return runs
@@ -286,8 +285,9 @@ def _run_row(run: RunEntry) -> dict:
     numeric = {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {
         "run": run.name,
-        "status": "complete" if run.metrics is not None else "incomplete",
+        "status": run.status,
         "complete": run.metrics is not None,
+        "last_step": run.last_step,
         "path": str(run.path),
         "method": c.get("method"),
         "student": c.get("student"),
@@ -305,16 +305,16 @@ def _run_row(run: RunEntry) -> dict:
         "test_kl": m.get("test_kl"),
         "test_perplexity": m.get("test_perplexity"),
         "metrics": numeric,
-        "finished": _iso_mtime(run.path / RUN_METRICS) if run.metrics is not None else None,
+        "finished": _iso_mtime(run.path / run_dir.METRICS) if run.metrics is not None else None,
     }
 
 
-def _epochs_table(runs: list[RunEntry]) -> pa.Table:
-    names = list(dict.fromkeys(k for r in runs for row in r.epochs for k in row if k not in ("epoch", "stage")))
-    schema = pa.schema(
-        [("run", pa.string()), ("epoch", pa.int64()), ("stage", pa.string())] + [(n, pa.float64()) for n in names]
-    )
-    rows = [{"run": r.name, **row} for r in runs for row in r.epochs]
+def _rows_table(runs: list[RunEntry], kind: str) -> pa.Table:
+    """The runs' metrics.csv rows of one kind ("epoch" or "step"), each logged column a float column."""
+    rows = [{"run": r.name, **row} for r in runs for row in r.rows if row["kind"] == kind]
+    fixed = [("run", pa.string()), ("step", pa.int64()), ("epoch", pa.int64()), ("stage", pa.string())]
+    names = list(dict.fromkeys(k for row in rows for k in row if k not in {n for n, _ in fixed} | {"kind"}))
+    schema = pa.schema(fixed + [(n, pa.float64()) for n in names])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -355,7 +355,8 @@ class Catalog:
             "run_caches": pa.Table.from_pylist(
                 [dict(zip(("run", "cache_key", "role"), u)) for u in uses], schema=RUN_CACHE_SCHEMA
             ),
-            "epochs": _epochs_table(self.runs),
+            "epochs": _rows_table(self.runs, "epoch"),
+            "steps": _rows_table(self.runs, "step"),
         }
         for name, table in self._tables.items():
             self.con.register(name, table)
@@ -483,7 +484,7 @@ class Catalog:
         if len(matches) > 1:
             raise ConfigError(f"run '{ref}' is ambiguous: {', '.join(r.name for r in matches)}; give the full name")
         if Path(ref).is_dir():
-            raise ConfigError(f"{ref} is not a run directory (no {RUN_CONFIG}); train-student --out writes one")
+            raise ConfigError(f"{ref} is not a run directory (no {run_dir.CONFIG}); train-student --out writes one")
         raise ConfigError(
             f"no run '{ref}' under {self.runs_root}; list runs with `pipeline runs list` (or set --runs-dir)"
         )

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from pipeline import cli_catalog
 from pipeline.cli_base import errors_to_click, log, main
+from stages import run_dir
 from stages.config import (
     DEVICES,
     ENSEMBLE_MODES,
@@ -18,6 +20,7 @@ from stages.config import (
     LR_SCHEDULES,
     METHODS,
     POSTPROCESS,
+    PRECISIONS,
     TARGET_FORMATS,
     CacheTeacherConfig,
     TrainStudentConfig,
@@ -187,6 +190,22 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option("--threads", type=int, help="Torch CPU threads; 0: torch's default.")
 @_train_option("--no-onnx", "export_onnx", flag_value=False, default=None, help="Skip the student.onnx export.")
 @_train_option("--overwrite", is_flag=True, default=None, help="Replace an existing run directory.")
+@_train_option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue the interrupted run in --out from its last checkpoint (its config.json fills the options).",
+)
+@_train_option("--log-every", type=click.IntRange(min=1), help="Optimizer steps per metrics.csv row.")
+@_train_option(
+    "--checkpoint-every", type=click.IntRange(min=1), help="Optimizer steps per checkpoint (and each epoch end)."
+)
+@_train_option("--precision", type=click.Choice(PRECISIONS), help="Autocast of the student's forward.")
+@_train_option("--grad-accum", type=click.IntRange(min=1), help="Batches per optimizer step.")
+@_train_option("--max-grad-norm", type=float, help="Clip the gradients' global L2 norm to this; 0: no clipping.")
+@_train_option(
+    "--tensorboard", is_flag=True, default=None, help="Also write TensorBoard event files (optional package)."
+)
 @_train_option("--out", type=click.Path(file_okay=False), help="Run directory.")
 @_train_option("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before failing.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
@@ -204,6 +223,9 @@ def train_student(config_file, quiet, **options) -> None:
             options["weights"] = [float(w) for w in options["weights"].split(",")]
         except ValueError as exc:
             raise click.UsageError(f"--weights {options['weights']!r}: give comma-separated numbers, e.g. 1,2") from exc
+    if options["resume"] and not config_file and options["out"]:
+        saved = Path(options["out"]) / run_dir.CONFIG
+        config_file = str(saved) if saved.is_file() else None  # no saved run: train-student says so below
     config = load_config(TrainStudentConfig, config_file, options)
     stage.run(config, progress=not quiet, log=log)
     click.echo(config.out)

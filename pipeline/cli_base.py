@@ -23,8 +23,8 @@ _PASS_THROUGH = (click.exceptions.ClickException, click.exceptions.Exit, click.e
 # What an interrupted command leaves behind, and how to carry on; other commands leave nothing to resume.
 _AFTER_INTERRUPT = {
     "cache-teacher": " (cache-teacher keeps its complete shards and resumes after them when run again)",
-    "train-student": " (train-student saves a run only when training ends, so this run has no metrics.json; "
-    "run the same command again, with --overwrite if --out is not empty, to start it over)",
+    "train-student": " (run the same command again, or train-student --resume --out RUN_DIR, to continue from the "
+    "run's last checkpoint; --overwrite starts it over)",
 }
 
 

@@ -306,7 +306,7 @@ def runs() -> None:
 @_format_option
 @errors_to_click
 def runs_list(cache_dir, runs_dir, out_format) -> None:
-    """One row per run: configuration summary, final test metrics, and the caches it used."""
+    """One row per run: status (complete / running / interrupted) and last step, configuration, final test metrics."""
     catalog = Catalog(cache_dir, runs_dir)
     if not catalog.runs:
         log(
@@ -314,10 +314,10 @@ def runs_list(cache_dir, runs_dir, out_format) -> None:
         )
         return
     columns, rows = catalog.sql("""
-        SELECT run, status, method, student, alpha, temperature AS T, epochs, test_accuracy, test_agreement, test_kl,
-               test_perplexity, train_seconds, cache_keys AS caches, eval_cache_key AS eval_cache
+        SELECT run, status, last_step, method, student, alpha, temperature AS T, epochs, test_accuracy, test_agreement,
+               test_kl, test_perplexity, train_seconds, cache_keys AS caches, eval_cache_key AS eval_cache
         FROM runs ORDER BY run""")
-    click.echo(render(*_drop_empty(columns, rows, keep=7), out_format))
+    click.echo(render(*_drop_empty(columns, rows, keep=8), out_format))
 
 
 @runs.command("compare")
@@ -332,7 +332,7 @@ def runs_compare(run_refs, cache_dir, runs_dir, show_all, out_format) -> None:
     chosen = [catalog.run(r) for r in run_refs]
     for r in chosen:
         if r.metrics is None:
-            log(f"note: run {r.name} has no metrics.json (not finished, or failed): its metrics are blank")
+            log(f"note: run {r.name} is {r.status} at step {r.last_step} (no metrics.json): its metrics are blank")
     configs = [r.config["config"] for r in chosen]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     shown = [
@@ -340,9 +340,7 @@ def runs_compare(run_refs, cache_dir, runs_dir, show_all, out_format) -> None:
         for k in keys
         if show_all or len(chosen) == 1 or len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1
     ]
-    rows = [
-        ("status",) + tuple("complete" if r.metrics is not None else "incomplete (no metrics.json)" for r in chosen)
-    ]
+    rows = [("status",) + tuple(r.status for r in chosen)]
     rows += [(f"config.{k}",) + tuple(c.get(k) for c in configs) for k in shown]
     rows.append(
         ("caches",)

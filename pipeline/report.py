@@ -2,7 +2,8 @@
 
 ``write_report(catalog, runs, out)`` writes into ``out``:
 
-    learning_curves.png   one panel per training-loss part and per eval metric, one line per run (metrics.csv)
+    learning_curves.png   one panel per training-loss part and per eval metric, one line per run (metrics.csv):
+                          by optimizer step when every run logged per-step rows, else by epoch
     final_metrics.png     one panel per final test metric, one bar per run (metrics.json)
     reliability.png       the teacher's reliability diagram at the cache's T: confidence exp(topk_logp[1]) against
                           the accuracy of topk_ids[1] on the dataset's labels (cache joined with dataset on id)
@@ -68,8 +69,13 @@ def _colors(n: int) -> list:
 
 
 def plot_learning_curves(runs: list[RunEntry], path: Path) -> list[str]:
-    """One panel per metric that any run logged; returns the columns plotted."""
-    columns = [c for c in _CURVES if any(row.get(c) is not None for r in runs for row in r.epochs)]
+    """One panel per metric that any run logged; returns the columns plotted.
+
+    By step when every run has per-step rows: training losses from the "step" rows, eval metrics from the epoch
+    rows at the step each epoch ended. Otherwise (runs from before per-step logging) by epoch.
+    """
+    by_step = all(r.steps for r in runs)
+    columns = [c for c in _CURVES if any(row.get(c) is not None for r in runs for row in r.rows)]
     if not columns:
         raise PipelineError(
             f"the runs {', '.join(r.name for r in runs)} logged no epochs (metrics.csv is empty or missing)"
@@ -77,17 +83,18 @@ def plot_learning_curves(runs: list[RunEntry], path: Path) -> list[str]:
     ncols = min(3, len(columns))
     nrows = -(-len(columns) // ncols)
     fig = Figure(figsize=(5 * ncols, 3.6 * nrows), layout="constrained")
-    fig.suptitle("Learning curves per epoch", fontsize=14)
+    fig.suptitle(f"Learning curves per {'optimizer step' if by_step else 'epoch'}", fontsize=14)
     for i, column in enumerate(columns):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for run, color in zip(runs, _colors(len(runs))):
-            xs = [row["epoch"] for row in run.epochs]
-            ys = [np.nan if row.get(column) is None else row[column] for row in run.epochs]
+            source = run.steps if by_step and column.startswith("train_") else run.epochs
+            xs = [row["step" if by_step else "epoch"] for row in source]
+            ys = [np.nan if row.get(column) is None else row[column] for row in source]
             if not np.all(np.isnan(ys)):
                 ax.plot(xs, ys, marker="o" if len(xs) < 15 else None, markersize=3, color=color, label=run_label(run))
         title, ylabel = _CURVES[column]
         ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimizer step" if by_step else "epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         if column in _FRACTIONS:
@@ -300,7 +307,8 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         "",
         "## Learning curves",
         "",
-        "Training-loss parts and eval metrics per epoch (from each run's metrics.csv).",
+        "Training-loss parts (per logged step, or per epoch for older runs) and eval metrics per epoch, from each "
+        "run's metrics.csv.",
         "",
         "![learning curves](learning_curves.png)",
     ]

@@ -172,8 +172,12 @@ def _fill(
 ) -> CacheResult:
     info = handed[0][0]
     # The first writer's shard size holds for every later one (a resume, the other workers): shards must tile.
+    # Absolute paths: the record is a --config file that repeats this cache from any directory; and one process,
+    # since how this command split the work is not what the cache is.
+    paths = {name: str(Path(getattr(config, name)).resolve()) for name in ("teacher", "data", "cache_dir")}
+    config_record = to_dict(config) | paths | {"num_workers": 1, "worker_index": 0}
     record = {"key": key, "request": request, "shard_size": config.shard_size or _DEFAULT_SHARD[info.kind]}
-    shard_size = fmt.claim_json(record | {"config": to_dict(config)}, cache_dir / fmt.REQUEST)["shard_size"]
+    shard_size = fmt.claim_json(record | {"config": config_record}, cache_dir / fmt.REQUEST)["shard_size"]
     num_shards = max(1, -(-dataset.num_rows // shard_size))
     mine = list(range(worker, num_shards, workers))  # the deal: shard s belongs to worker s % W
     # A shard or manifest torn by a crash is never complete; one worker of several clears only its own shards'.

@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "cosine")
 TARGET_FORMATS = ("topk", "sampled")
 ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
 HIDDEN_LOSSES = ("mse", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
 DIST_TIMEOUT = 1800.0  # torchrun: long enough for the slowest rank's last shard or epoch, short of a hang
 
 
@@ -107,7 +108,7 @@ def load_config(cls: type[C], config_file: str | None, overrides: dict[str, Any]
     """Build ``cls`` from an optional file, then overrides (None values are 'not given'); validate all at once."""
     values: dict[str, Any] = {}
     if config_file:
-        values.update(_read_file(config_file))
+        values.update(_options_of(_read_file(config_file)))
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     known = {f.name: f for f in dataclasses.fields(cls)}
     problems = [f"unknown key '{k}' (known: {', '.join(known)})" for k in values if k not in known]
@@ -157,6 +158,12 @@ def _read_file(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def _options_of(data: dict[str, Any]) -> dict[str, Any]:
+    """The options in a config file. A saved record (a run's config.json, a cache's request.json) keeps them
+    under "config", beside what describes the result (cache keys, sizes), so the record is a config file too."""
+    return data["config"] if isinstance(data.get("config"), dict) else data
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -199,9 +206,14 @@ class TrainStudentConfig:
     threads: int = 0  # torch CPU threads; 0 = torch default. 1 is faster for tiny students on a busy machine
     export_onnx: bool = True  # write and check student.onnx
     overwrite: bool = False  # replace an existing run directory
-    dist_timeout: float = (
-        DIST_TIMEOUT  # torchrun: seconds a rank waits for the others (rank 0 evaluating) before failing
-    )
+    resume: bool = False  # continue the interrupted run in `out` (running the same command again does it too)
+    log_every: int = 10  # optimizer steps per metrics.csv "step" row
+    checkpoint_every: int = 1000  # optimizer steps per checkpoint (one is also written at each epoch end)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the student's forward; losses stay fp32
+    grad_accum: int = 1  # batches whose gradients add up into one optimizer step
+    max_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this before each step; 0 = no clipping
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others (rank 0 evaluating)
 
     def problems(self) -> list[str]:
         out = []
@@ -246,6 +258,15 @@ class TrainStudentConfig:
             out.append(f"lr_schedule: {self.lr_schedule!r} must be one of {LR_SCHEDULES}")
         if self.warmup_steps < 0:
             out.append(f"warmup_steps: {self.warmup_steps} must be >= 0")
+        for name in ("log_every", "checkpoint_every", "grad_accum"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: {getattr(self, name)} must be >= 1")
+        if not self.max_grad_norm >= 0:
+            out.append(f"max_grad_norm: {self.max_grad_norm} must be >= 0 (0 = no clipping)")
+        if self.precision not in PRECISIONS:
+            out.append(f"precision: {self.precision!r} must be one of {PRECISIONS}")
+        if self.resume and self.overwrite:
+            out.append("resume and overwrite both given: resume continues the run in --out, overwrite discards it")
         if not self.dist_timeout > 0:
             out.append(f"dist_timeout: {self.dist_timeout} must be > 0 seconds")
         return out

@@ -136,8 +136,8 @@ def max_over_ranks(group: Group | None, value: int, what: str) -> int:
     return int(group.all_reduce(torch.tensor([value], dtype=torch.int64), what, op=dist.ReduceOp.MAX))
 
 
-def mean_over_ranks(group: Group | None, sums: dict[str, float], count: int, what: str) -> tuple[dict[str, float], int]:
-    """Per-key sums and their count added up over the ranks (a mean over every rank's batches)."""
+def sum_over_ranks(group: Group | None, sums: dict[str, float], count: int, what: str) -> tuple[dict[str, float], int]:
+    """Per-key sums and their count, each added up over the ranks (their ratio: a mean over every rank's batches)."""
     if group is None:
         return sums, count
     keys = sorted(sums)

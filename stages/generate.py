@@ -17,7 +17,8 @@ import torch
 from stages.cache_format import MANIFEST
 from stages.errors import ConfigError
 from stages.hf_source import load_tokenizer, require_transformers
-from stages.train_student import HF_DIR
+from stages.run_dir import CONFIG, is_run, read_config
+from stages.run_dir import HF as HF_DIR
 
 
 def run(
@@ -62,10 +63,9 @@ def _encode(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 def _teacher_path(run_dir: Path) -> Path:
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
-    caches = json.loads(config.read_text()).get("caches") or []
+    if not is_run(run_dir):
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG})")
+    caches = read_config(run_dir).get("caches") or []
     if not caches:
         raise ConfigError(f"run {run_dir} was trained without a teacher cache; there is no teacher to sample")
     manifest = json.loads((Path(caches[0]["path"]) / MANIFEST).read_text())

@@ -118,13 +118,21 @@ class StreamingLoader(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.skip = 0  # batches of the epoch to pass over (set_epoch)
         self.keep = self._labelled_rows() if labelled_only else None  # [rows] bool: the rows that are yielded
         self.units, self.sizes = self._units()  # sizes[i]: examples unit i yields
         self.num_examples = sum(self.sizes)
 
-    def set_epoch(self, epoch: int) -> None:
-        """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit)."""
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """A new shuffle order per epoch, the same for every worker (they agree on who reads which unit).
+
+        ``skip``: batches of this epoch already taken (the position a checkpoint saved). The next iteration
+        starts right after them: windows wholly before the position are passed over from unit sizes alone,
+        reading nothing, with the shuffle generator advanced exactly as if they had been read, so the batches
+        that follow are the ones an uninterrupted epoch would have yielded.
+        """
         self.epoch = epoch
+        self.skip = skip
 
     def _labelled_rows(self) -> np.ndarray:
         if self.token_level:
@@ -166,38 +174,74 @@ class StreamingLoader(IterableDataset):
 
         Replays ``__iter__``'s unit order and shuffle windows from unit sizes alone, reading nothing.
         """
-        per_rank = max(workers, 1)  # __iter__'s reader slots: one per worker, or the process itself
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
-        total = 0
+        return sum(self._slot_batches(epoch, workers))
+
+    def _order(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
+
+    def _windows(self, units) -> list[list[int]]:
+        """A reader's units (indices) grouped into shuffle windows: each closes once it holds ``buffer_examples``."""
+        windows, current, size = [], [], 0
+        for unit in units:
+            current.append(unit)
+            size += self.sizes[unit]
+            if size >= self.buffer_examples:
+                windows.append(current)
+                current, size = [], 0
+        return windows + [current] if current else windows
+
+    def _slot_batches(self, epoch: int, workers: int) -> list[int]:
+        """Batches each of this rank's reader slots (one per worker, or the process itself) yields in ``epoch``."""
+        per_rank = max(workers, 1)
+        order = self._order(np.random.default_rng([self.seed, epoch]))
+        counts = []
         for worker in range(per_rank):
-            size = 0
-            for i in order[self.rank * per_rank + worker :: self.world_size * per_rank]:
-                size += self.sizes[i]
-                if size >= self.buffer_examples:
-                    total, size = total + -(-size // self.batch_size), 0
-            total += -(-size // self.batch_size)
-        return total
+            mine = order[self.rank * per_rank + worker :: self.world_size * per_rank]
+            counts.append(sum(-(-sum(self.sizes[i] for i in w) // self.batch_size) for w in self._windows(mine)))
+        return counts
+
+    def _resume_plan(self, workers: int) -> tuple[int, list[int]]:
+        """Where ``workers`` DataLoader workers pick up after ``skip`` batches: (rotation, batches to skip per slot).
+
+        A DataLoader takes batches from its workers in turn, from worker 0, passing over a worker once it has
+        run dry; so the first ``skip`` batches of the epoch were dealt round-robin over the slots still yielding.
+        A restarted DataLoader begins again at worker 0: worker ``w`` reads slot ``(w + rotation) % workers``, so
+        that its turn order continues the interrupted one, slot after slot.
+        """
+        left = self._slot_batches(self.epoch, workers)
+        taken = [0] * workers
+        remaining, last = min(self.skip, sum(left)), workers - 1
+        while remaining:
+            for w in range(workers):
+                if remaining and taken[w] < left[w]:
+                    taken[w], last = taken[w] + 1, w
+                    remaining -= 1
+        active = [w for w in range(last + 1, last + 1 + workers) if taken[w % workers] < left[w % workers]]
+        return (active[0] % workers if active else 0), taken
 
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        skip = self.skip
+        if info:
+            rotation, skips = self._resume_plan(workers)
+            worker = (worker + rotation) % workers
+            skip = skips[worker]
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.units)) if self.shuffle else np.arange(len(self.units))
-        mine = [self.units[i] for i in order[slot::slots]]
+        mine = self._order(rng)[slot::slots]
         shard_memo: list[dict] = [{} for _ in self.caches]  # one decoded shard per cache at a time
-        window: list[_Block] = []
-        size = 0
-        for unit in mine:
-            block = self._read_unit(*unit, shard_memo)
-            window.append(block)
-            size += len(block.ids)
-            if size >= self.buffer_examples:
-                yield from self._batches(_concat(window), rng)
-                window, size = [], 0
-        if window:
-            yield from self._batches(_concat(window), rng)
+        for window in self._windows(mine):
+            examples = sum(self.sizes[i] for i in window)
+            batches = -(-examples // self.batch_size)
+            if skip >= batches:  # wholly taken before the saved position: advance the shuffle, read nothing
+                if self.shuffle:
+                    rng.permutation(examples)
+                skip -= batches
+                continue
+            block = _concat([self._read_unit(*self.units[i], shard_memo) for i in window])
+            yield from self._batches(block, rng, skip)
+            skip = 0
 
     # -- reading ------------------------------------------------------------------------------------------
     def _read_unit(self, start: int, stop: int, shard_memo: list[dict]) -> _Block:
@@ -295,10 +339,10 @@ class StreamingLoader(IterableDataset):
         return {"arrays": arrays, "starts": starts, "counts": counts}
 
     # -- batching -----------------------------------------------------------------------------------------
-    def _batches(self, block: _Block, rng: np.random.Generator):
+    def _batches(self, block: _Block, rng: np.random.Generator, skip: int = 0):
         n = len(block.ids)
         order = rng.permutation(n) if self.shuffle else np.arange(n)
-        for lo in range(0, n, self.batch_size):
+        for lo in range(skip * self.batch_size, n, self.batch_size):
             idx = order[lo : lo + self.batch_size]
             yield self._token_batch(block, idx) if self.token_level else self._vector_batch(block, idx)
 

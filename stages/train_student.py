@@ -1,12 +1,13 @@
 """Stage two: train a student from cached soft targets. The teacher is never run here.
 
-``run(config)`` = ``Trainer(config)`` -> ``setup`` (open and verify caches, build student, loss, loaders)
--> ``train`` (progressive hidden-state stages, then the logit stage) -> ``save`` (checkpoint, ONNX, metrics).
+``run(config)`` = ``Trainer(config)`` -> ``setup`` (open and verify caches, build student, loss, loaders; write
+config.json, or resume the interrupted run from its last checkpoint) -> ``train`` (progressive hidden-state stages,
+then the logit stage; metrics.csv rows every --log-every steps, a checkpoint every --checkpoint-every steps and at
+each epoch end) -> ``save`` (weights, ONNX, metrics.json last). ``stages.run_dir`` owns the directory's files.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import shutil
@@ -25,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from stages import cache_format as fmt
-from stages import distributed
+from stages import checkpoint, distributed, run_dir
 from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
@@ -37,8 +38,11 @@ from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss
 from stages.prepare_data import prepared_tokenizer
 from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family_fits, count_parameters
 
-METRICS = "metrics.json"  # written last: a run directory without it did not finish
-HF_DIR = "hf"  # Hugging Face students: the transformers folder (save_pretrained) inside the run directory
+# Options that do not change what a run computes: an interrupted run resumes whatever they are now.
+_NOT_COMPARED = ("out", "overwrite", "resume", "log_every", "checkpoint_every", "tensorboard", "device", "threads")
+_NOT_COMPARED += ("export_onnx", "cache_dir")  # cache_dir only resolves the caches, recorded by path
+_NOT_COMPARED += ("dist_timeout",)
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
@@ -51,10 +55,14 @@ def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     group = distributed.init(config.dist_timeout, backend="nccl" if cuda else "gloo")
     trainer = Trainer(config, progress and (group is None or group.main), log, group)
-    distributed.together(group, "setup", trainer.setup)
-    with group.collective("training") if group is not None else nullcontext():
-        trainer.train()
-    metrics = distributed.together(group, "saving the run", trainer.save)
+    try:
+        distributed.together(group, "setup", trainer.setup)
+        with group.collective("training") if group is not None else nullcontext():
+            trainer.follow_rank_zero()
+            trainer.train()
+        metrics = distributed.together(group, "saving the run", trainer.save)
+    finally:
+        trainer.close()
     distributed.close(group)
     return metrics
 
@@ -69,16 +77,25 @@ class Trainer:
         self.world_size = 1 if group is None else group.world_size
         self.history: list[dict] = []  # one row per epoch, every stage counted
         self.frozen: set[int] = set()  # ids of parameters that earlier progressive stages froze
+        self.step = 0  # optimizer steps taken, over every stage
+        self.stage_index = 0  # stages finished (hidden-state stages first, the logit stage last)
+        self.resume_state: dict | None = None  # the checkpoint being resumed, until its stage has taken it
+        self.elapsed_before = 0.0  # training seconds of the run's earlier processes (a resumed run)
+        self.checkpoint_seconds = 0.0  # spent writing checkpoints, in this process
+        self.lock: run_dir.RunLock | None = None
+        self.rows: run_dir.MetricsLog | None = None  # metrics.csv (and TensorBoard), open from setup on
+        self.epoch_acc = _accumulator()  # the current epoch's loss sums
+        self.window = _accumulator()  # the loss sums since the last "step" row
 
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         c = self.config
-        self.out = Path(c.out)
-        replace = self.main and self.out.exists() and any(self.out.iterdir())
-        if replace and not c.overwrite:
-            raise ConfigError(
-                f"run directory {self.out} exists and is not empty; choose another --out or pass --overwrite"
-            )
+        self.out = Path(c.out).resolve()
+        # Rank 0 alone owns the run directory: it checks, locks, writes and resumes it (the others follow it).
+        resuming = run_dir.check_out(self.out, c.overwrite, c.resume) if self.main else False
+        replace = self.main and not resuming and self.out.exists() and any(self.out.iterdir())
+        if c.tensorboard:
+            run_dir.tensorboard_writer_class()  # missing package: say so before any work
         self.device = self._device()
         self.data = Dataset(c.data)
         self.caches = [self._open_cache(ref, self.data) for ref in c.cache]
@@ -126,20 +143,96 @@ class Trainer:
             self.loss = EnsembleKDLoss(c.alpha, self.temperature, c.weights or None, c.ensemble_mode)
         else:
             self.loss = KDLoss(c.alpha, self.temperature, c.renormalize)
+        record = self._record()
+        if resuming:
+            run_dir.check_same_run(self.out, record["config"], ignore=_NOT_COMPARED)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
             shutil.rmtree(self.out)
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
         if self.group is not None:
             self._note(
                 f"{self.world_size} ranks: global batch {c.batch_size * self.world_size} "
                 f"({c.batch_size} per rank), each rank reading its share of every epoch"
             )
+        self.started = time.perf_counter()
+        if not self.main:
+            return
+        self.lock = run_dir.RunLock(self.out)
+        state = checkpoint.load_last(self.out) if resuming else None
+        if not resuming:
+            run_dir.write_config(self.out, record)
+        kept = run_dir.read_rows(self.out)[: state["rows"]] if state else []  # those logged up to the checkpoint
+        self.rows = run_dir.MetricsLog(self.out, kept, tensorboard=c.tensorboard)
+        if state is not None:
+            self._restore(state)
         self._note(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
             f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
             f"{self.train_loader.num_examples} training examples"
         )
+
+    def _record(self) -> dict:
+        """config.json: the resolved configuration (absolute paths, caches by path) and the caches' identities."""
+        c = self.config
+
+        def absolute(path: str) -> str:
+            return str(Path(path).resolve()) if path else ""
+
+        def cache_path(ref: str) -> str:
+            return str(fmt.resolve_cache(ref, c.cache_dir).resolve()) if ref else ""
+
+        module, colon, rest = c.student.partition(":")
+        student = absolute(module) + colon + rest if module.endswith(".py") else c.student
+        resolved = to_dict(c) | {
+            "data": absolute(c.data),
+            "out": str(self.out),
+            "cache": [str(cache.path.resolve()) for cache in self.caches],
+            "eval_data": absolute(c.eval_data),
+            "eval_cache": cache_path(c.eval_cache),
+            "test_data": absolute(c.test_data),
+            "test_cache": cache_path(c.test_cache),
+            "cache_dir": absolute(c.cache_dir),
+            "student": student,
+            "temperature": self.temperature,
+            "layer_map": ",".join(f"{layer}={name}" for layer, name in self.hidden_map),
+            "overwrite": False,  # how this command treated --out, not what the run is: never replayed
+            "resume": False,
+        }
+        caches = [
+            {
+                "key": cache.key,
+                "path": str(cache.path.resolve()),
+                "teacher": cache.manifest["teacher"]["name"],
+                "teacher_sha256": cache.manifest["teacher"]["sha256"],
+                "top_k": cache.top_k,
+                "temperature": cache.temperature,
+            }
+            for cache in self.caches
+        ]
+        return {"config": resolved, "caches": caches, "student_parameters": count_parameters(self.model)}
+
+    def _restore(self, state: dict) -> None:
+        """Model, counters and history from a checkpoint; the stage it stopped in takes the rest (``_stage``)."""
+        self.model.load_state_dict(state["model"])
+        self.step, self.stage_index, self.history = state["step"], state["stage"], state["history"]
+        frozen = set(state["frozen"])
+        self.frozen = {id(p) for n, p in self.model.named_parameters() if n in frozen}
+        self.epoch_acc, self.window = state["epoch_acc"], state["window"]
+        self.window["t0"] = time.perf_counter()  # throughput counts this process's time only
+        self.elapsed_before = state["elapsed"]
+        self.resume_state = state
+        self._note(f"resuming {self.out} at step {self.step} (epoch {len(self.history) + 1})")
+
+    def follow_rank_zero(self) -> None:
+        """Under torchrun, every rank resumes from the checkpoint rank 0 resumed from (rank 0 owns the directory).
+
+        The ranks' loss sums start afresh: the checkpoint holds rank 0's, which the epoch row adds up over ranks.
+        """
+        if self.group is None:
+            return
+        resumed = self.group.gather(self.resume_state is not None, "agreeing where the run resumes")[0]
+        if resumed and not self.main:
+            self._restore(checkpoint.load_last(self.out))
+            self.epoch_acc, self.window = _accumulator(), _accumulator()
 
     def _note(self, message: str) -> None:
         """Setup and per-epoch lines: shown with the progress bar, left out by --quiet (the summary line stays)."""
@@ -420,55 +513,70 @@ class Trainer:
         return loader
 
     def _first_batch(self):
-        """A batch to size projections, check widths and trace the ONNX export with."""
+        """A batch to size projections, check widths and trace the ONNX export with.
+
+        Always epoch 0's first: the same batch wherever training stands, so a resumed run probes and traces alike.
+        """
+        self.train_loader.set_epoch(0)
         return next(iter(self.train_loader)).to(self.device)
 
-    def _iterate(self, loader: StreamingLoader, epoch: int):
-        loader.set_epoch(epoch)
+    def _iterate(self, loader: StreamingLoader, epoch: int, skip: int = 0):
+        loader.set_epoch(epoch, skip)
         if self.config.workers:
+            # Its own generator for the workers' base seed: drawn from torch's global one, it would shift the
+            # student's dropout by one draw per epoch, and differently in a run resumed mid-epoch.
+            seeds = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
             return torch.utils.data.DataLoader(
-                loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False
+                loader, batch_size=None, num_workers=self.config.workers, persistent_workers=False, generator=seeds
             )
         return loader
 
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> None:
-        """Progressive hidden-state stages (method progressive), then the logit stage."""
+        """Progressive hidden-state stages (method progressive), then the logit stage.
+
+        A resumed run passes over the stages its checkpoint had finished: their effect is in the weights and
+        the frozen set the checkpoint restored.
+        """
         if self.group is not None:
             self.forward = self._parallel()
-        started = time.perf_counter()
-        for layer, name in self.hidden_map:
-            self.hidden_stage(layer, name)
+        self.started = time.perf_counter()
+        for index, (layer, name) in enumerate(self.hidden_map):
+            if index >= self.stage_index:
+                self.hidden_stage(layer, name)
         self.logit_stage()
-        self.train_seconds = time.perf_counter() - started
+        self.train_seconds = self._elapsed()
 
     def hidden_stage(self, layer: int, name: str) -> None:
         """Train the student up to ``layer`` to match the teacher's hidden state ``name`` (through a projection)."""
         projection = self._projection(layer, name)
         hidden_loss = HiddenStateLoss(self.config.hidden_loss)
         params = [p for p in self.model.parameters() if id(p) not in self.frozen] + list(projection.parameters())
-        optimizer = self._optimizer(params, self.config.stage_epochs)
-        for _ in range(self.config.stage_epochs):
-            self._epoch(
-                f"hidden:{layer}={name}",
-                lambda b: self._hidden_step(b, layer, name, projection, hidden_loss),
-                optimizer,
-            )
+        self._stage(
+            f"hidden:{layer}={name}",
+            lambda b: self._hidden_step(b, layer, name, projection, hidden_loss),
+            params,
+            self.config.stage_epochs,
+            {"projection": projection},
+        )
         if self.config.freeze_earlier:
             self.frozen |= {id(p) for p in self._params_used(layer, name, projection)}
 
     def logit_stage(self) -> None:
         """Distil the logits (or train from scratch when alpha is 0), every layer trainable."""
-        optimizer = self._optimizer(list(self.model.parameters()), self.config.epochs)
-        for _ in range(self.config.epochs):
-            self._epoch("logits", self._kd_step, optimizer)
+        self._stage("logits", self._kd_step, list(self.model.parameters()), self.config.epochs, {})
 
-    def _optimizer(self, params: list[nn.Parameter], epochs: int) -> tuple[torch.optim.Optimizer, LambdaLR]:
-        """AdamW and its per-step schedule over one stage of ``epochs`` epochs: warm-up, then constant or cosine."""
+    def _optimizer(
+        self, params: list[nn.Parameter], epochs: int, first: int | None = None
+    ) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        """AdamW and its per-step schedule over one stage of ``epochs`` epochs: warm-up, then constant or cosine.
+
+        ``first``: the stage's first epoch number (the loader's shuffle seed); default the next epoch.
+        """
         c = self.config
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        first = len(self.history) + 1  # the stage's first epoch number (the loader's shuffle seed)
-        total = max(sum(self._batches_in(e) for e in range(first, first + epochs)), 1)
+        first = len(self.history) + 1 if first is None else first
+        total = max(sum(self._steps_in(e) for e in range(first, first + epochs)), 1)
         warmup = c.warmup_steps
 
         def factor(step: int) -> float:
@@ -481,42 +589,92 @@ class Trainer:
         return optimizer, LambdaLR(optimizer, factor)
 
     def _batches_in(self, epoch: int) -> int:
-        """Steps of one epoch: its batches on this rank, or on the rank with the most (ranks step together)."""
+        """Batches of one epoch: this rank's, or the most any rank has (ranks step together: ``even_steps``)."""
         mine = self.train_loader.count_batches(epoch, self.config.workers)
         return distributed.max_over_ranks(self.group, mine, "counting an epoch's batches")
 
-    def _epoch(self, stage: str, step, optimizer_schedule: tuple[torch.optim.Optimizer, LambdaLR]) -> None:
-        optimizer, schedule = optimizer_schedule
-        epoch = len(self.history) + 1
-        sums: dict[str, float] = {}
-        steps = 0
-        t0 = time.perf_counter()
-        batches = self._batches_in(epoch)
+    def _steps_in(self, epoch: int) -> int:
+        """Optimizer steps of one epoch: its batches in groups of --grad-accum (the last group may be short)."""
+        return -(-self._batches_in(epoch) // self.config.grad_accum)
+
+    def _stage(self, name: str, step, params: list[nn.Parameter], epochs: int, modules: dict[str, nn.Module]) -> None:
+        """One stage's epochs under its own optimizer and schedule; picks up a resumed checkpoint of this stage."""
+        done, skip = 0, 0  # epochs of this stage finished, batches of the next one taken
+        state = self.resume_state if self.resume_state and self.resume_state["stage"] == self.stage_index else None
+        if state is not None:
+            done, skip = state["stage_epochs"], state["batches"]
+        first = len(self.history) + 1 - done
+        optimizer, schedule = self._optimizer(params, epochs, first)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            scaler.load_state_dict(state["scaler"])
+            for key, module in modules.items():
+                module.load_state_dict(state["modules"][key])
+            checkpoint.set_rng_state(state["rng"])  # last: building this stage drew from the generators
+            self.resume_state = None
+        parts = (optimizer, schedule, scaler, modules)
         bar = tqdm(
-            distributed.even_steps(self.group, self._iterate(self.train_loader, epoch), batches, self._positions),
-            total=batches,
+            total=sum(self._steps_in(e) for e in range(first, first + epochs)),
+            initial=sum(self._steps_in(e) for e in range(first, first + done)) + skip // self.config.grad_accum,
             disable=not self.progress,
-            desc=f"epoch {epoch} {stage}",
+            desc=name,
+            unit="step",
             leave=False,
         )
-        for batch, weight in bar:
-            out = step(batch.to(self.device))
-            optimizer.zero_grad(set_to_none=True)
-            (out.total * weight).backward()  # weight: this rank's share of the step's examples (1: one process)
-            optimizer.step()
-            schedule.step()
-            if weight == 0:  # a rank out of batches, keeping step with the others: no loss of its own
+        for stage_epoch in range(done, epochs):
+            self._epoch(name, step, parts, bar, stage_epoch, skip)
+            skip = 0
+        bar.close()
+        self.stage_index += 1
+
+    def _epoch(self, stage: str, step, parts: tuple, bar: tqdm, stage_epoch: int, skip: int) -> None:
+        """One epoch from batch ``skip`` on: ``grad_accum`` batches per optimizer step, rows and checkpoints."""
+        optimizer, schedule, scaler = parts[:3]
+        c = self.config
+        epoch = len(self.history) + 1
+        batches = self._batches_in(epoch)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        done = skip
+        t0 = time.perf_counter()
+        source = self._iterate(self.train_loader, epoch, skip)
+        for batch, weight in distributed.even_steps(self.group, source, batches - skip, self._positions):
+            batch = batch.to(self.device)
+            group = min(c.grad_accum, batches - done // c.grad_accum * c.grad_accum)  # batches in this step
+            with torch.autocast(self.device.type, dtype=_AUTOCAST[c.precision], enabled=c.precision != "fp32"):
+                out = step(batch)
+            # weight: this rank's share of the step's examples (1 with one process; 0 on a rank out of batches)
+            scaler.scale(out.total * weight / group).backward()
+            done += 1
+            if weight:
+                for acc in (self.epoch_acc, self.window):
+                    _add(acc, out.parts, len(batch.ids), self._positions(batch))
+            if done % c.grad_accum and done < batches:
                 continue
-            for k, v in out.parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            bar.set_postfix(loss=f"{out.parts.get('total', out.parts.get('hidden', 0.0)):.4f}")
-        sums, steps = distributed.mean_over_ranks(self.group, sums, steps, "averaging the epoch's losses")
+            if c.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            self.step += 1
+            bar.update()
+            bar.set_postfix_str(self._speed(self.window, time.perf_counter() - self.window["t0"]))
+            if self.step % c.log_every == 0:
+                self._log_step(epoch, stage, schedule)
+            if self.step % c.checkpoint_every == 0 and done < batches:  # the epoch's end writes its own
+                self.epoch_acc["seconds"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                self._checkpoint(stage_epoch, done, parts)
         row = {
+            "step": self.step,
             "epoch": epoch,
             "stage": stage,
-            **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
-            "seconds": time.perf_counter() - t0,
+            "kind": "epoch",
+            **_means(self._over_ranks(self.epoch_acc)),
+            "seconds": self.epoch_acc["seconds"] + time.perf_counter() - t0,
             "lr": schedule.get_last_lr()[0],
         }
         if self.eval_set is not None and self.main:  # the other ranks go on to the next epoch's first step
@@ -525,7 +683,72 @@ class Trainer:
             )
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
+        if self.main:
+            self.rows.append(row)
+        self.epoch_acc = _accumulator()
         self._note("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        self._checkpoint(stage_epoch + 1, 0, parts)
+
+    def _over_ranks(self, acc: dict) -> dict:
+        """An accumulator's loss sums and batch count added up over the ranks (itself with one process)."""
+        sums, batches = distributed.sum_over_ranks(self.group, acc["sums"], acc["batches"], "averaging the losses")
+        return acc | {"sums": sums, "batches": batches}
+
+    def _speed(self, acc: dict, seconds: float) -> str:
+        unit = "tokens" if self.token_level else "examples"
+        return f"{acc['positions' if self.token_level else 'examples'] / max(seconds, 1e-9):,.0f} {unit}/s"
+
+    def _log_step(self, epoch: int, stage: str, schedule: LambdaLR) -> None:
+        """A "step" row: the loss means since the last one, the learning rate, throughput and elapsed time."""
+        seconds = max(time.perf_counter() - self.window["t0"], 1e-9)
+        row = {
+            "step": self.step,
+            "epoch": epoch,
+            "stage": stage,
+            "kind": "step",
+            **_means(self.window),
+            "lr": schedule.get_last_lr()[0],
+            "examples_per_s": self.window["examples"] / seconds,
+            "elapsed": self._elapsed(),
+        }
+        if self.token_level:
+            row["tokens_per_s"] = self.window["positions"] / seconds
+        if self.main:  # step rows are rank 0's own batches; epoch rows average over every rank's
+            self.rows.append(row)
+        self.window = _accumulator()
+
+    def _checkpoint(self, stage_epochs: int, batches: int, parts: tuple) -> None:
+        """Everything the next step depends on, with the position: ``batches`` taken of epoch ``stage_epochs``.
+
+        Rank 0's alone: the ranks hold the same weights and optimizer state, and each rank's position is the
+        same count of steps (``follow_rank_zero`` loads it on the others)."""
+        if not self.main:
+            return
+        started = time.perf_counter()
+        optimizer, schedule, scaler, modules = parts
+        state = {
+            "step": self.step,
+            "stage": self.stage_index,
+            "stage_epochs": stage_epochs,
+            "batches": batches,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(),
+            "modules": {key: module.state_dict() for key, module in modules.items()},
+            "frozen": [n for n, p in self.model.named_parameters() if id(p) in self.frozen],
+            "rng": checkpoint.rng_state(),
+            "history": self.history,
+            "epoch_acc": self.epoch_acc,
+            "window": self.window,
+            "rows": len(self.rows.rows),
+            "elapsed": self._elapsed(),
+        }
+        checkpoint.save(self.out, self.step, state)
+        self.checkpoint_seconds += time.perf_counter() - started
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
 
     def _positions(self, batch) -> int:
         """What a step's loss is a mean over: target positions (token level) or examples."""
@@ -576,34 +799,10 @@ class Trainer:
         if not self.main:
             return {}
         c = self.config
-        save_model(self.model, str(self.out / "checkpoint.safetensors"))
+        save_model(self.model, str(self.out / run_dir.WEIGHTS))
         if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
-            if not self.model.save_pretrained(self.out / HF_DIR, prepared_tokenizer(self.data)):
-                self.log(f"note: {self.out / HF_DIR} has no tokenizer; copy the teacher's tokenizer files into it")
-        with open(self.out / "metrics.csv", "w", newline="") as fh:
-            fields = list(dict.fromkeys(k for row in self.history for k in row))
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.history)
-        caches = [
-            {
-                "key": cache.key,
-                "path": str(cache.path.resolve()),
-                "teacher": cache.manifest["teacher"]["name"],
-                "teacher_sha256": cache.manifest["teacher"]["sha256"],
-                "top_k": cache.top_k,
-                "temperature": cache.temperature,
-            }
-            for cache in self.caches
-        ]
-        resolved = to_dict(c) | {
-            "temperature": self.temperature,
-            "layer_map": ",".join(f"{layer}={name}" for layer, name in self.hidden_map),
-        }
-        fmt.write_json_atomic(
-            {"config": resolved, "caches": caches, "student_parameters": count_parameters(self.model)},
-            self.out / "config.json",
-        )
+            if not self.model.save_pretrained(self.out / run_dir.HF, prepared_tokenizer(self.data)):
+                self.log(f"note: {self.out / run_dir.HF} has no tokenizer; copy the teacher's tokenizer files into it")
         metrics = {
             "method": c.method,
             "alpha": c.alpha,
@@ -613,7 +812,8 @@ class Trainer:
             "ranks": self.world_size,
             "global_batch_size": c.batch_size * self.world_size,
             "train_seconds": round(self.train_seconds, 2),
-            "cache_keys": [x["key"] for x in caches],
+            "steps": self.step,
+            "cache_keys": [cache.key for cache in self.caches],
         }
         final = self.history[-1] if self.history else {}
         metrics.update({k: v for k, v in final.items() if k.startswith(("train_", "eval_"))})
@@ -628,12 +828,36 @@ class Trainer:
             example = self._first_batch()
             small = {k: v[:4].cpu() for k, v in example.inputs.items()}
             self.model.eval()
-            metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / "student.onnx")
+            metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / run_dir.ONNX)
             self.model.to(self.device)
-        fmt.write_json_atomic(metrics, self.out / METRICS)
+        run_dir.write_metrics(self.out, metrics)
         figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
         self.log(f"run saved to {self.out}: {figures or 'no test figures (give --eval-data or --test-data)'}")
         return metrics
+
+    def close(self) -> None:
+        """Let go of the run directory (also after a failure: the run is then interrupted, and resumable)."""
+        if self.rows is not None:
+            self.rows.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _accumulator() -> dict:
+    """Loss-part sums over batches, with the examples and target positions they covered, since ``t0``."""
+    return {"sums": {}, "batches": 0, "examples": 0, "positions": 0, "seconds": 0.0, "t0": time.perf_counter()}
+
+
+def _add(acc: dict, parts: dict[str, float], examples: int, positions: int) -> None:
+    for key, value in parts.items():
+        acc["sums"][key] = acc["sums"].get(key, 0.0) + value
+    acc["batches"] += 1
+    acc["examples"] += examples
+    acc["positions"] += positions
+
+
+def _means(acc: dict) -> dict[str, float]:
+    return {f"train_{key}": value / max(acc["batches"], 1) for key, value in acc["sums"].items()}
 
 
 def _float_columns(data: Dataset) -> list[str]:

@@ -196,11 +196,13 @@ def test_run_without_metrics_and_unknown_run(world):
     unfinished = world["runs"] / "exp" / "unfinished"
     shutil.copytree(world["runs"] / "exp" / "kd", unfinished)
     (unfinished / "metrics.json").unlink()
-    assert "incomplete" in cli(world, "runs", "list").output
+    listed = {r["run"]: r for r in csv.DictReader(io.StringIO(cli(world, "runs", "list", "--format", "csv").output))}
+    assert listed["exp/unfinished"]["status"] == "interrupted" and listed["exp/kd"]["status"] == "complete"
+    assert listed["exp/unfinished"]["last_step"] == listed["exp/kd"]["last_step"] != ""
     compared = cli(world, "runs", "compare", "unfinished")
-    assert compared.exit_code == 0 and "has no metrics.json" in compared.output
+    assert compared.exit_code == 0 and "is interrupted at step" in compared.output
     report = cli(world, "report", "unfinished", "--out", str(world["runs"].parent / "rep"))
-    assert report.exit_code == 1 and "has no metrics.json" in report.output
+    assert report.exit_code == 1 and "has no metrics.json" in report.output and "--resume" in report.output
     unknown = cli(world, "runs", "compare", "nope")
     assert unknown.exit_code == 1 and "no run 'nope'" in unknown.output
 

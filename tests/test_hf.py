@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from stages import cache_teacher, export_teacher, prepare_data, train_student
+from stages import cache_teacher, export_teacher, prepare_data, run_dir, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.dataset import Dataset
 from stages.errors import ConfigError, DatasetError, TeacherError
@@ -301,11 +301,11 @@ def test_causal_lm_end_to_end_hf_student_loads_and_generates(hf, tmp_path) -> No
         export_onnx=False,
     )
     train_student.run(config, progress=False, **QUIET)
-    history = _csv(run / "metrics.csv")
-    assert float(history[-1]["train_kd"]) < float(history[0]["train_kd"])  # it learns from the teacher
-    model = AutoModelForCausalLM.from_pretrained(run / train_student.HF_DIR).eval()
+    history = [row for row in run_dir.read_rows(run) if row["kind"] == "epoch"]
+    assert history[-1]["train_kd"] < history[0]["train_kd"]  # it learns from the teacher
+    model = AutoModelForCausalLM.from_pretrained(run / run_dir.HF).eval()
     assert model.config.num_hidden_layers == 1
-    tokenizer = load_tokenizer(run / train_student.HF_DIR)
+    tokenizer = load_tokenizer(run / run_dir.HF)
     assert tokenizer_sha256(tokenizer) == Dataset(data).tokenizer_sha256
     prompt = torch.tensor([tokenizer("the quick")["input_ids"]])
     out = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -335,8 +335,8 @@ def test_classifier_end_to_end_from_csv_with_onnx(hf, tmp_path) -> None:
     )
     metrics = train_student.run(config, progress=False, **QUIET)
     assert metrics["onnx_max_abs_diff"] < 1e-3
-    model = AutoModelForSequenceClassification.from_pretrained(run / train_student.HF_DIR).eval()
-    ids = torch.tensor([load_tokenizer(run / train_student.HF_DIR)("hello world")["input_ids"]])
+    model = AutoModelForSequenceClassification.from_pretrained(run / run_dir.HF).eval()
+    ids = torch.tensor([load_tokenizer(run / run_dir.HF)("hello world")["input_ids"]])
     assert model(input_ids=ids).logits.shape == (1, 3)
 
 
@@ -363,11 +363,6 @@ def test_tokenizer_and_vocabulary_mismatches_are_refused(hf, tmp_path) -> None:
         train_student.run(
             TrainStudentConfig(**base, out=str(tmp_path / "r2"), student=f"hf:{small}"), progress=False, **QUIET
         )
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 @pytest.mark.slow

@@ -155,6 +155,28 @@ def test_top_k_prefix_of_a_wider_cache_equals_the_narrow_cache(classifier_setup)
         _loader(classifier_setup, [wide], top_k=7)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_mid_epoch_yields_exactly_the_rest(classifier_setup, monkeypatch, workers) -> None:
+    """A position (epoch, batches taken) gives the rest of the uninterrupted epoch, reading only what is left."""
+    cache = _cache(classifier_setup, top_k=3, shard_size=70)
+    loader = _loader(classifier_setup, [cache], batch_size=16, buffer_examples=100)
+
+    def epoch_ids(skip: int) -> list[list]:
+        loader.set_epoch(3, skip)
+        source = torch.utils.data.DataLoader(loader, batch_size=None, num_workers=workers) if workers else loader
+        return [batch.ids for batch in source]
+
+    full = epoch_ids(0)
+    assert len(full) == loader.count_batches(3, workers)
+    for skip in (1, 5, 7, len(full) - 1, len(full)):  # inside a window, at a window's edge, the very end
+        assert epoch_ids(skip) == full[skip:], skip
+    if not workers:  # windows wholly before the position are not read at all
+        reads = []
+        monkeypatch.setattr(loader, "_read_unit", lambda *a, _f=loader._read_unit: reads.append(a[:2]) or _f(*a))
+        epoch_ids(len(full) - 1)
+        assert 0 < sum(stop - start for start, stop in reads) < 300
+
+
 def test_labelled_only_yields_each_labelled_row_once_paired_with_a_cache_of_every_row(
     classifier_setup, tmp_path
 ) -> None:
@@ -181,6 +203,12 @@ def test_labelled_only_yields_each_labelled_row_once_paired_with_a_cache_of_ever
         [i for b in _loader(setup, [cache], labelled_only=True, rank=r, world_size=3) for i in b.ids] for r in range(3)
     ]
     assert sorted(sum(ranks, [])) == list(range(0, 300, 3))
+    resumable = _loader(setup, [cache], labelled_only=True, buffer_examples=45, batch_size=8)  # windows by kept rows
+    resumable.set_epoch(4)
+    full = [b.ids for b in resumable]
+    for skip in (1, 4, len(full) - 1):
+        resumable.set_epoch(4, skip)
+        assert [b.ids for b in resumable] == full[skip:], skip
 
 
 def test_labelled_only_needs_labelled_classifier_rows(classifier_setup, token_setup, tmp_path) -> None:

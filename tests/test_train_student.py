@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from stages import cache_format as fmt
-from stages import cache_teacher, train_student
+from stages import cache_teacher, run_dir, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
 
@@ -63,7 +63,16 @@ def test_kd_run_directory_is_complete(classifier_setup, tmp_path) -> None:
     assert saved["onnx_max_abs_diff"] < 1e-3
     config = json.loads((out / "config.json").read_text())
     assert config["caches"][0]["key"] == cache.name and config["config"]["temperature"] == 2.0
-    assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2
+    rows = run_dir.read_rows(out)  # 10 steps per epoch, a "step" row every 10 steps, an "epoch" row per epoch
+    assert [(r["kind"], r["step"], r["epoch"]) for r in rows] == [
+        ("step", 10, 1),
+        ("epoch", 10, 1),
+        ("step", 20, 2),
+        ("epoch", 20, 2),
+    ]
+    assert all(r["eval_accuracy"] is not None for r in rows if r["kind"] == "epoch")
+    assert config["config"]["data"] == str(classifier_setup["data"].resolve())
+    assert config["config"]["cache"] == [str(cache.resolve())] and config["config"]["out"] == str(out.resolve())
 
 
 def test_same_seed_same_run_and_different_seed_differs(classifier_setup, tmp_path) -> None:
@@ -265,9 +274,7 @@ def test_cosine_schedule_with_warmup(classifier_setup, tmp_path) -> None:
     assert [round(row["lr"], 12) for row in trainer.history][-1] == 0.0  # a stage ends at lr 0
     constant = _config(classifier_setup, tmp_path / "const", cache=[str(cache)], lr=0.01)
     assert train_student.run(constant, **QUIET)["train_total"] > 0
-    assert {
-        float(line.split(",")[-1]) for line in (tmp_path / "const" / "metrics.csv").read_text().splitlines()[1:]
-    } == {0.01}
+    assert {row["lr"] for row in run_dir.read_rows(tmp_path / "const")} == {0.01}
 
 
 # -- bad input: a clear message and a non-zero exit -----------------------------------------------------------
