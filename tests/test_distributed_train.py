@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from stages import cache_teacher, distributed, train_student
+from stages import cache_teacher, checkpoint, distributed, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
 
@@ -81,9 +85,10 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(kd_setup) -> Non
     assert abs(metrics["test_kl"] - one["test_kl"]) <= KL_TOLERANCE * one["test_kl"]
     assert metrics["test_agreement"] > 0.6, "both runs learnt the teacher"
     assert (s["tmp"] / "two" / "student.onnx").is_file(), "rank 0 exports"
-    # Both ranks ran the same number of steps, and each epoch's row averages over both ranks' batches.
-    rows = (s["tmp"] / "two" / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4
+    # 640 rows at a global batch of 64: 10 steps an epoch either way (each rank 10 batches of 32 of its 320 rows).
+    assert metrics["steps"] == one["steps"] == 40
+    rows = list(csv.DictReader(io.StringIO((s["tmp"] / "two" / "metrics.csv").read_text())))
+    assert [int(r["step"]) for r in rows if r["kind"] == "epoch"] == [10, 20, 30, 40], "rank 0 alone writes rows"
 
 
 @pytest.mark.slow
@@ -118,3 +123,47 @@ def test_even_steps_weight_each_rank_by_its_share(tmp_path) -> None:
         got = dict(out)
     assert got[0] == [(4, 2 * 4 / 7), (4, 1.0 * 2), (2, 1.0 * 2)]
     assert got[1] == [(3, 2 * 3 / 7), (3, 0.0), (3, 0.0)], "the last batch again, adding nothing"
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of ``rank`` (its child with RANK=rank in its environment)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            status = (proc / "status").read_text()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"PPid:\t{launcher}\n" in status and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_kill_of_one_rank_then_every_rank_resumes_from_rank_zeros_checkpoint(kd_setup) -> None:
+    s = kd_setup
+    options = _options(s, s["tmp"] / "killed", batch_size=32) | {"epochs": 30, "checkpoint_every": 5}
+    args = ["train-student", "--quiet", "--no-onnx"]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        args += [a for v in value for a in (flag, v)] if isinstance(value, list) else [flag, str(value)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pipeline"]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 120
+    while time.time() < deadline and job.poll() is None and victim is None:
+        if len(checkpoint.paths(s["tmp"] / "killed")) >= 2:  # steps 5 and 10 (or later) written by rank 0
+            victim = _rank_pid(job.pid, 1)
+        time.sleep(0.05)
+    assert victim is not None, "rank 0 never wrote a checkpoint"
+    os.kill(victim, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and "SIGKILL" in err
+    assert not (s["tmp"] / "killed" / "metrics.json").exists()
+
+    resumed = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((s["tmp"] / "killed" / "metrics.json").read_text())
+    assert metrics["steps"] == 300 and metrics["ranks"] == 2
+    rows = list(csv.DictReader(io.StringIO((s["tmp"] / "killed" / "metrics.csv").read_text())))
+    assert [int(r["step"]) for r in rows if r["kind"] == "epoch"] == list(range(10, 301, 10))
+    assert metrics["test_agreement"] > 0.6
