@@ -73,8 +73,8 @@ def stage_two(nproc: int, data: Path, cache: str, out: Path, a: argparse.Namespa
     args += ["--device", a.device, "--quiet", "--out", str(out)]
     run(nproc, args)
     metrics = json.loads((out / "metrics.json").read_text())
-    steps = -(-a.examples // a.global_batch)  # about: every rank takes the most-loaded rank's batches
-    return {"step_seconds": metrics["train_seconds"] / steps, "global_batch": metrics["global_batch_size"]}
+    seconds = metrics["train_seconds"] / metrics["steps"]
+    return {"step_seconds": seconds, "steps": metrics["steps"], "global_batch": metrics["global_batch_size"]}
 
 
 def main() -> None:
@@ -96,7 +96,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="scale-out-"))
     teacher, data = work / "teacher.onnx", work / "data.parquet"
     build_synthetic_teacher(teacher, a.vocab, a.width, a.layers)
-    a.examples = build_dataset(data, a.positions, 32, 128, a.vocab, None)
+    build_dataset(data, a.positions, 32, 128, a.vocab, None)
     rounds = []
     cache = None
     for r in range(a.rounds):
