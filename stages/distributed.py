@@ -143,3 +143,23 @@ def sum_over_ranks(group: Group | None, sums: dict[str, float], count: int, what
     keys = sorted(sums)
     reduced = group.all_reduce(torch.tensor([float(count)] + [sums[k] for k in keys], dtype=torch.float64), what)
     return dict(zip(keys, reduced[1:].tolist())), int(reduced[0])
+
+
+def broadcast_parameters(group: Group | None, module: torch.nn.Module) -> None:
+    """Rank 0's parameters of ``module`` on every rank (what DDP does for the modules it wraps)."""
+    if group is None:
+        return
+    with group.collective("sharing rank 0's parameters"):
+        for p in module.parameters():
+            dist.broadcast(p.data, 0)
+
+
+def average_gradients(group: Group | None, params: list[torch.nn.Parameter], what: str) -> None:
+    """Each gradient averaged over the ranks, for modules trained outside DDP (a progressive stage's)."""
+    if group is None:
+        return
+    with group.collective(what):
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= group.world_size

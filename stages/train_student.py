@@ -256,11 +256,6 @@ class Trainer:
     def _check_ranks(self) -> None:
         if self.group is None:
             return
-        if self.config.method == "progressive":
-            raise ConfigError(
-                "--method progressive does not run under torchrun yet (its projections are not synchronised); "
-                "run it as one process, or use --method kd or ensemble"
-            )
         if len(self.train_loader.units) < self.world_size:
             raise ConfigError(
                 f"the training set splits into {len(self.train_loader.units)} unit(s) (cache shards) for "
@@ -550,6 +545,7 @@ class Trainer:
     def hidden_stage(self, layer: int, name: str) -> None:
         """Train the student up to ``layer`` to match the teacher's hidden state ``name`` (through a projection)."""
         projection = self._projection(layer, name)
+        distributed.broadcast_parameters(self.group, projection)  # every rank starts from rank 0's projection
         hidden_loss = HiddenStateLoss(self.config.hidden_loss)
         params = [p for p in self.model.parameters() if id(p) not in self.frozen] + list(projection.parameters())
         self._stage(
@@ -652,6 +648,8 @@ class Trainer:
                     _add(acc, out.parts, len(batch.ids), self._positions(batch))
             if done % c.grad_accum and done < batches:
                 continue
+            if step != self._kd_step:  # a hidden stage runs the bare student and its projection, outside DDP
+                distributed.average_gradients(self.group, params, "averaging a hidden stage's gradients")
             if c.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)

@@ -167,3 +167,28 @@ def test_kill_of_one_rank_then_every_rank_resumes_from_rank_zeros_checkpoint(kd_
     rows = list(csv.DictReader(io.StringIO((s["tmp"] / "killed" / "metrics.csv").read_text())))
     assert [int(r["step"]) for r in rows if r["kind"] == "epoch"] == list(range(10, 301, 10))
     assert metrics["test_agreement"] > 0.6
+
+
+@pytest.mark.slow
+def test_progressive_stages_run_under_torchrun(kd_setup) -> None:
+    s = kd_setup
+    config = CacheTeacherConfig(
+        teacher=str(s["tmp"] / "clf.onnx"),
+        data=str(s["train"]),
+        cache_dir=str(s["tmp"] / "caches"),
+        shard_size=64,
+        hidden=["hidden"],
+    )
+    cache = cache_teacher.run(config, **QUIET).path
+    options = _options(s, s["tmp"] / "progressive", batch_size=32) | {
+        "cache": [str(cache)],
+        "method": "progressive",
+        "student": "mlp:hidden=16x16",
+        "stage_epochs": 2,
+    }
+    two = _torchrun(options)
+    assert two.returncode == 0, two.stderr
+    metrics = json.loads((s["tmp"] / "progressive" / "metrics.json").read_text())
+    one = train_student.run(TrainStudentConfig(**(options | {"out": str(s["tmp"] / "one"), "batch_size": 64})), **QUIET)
+    assert metrics["steps"] == one["steps"] == 10 * (2 + 4)  # one hidden stage of 2 epochs, then 4 logit epochs
+    assert abs(metrics["test_agreement"] - one["test_agreement"]) <= AGREEMENT_TOLERANCE
