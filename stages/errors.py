@@ -23,3 +23,7 @@ class CacheError(PipelineError):
 
 class StorageError(PipelineError):
     """An object store (s3:// ...) cannot be reached or refuses a request: a bad URI, bucket or credentials."""
+
+
+class DistributedError(PipelineError):
+    """A torchrun rank (or a launcher-free worker) failed, vanished or timed out, or the launch is inconsistent."""
