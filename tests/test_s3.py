@@ -168,6 +168,21 @@ def test_resume_recomputes_a_shard_that_no_longer_matches_its_journal(classifier
     assert not resumed.hit and _shard_bytes(resumed.path) == good
 
 
+def test_launcher_free_workers_on_s3_give_the_single_process_cache(classifier_setup, s3) -> None:
+    single = cache_teacher.run(_config(classifier_setup, f"{s3}/single", shard_size=64), **QUIET)
+    first = cache_teacher.run(
+        _config(classifier_setup, f"{s3}/w", shard_size=64, num_workers=2, worker_index=1), **QUIET
+    )
+    assert first.manifest == {} and not (first.path / fmt.MANIFEST).exists()
+    assert not (first.path / fmt.WORKER_LOCK.format(1)).exists()  # the worker's lease is gone with it
+    last = cache_teacher.run(
+        _config(classifier_setup, f"{s3}/w", shard_size=64, num_workers=2, worker_index=0), **QUIET
+    )
+    assert (last.path / fmt.MANIFEST).is_file(), "the last worker to finish writes the manifest"
+    assert _shard_bytes(last.path) == _shard_bytes(single.path) and last.manifest["shards"] == single.manifest["shards"]
+    fmt.open_cache(str(last.path)).verify()
+
+
 def test_a_held_lease_refuses_a_second_writer(classifier_setup, s3) -> None:
     key_dir = cache_teacher.run(_config(classifier_setup, f"{s3}/c"), **QUIET).path
     (key_dir / fmt.MANIFEST).unlink()
