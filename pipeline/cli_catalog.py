@@ -18,6 +18,7 @@ from pipeline.catalog import Catalog, collect_garbage, remove_cache
 from pipeline.cli_base import errors_to_click, log
 from stages import cache_format as fmt
 from stages.errors import CacheError
+from stages.target_formats import format_of
 
 FORMATS = ("table", "csv", "json")
 
@@ -166,13 +167,14 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
         click.echo(json.dumps(_plain(shown), indent=2))
         return
     t, d, probe = m["teacher"], m["dataset"], m.get("fidelity") or {}
-    what = f"{m['samples']} draws" if m.get("target_format") == "sampled" else f"top-{m['top_k']}"
+    target_format = format_of(m)
+    what = target_format.describe(m)
     lines = [
         f"cache      {entry.key}  ({entry.status})",
         f"path       {entry.path}",
         f"teacher    {t['name']}  sha256 {t['sha256'][:12]}  {t['kind']}, {t['num_classes']} classes/vocabulary, output '{t['logits_output']}'",
         f"dataset    {d['path']}  fingerprint {d['fingerprint'][:12]}  {d['num_rows']} rows",
-        f"targets    {m.get('target_format', 'topk')} v{m['format_version']}: {what} at T={m['temperature']:g}; "
+        f"targets    {target_format.name} v{m['format_version']}: {what} at T={m['temperature']:g}; "
         f"hidden: {', '.join(f'{n} {s}' for n, s in m.get('hidden', {}).items()) or 'none'}",
         f"positions  {m['num_positions']} in {len(m['shards'])} shard(s), {m['bytes']} bytes ({m['bytes_per_position']:.1f} bytes/position)",
         f"created    {m.get('created')}  on {', '.join(m.get('providers', []))}  in {m.get('run', {}).get('seconds', float('nan')):.2f}s",
@@ -195,11 +197,7 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
         ]
     else:
         lines.append("fidelity probe: none recorded (cached with --probe-positions 0)")
-    how = (
-        "the draws of each position"
-        if m.get("target_format") == "sampled"
-        else "entropy bracketed from the top-k and the tail"
-    )
+    how = target_format.statistics_sql("", m)[2]
     lines += ["", f"over all {stats['positions']} positions (DuckDB over the shards; {how}):"]
     lines += ["  " + s for s in _stats_lines(stats)]
     click.echo("\n".join(lines))

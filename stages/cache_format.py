@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from stages.dataset import sha256_file
 from stages.errors import CacheError
 from stages.manifest_checks import manifest_problem
+from stages.target_formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -69,20 +70,9 @@ def cache_key(request: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def shard_schema(id_type: pa.DataType, hidden: list[str], target_format: str = "topk") -> pa.Schema:
+def shard_schema(id_type: pa.DataType, hidden: list[str], target_format: TargetFormat | None = None) -> pa.Schema:
     fields = [pa.field("id", id_type, nullable=False), pa.field("position", pa.int32(), nullable=False)]
-    if target_format == "sampled":
-        fields += [
-            pa.field("sample_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("sample_counts", pa.list_(pa.int16()), nullable=False),
-        ]
-    else:
-        fields += [
-            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_logp", pa.list_(pa.float32()), nullable=False),
-            pa.field("logz", pa.float32(), nullable=False),
-            pa.field("tail_mass", pa.float32(), nullable=False),
-        ]
+    fields += (target_format or get_format(DEFAULT_FORMAT)).fields()
     fields += [pa.field(HIDDEN_PREFIX + h, pa.list_(pa.float16()), nullable=False) for h in hidden]
     return pa.schema(fields)
 
@@ -216,7 +206,12 @@ class Cache:
 
     @property
     def target_format(self) -> str:
-        return self.manifest.get("target_format", "topk")
+        return self.format.name
+
+    @property
+    def format(self) -> TargetFormat:
+        """The target format object that reads, checks and describes this cache's targets."""
+        return format_of(self.manifest)
 
     @property
     def samples(self) -> int:
@@ -294,7 +289,7 @@ class Cache:
     def _check_shard(self, shard: dict, pf: pq.ParquetFile) -> None:
         schema, meta = pf.schema_arrow, pf.metadata
         id_type = schema.field("id").type if "id" in schema.names else pa.null()
-        expected = shard_schema(id_type, list(self.hidden), self.target_format)
+        expected = shard_schema(id_type, list(self.hidden), self.format)
         if not schema.equals(expected):
             raise self._fault(
                 shard,
@@ -317,12 +312,10 @@ class Cache:
             HIDDEN_PREFIX + n: (math.prod(shape), f"hidden state '{n}' of shape {shape}")
             for n, shape in self.hidden.items()
         }
-        if self.target_format == "topk":
-            sizes |= {c: (self.top_k, f"top_k {self.top_k}") for c in ("topk_ids", "topk_logp")}
-        elif values["sample_ids"] != values["sample_counts"] or values["sample_ids"] > rows * self.samples:
-            raise self._fault(
-                shard, f"holds {values['sample_ids']} drawn ids for {rows} positions of {self.samples} draws"
-            )
+        problem, target_sizes = self.format.size_problem(values, rows, self.manifest)
+        if problem:
+            raise self._fault(shard, problem)
+        sizes |= target_sizes
         for column, (size, what) in sizes.items():
             if values[column] != rows * size:
                 per_position = values[column] / max(rows, 1)

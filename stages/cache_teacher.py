@@ -28,6 +28,7 @@ from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.export_teacher import read_card
 from stages.shard_runner import ShardRunner
+from stages.target_formats import get_format
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
@@ -43,17 +44,16 @@ class CacheResult:
 
 def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig) -> dict:
     """Everything that determines the cached content, and nothing that does not (batch size, device, threads)."""
+    target_format = get_format(config.target_format)
     request = {
-        "target_format": config.target_format,
+        "target_format": target_format.name,
         "teacher_sha256": info.sha256,
         "logits_output": info.logits_output,
         "dataset_fingerprint": fingerprint,
         "temperature": float(config.temperature),
         "hidden": sorted(config.hidden),
     }
-    if config.target_format == "sampled":
-        return request | {"samples": config.samples, "sample_seed": config.sample_seed}
-    return request | {"top_k": config.top_k}
+    return request | target_format.request(config)
 
 
 def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheResult:
@@ -75,7 +75,7 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
             f"the teacher needs input(s) {missing} but dataset {config.data} has columns {dataset.columns}; "
             "add a column per teacher input, named like the input"
         )
-    if config.target_format == "topk" and info.num_classes is not None and config.top_k > info.num_classes:
+    if not get_format(config.target_format).drawn and info.num_classes is not None and config.top_k > info.num_classes:
         raise TeacherError(
             f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
         )
@@ -134,7 +134,7 @@ def _fill(
         teacher = _load_teacher(config, None, topk_in_graph=True)  # reads the model again: its bytes were let go
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
-        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")
+        + ("sampled targets" if get_format(config.target_format).drawn else f"top-k in {postprocess}")
     )
 
     num_shards = max(1, -(-dataset.num_rows // shard_size))
@@ -207,7 +207,7 @@ def choose_postprocess(postprocess: str, target_format: str, provider: str) -> s
     ``auto`` picks "graph" only on the CUDA provider, where keeping the full logits on the device pays; on CPU
     "torch" is faster (benchmarks/cache_throughput.py). Sampled targets need the full logits: always "torch".
     """
-    if target_format == "sampled":
+    if get_format(target_format).drawn:
         return "torch"
     if postprocess == "auto":
         return "graph" if provider == "CUDAExecutionProvider" else "torch"
@@ -269,9 +269,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },
         "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
-        "top_k": config.top_k if config.target_format == "topk" else 0,
-        "samples": config.samples if config.target_format == "sampled" else 0,
-        "sample_seed": config.sample_seed if config.target_format == "sampled" else None,
+        **get_format(config.target_format).manifest_fields(config),
         "temperature": float(config.temperature),
         "hidden": learnt["hidden"],
         "providers": sorted({e["provider"] for e in done}),

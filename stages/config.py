@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stages.errors import ConfigError
+from stages.target_formats import FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")
 METHODS = ("kd", "ensemble", "progressive")
 LR_SCHEDULES = ("constant", "cosine")
-TARGET_FORMATS = ("topk", "sampled")
+TARGET_FORMATS = tuple(FORMATS)
 ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
 HIDDEN_LOSSES = ("mse", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -81,9 +82,10 @@ class CacheTeacherConfig:
             out.append(f"probe_positions: {self.probe_positions} must be >= 0")
         if self.target_format not in TARGET_FORMATS:
             out.append(f"target_format: {self.target_format!r} must be one of {TARGET_FORMATS}")
-        if self.target_format == "sampled" and not 1 <= self.samples <= 32_767:
+        drawn = self.target_format in FORMATS and FORMATS[self.target_format].drawn
+        if drawn and not 1 <= self.samples <= 32_767:
             out.append(f"samples: {self.samples} must be in [1, 32767] (counts are stored as int16)")
-        if self.target_format == "sampled" and self.postprocess == "graph":
+        if drawn and self.postprocess == "graph":
             out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
         if len(set(self.hidden)) != len(self.hidden):
             out.append(f"hidden: {self.hidden} names a tensor twice")

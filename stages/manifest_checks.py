@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.target_formats import DEFAULT_FORMAT, FORMATS
+
 
 def manifest_problem(m: dict, request_key: str | None) -> str:
     """How a manifest contradicts itself, or '' if it does not. ``request_key``: the key its request hashes to.
@@ -25,7 +27,9 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
         return f"has malformed hidden-state shapes {hidden!r}"
     if request_key != m["key"]:
         return f"has the key {m['key']!r}, which is not the hash of its request (the request or the key was changed)"
-    target_format = m.get("target_format", "topk")
+    target_format = m.get("target_format", DEFAULT_FORMAT)
+    if target_format not in FORMATS:
+        return f"has an unknown target_format {target_format!r} (this pipeline reads {sorted(FORMATS)})"
     copies = {
         "target_format": target_format,
         "temperature": m["temperature"],
@@ -34,18 +38,12 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
         "dataset_fingerprint": dataset.get("fingerprint"),
         "hidden": sorted(hidden),
     }
-    if target_format == "sampled":
-        copies |= {"samples": m.get("samples"), "sample_seed": m.get("sample_seed")}
-    else:
-        copies["top_k"] = m["top_k"]
     for field, value in copies.items():
         if field in request and request[field] != value:
             return f"says {field} {value!r}, but the request the cache was built for (its key) says {request[field]!r}"
-    num_classes = teacher.get("num_classes")
-    if target_format == "topk" and not (_is_count(m["top_k"]) and m["top_k"] > 0):
-        return f"has a malformed top_k {m['top_k']!r}"
-    if target_format == "topk" and isinstance(num_classes, int) and m["top_k"] > num_classes:
-        return f"says top_k {m['top_k']} of only {num_classes} classes"
+    problem = FORMATS[target_format].manifest_problem(m)
+    if problem:
+        return problem
     if not isinstance(shards, list) or not shards:
         return "lists no shards"
     for s in shards:

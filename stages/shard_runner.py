@@ -13,6 +13,7 @@ from stages import targets
 from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
+from stages.target_formats import fixed_list, get_format
 from stages.teacher import CLASSIFIER, Teacher
 
 # Post-processing works on row blocks of the logits so its memory does not grow with batch x V.
@@ -36,7 +37,8 @@ class ShardRunner:
         self.probe_stats: dict[str, list[float]] = {"kl": [], "entropy": [], "top1": [], "tail": []}
         names = teacher.input_names
         self.columns = [ID_COLUMN] + [n for n in names if n in dataset.columns]
-        self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, config.target_format)
+        self.format = get_format(config.target_format)
+        self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, self.format)
 
     def run(self, start: int, stop: int, bar: tqdm) -> tuple[pa.Table, dict | None]:
         self.start = start  # sampled targets key their draws by global row index
@@ -142,7 +144,7 @@ class ShardRunner:
 
     # -- targets ----------------------------------------------------------------------------------------
     def _postprocess(self, outs: list[np.ndarray], mask: np.ndarray | None, ids: pa.Array, idx: np.ndarray) -> dict:
-        sampled = self.config.target_format == "sampled"
+        sampled = self.format.drawn
         # Sampled targets still take the top-1 and logZ: they check the logits.
         k, temperature = 1 if sampled else self.config.top_k, float(self.config.temperature)
         n_main, n_hidden = (3 if self.teacher.topk_in_graph else 1), len(self.teacher.info.hidden)
@@ -305,19 +307,9 @@ class ShardRunner:
             "id": ids.take(pa.array(example_of_row)),
             "position": pa.array((np.arange(total) - offsets[example_of_row]).astype(np.int32)),
         }
-        if self.config.target_format == "sampled":
-            drawn = out["sample_counts"] > 0  # padding slots past each row's distinct ids are dropped
-            columns["sample_ids"] = _ragged_list(out["sample_ids"], drawn)
-            columns["sample_counts"] = _ragged_list(out["sample_counts"], drawn)
-        else:
-            columns["topk_ids"] = _fixed_list(out["ids"], self.config.top_k)
-            columns["topk_logp"] = _fixed_list(out["logp"], self.config.top_k)
-            columns["logz"] = pa.array(out["logz"])
-            columns["tail_mass"] = pa.array(out["tail"])
+        columns |= self.format.shard_columns(out, self.config)
         for h in self.teacher.info.hidden:
-            columns[fmt.HIDDEN_PREFIX + h] = _fixed_list(
-                out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1]
-            )
+            columns[fmt.HIDDEN_PREFIX + h] = fixed_list(out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1])
         return pa.table(columns, schema=self.schema)
 
 
@@ -327,14 +319,3 @@ def _dense_blocks(flat: torch.Tensor, rows: torch.Tensor):
     for lo in range(0, max(len(rows), 1), step):  # one empty block when there are no rows: empty results, not none
         at = slice(lo, min(lo + step, len(rows)))
         yield at, flat.index_select(0, rows[at]).float()
-
-
-def _ragged_list(values: np.ndarray, keep: np.ndarray) -> pa.ListArray:
-    """[rows, width] values -> one list per row of the entries where ``keep`` is True (row-major order)."""
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep]))
-
-
-def _fixed_list(values: np.ndarray, width: int) -> pa.ListArray:
-    offsets = pa.array(np.arange(0, values.shape[0] * width + 1, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).reshape(-1)))
