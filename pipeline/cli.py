@@ -26,6 +26,7 @@ from stages.config import (
     TrainStudentConfig,
     load_config,
 )
+from stages.target_formats import ENCODINGS
 
 
 def _config_option(config: type, *decls: str, **attrs: Any) -> Callable:
@@ -89,6 +90,11 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 )
 @_cache_option("--samples", type=int, help="Sampled format: draws per position.")
 @_cache_option("--sample-seed", type=int, help="Sampled format: seed of the draws.")
+@_cache_option(
+    "--encoding",
+    type=click.Choice(tuple(ENCODINGS)),
+    help="Top-k log-probs on disk: fp32 (exact), fp16 (~1e-6 KD-loss change), int8 (8-bit, top-k rescaled to 1 - tail).",
+)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click

@@ -10,6 +10,7 @@ import csv
 import decimal
 import io
 import json
+from pathlib import Path
 import math
 
 import click
@@ -191,6 +192,14 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
                 if "kl_mean" in probe
                 else []
             ),
+            *(
+                [
+                    f"  KL(top-k + tail || {probe['encoding']}-decoded)  mean {probe['encoding_kl_mean']:.3g}  max "
+                    f"{probe['encoding_kl_max']:.3g} nats, max |delta log p| {probe['encoding_max_abs_dlogp']:.3g}"
+                ]
+                if "encoding_kl_mean" in probe
+                else []
+            ),
             f"  teacher entropy at T (dense, exact)      mean {probe['entropy_mean']:.4f} nats",
             f"  top-1 probability                        mean {probe['top1_prob_mean']:.4f}",
             f"  tail mass (outside the cached ids)       mean {probe['tail_mass_mean']:.4g}",
@@ -238,6 +247,30 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
         )
     if failed:
         raise click.ClickException(f"{failed} of {len(entries)} cache(s) failed verification")
+
+
+@caches.command("export")
+@click.argument("key")
+@_roots
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="Parquet file to write (replaced if it exists).",
+)
+@errors_to_click
+def caches_export(key, cache_dir, runs_dir, out) -> None:
+    """Write a top-k cache's targets, decoded from any encoding, in the plain format-1 schema (id, position,
+    topk_ids, topk_logp, logz, tail_mass) for other tools. Prints the file last."""
+    entry = Catalog(cache_dir, runs_dir).complete_cache(key)
+    cache = fmt.open_cache(entry.path)
+    cache.verify(checksums=True)  # an export is a copy for other tools: check every byte it copies
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise CacheError(f"cannot write {path}: its folder {path.parent} does not exist; create it first")
+    rows = fmt.export_plain(cache, path)
+    log(f"exported {rows} positions of cache {entry.key} ({cache.format.describe(cache.manifest)})")
+    click.echo(str(path))
 
 
 @caches.command("rm")

@@ -334,6 +334,24 @@ class Cache:
                 yield table  # outside the error guard: the consumer's own errors are not the shard's
 
 
+def export_plain(cache: Cache, out: Path) -> int:
+    """Write a top-k cache's targets, decoded, in format 1's plain schema (id, position, topk_ids, topk_logp,
+    logz, tail_mass: float32 log-probs by descending probability) to one Parquet file, for other tools.
+
+    A row group at a time (bounded memory), to a temp name renamed at the end. Returns the rows written.
+    """
+    schema = shard_schema(cache.parquet_file(cache.shards[0]).schema_arrow.field("id").type, [])
+    rows = 0
+    with _temp_for(out) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=["id"]) as writer:
+            for table in cache.iter_tables(["id", "position", *cache.format.columns]):
+                plain = {"id": table.column("id"), "position": table.column("position")}
+                writer.write_table(pa.table(plain | cache.format.plain(table, cache.manifest), schema=schema))
+                rows += table.num_rows
+        os.replace(tmp, out)
+    return rows
+
+
 def resolve_cache(ref: str, root: str | Path) -> Path:
     """A cache named by path, by key, or by a unique prefix of a key under ``root``."""
     as_path = Path(ref)

@@ -44,7 +44,7 @@ class CacheResult:
 
 def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig) -> dict:
     """Everything that determines the cached content, and nothing that does not (batch size, device, threads)."""
-    target_format = get_format(config.target_format)
+    target_format = get_format(config.target_format, config.encoding)
     request = {
         "target_format": target_format.name,
         "teacher_sha256": info.sha256,
@@ -269,7 +269,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },
         "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
-        **get_format(config.target_format).manifest_fields(config),
+        **get_format(config.target_format, config.encoding).manifest_fields(config),
         "temperature": float(config.temperature),
         "hidden": learnt["hidden"],
         "providers": sorted({e["provider"] for e in done}),

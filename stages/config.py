@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stages.errors import ConfigError
-from stages.target_formats import FORMATS
+from stages.target_formats import ENCODINGS, FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")
@@ -55,6 +55,9 @@ class CacheTeacherConfig:
     target_format: str = "topk"  # topk: the k most likely ids; sampled: ids drawn from the teacher, with counts
     samples: int = 64  # sampled format: draws per position (unbiased in expectation, unlike top-k)
     sample_seed: int = 0  # sampled format: the draws are a function of (seed, row, position), not of batching
+    # top-k log-probs on disk: fp32 exact; fp16 (|error| <= 2^-11 |log p|); int8 (8-bit codes, the top-k rescaled to
+    # 1 - tail_mass, the tail exact). fp32 stays the default: exact, and the key of every existing cache.
+    encoding: str = "fp32"
 
     def problems(self) -> list[str]:
         out = []
@@ -85,6 +88,10 @@ class CacheTeacherConfig:
         drawn = self.target_format in FORMATS and FORMATS[self.target_format].drawn
         if drawn and not 1 <= self.samples <= 32_767:
             out.append(f"samples: {self.samples} must be in [1, 32767] (counts are stored as int16)")
+        if self.encoding not in ENCODINGS:
+            out.append(f"encoding: {self.encoding!r} must be one of {tuple(ENCODINGS)}")
+        elif drawn and self.encoding != "fp32":
+            out.append(f"encoding: {self.encoding} applies to top-k log-probs; sampled targets store counts")
         if drawn and self.postprocess == "graph":
             out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
         if len(set(self.hidden)) != len(self.hidden):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.target_formats import DEFAULT_FORMAT, FORMATS
+from stages.errors import CacheError
+from stages.target_formats import DEFAULT_FORMAT, format_of
 
 
 def manifest_problem(m: dict, request_key: str | None) -> str:
@@ -28,8 +29,10 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
     if request_key != m["key"]:
         return f"has the key {m['key']!r}, which is not the hash of its request (the request or the key was changed)"
     target_format = m.get("target_format", DEFAULT_FORMAT)
-    if target_format not in FORMATS:
-        return f"has an unknown target_format {target_format!r} (this pipeline reads {sorted(FORMATS)})"
+    try:
+        layout = format_of(m)
+    except CacheError as exc:
+        return f"names a target format this pipeline cannot read ({exc})"
     copies = {
         "target_format": target_format,
         "temperature": m["temperature"],
@@ -41,7 +44,7 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
     for field, value in copies.items():
         if field in request and request[field] != value:
             return f"says {field} {value!r}, but the request the cache was built for (its key) says {request[field]!r}"
-    problem = FORMATS[target_format].manifest_problem(m)
+    problem = layout.manifest_problem(m)
     if problem:
         return problem
     if not isinstance(shards, list) or not shards:

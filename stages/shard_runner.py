@@ -34,10 +34,12 @@ class ShardRunner:
         self.num_classes: int | None = teacher.info.num_classes
         self.hidden_shapes: dict[str, list[int]] = {}
         self.probe_left = config.probe_positions
-        self.probe_stats: dict[str, list[float]] = {"kl": [], "entropy": [], "top1": [], "tail": []}
+        self.probe_stats: dict[str, list[float]] = {
+            k: [] for k in ("kl", "entropy", "top1", "tail", "enc_kl", "enc_dlogp")
+        }
         names = teacher.input_names
         self.columns = [ID_COLUMN] + [n for n in names if n in dataset.columns]
-        self.format = get_format(config.target_format)
+        self.format = get_format(config.target_format, config.encoding)
         self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, self.format)
 
     def run(self, start: int, stop: int, bar: tqdm) -> tuple[pa.Table, dict | None]:
@@ -244,6 +246,7 @@ class ShardRunner:
             if drawn is None:
                 tail = targets.tail_mass(logp, self.num_classes)
                 self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp).tolist()
+                self._probe_encoding(logp.numpy(), tail.numpy())
             else:
                 covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
                 tail = 1 - covered.sum(-1).float()
@@ -251,6 +254,16 @@ class ShardRunner:
             self.probe_stats["top1"] += logp[:, 0].exp().tolist()
             self.probe_stats["tail"] += tail.tolist()
         self.probe_left -= len(rows)
+
+    def _probe_encoding(self, logp: np.ndarray, tail: np.ndarray) -> None:
+        """What the encoding loses: KL from the exact top-k + tail to the decoded top-k + the same (exact) tail,
+        and the largest |delta log p| over the ids the teacher gives any probability."""
+        decoded = self.format.unpack(self.format.pack(logp), tail).astype(np.float64)
+        exact = logp.astype(np.float64)
+        p = np.exp(exact)
+        diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
+        self.probe_stats["enc_kl"] += (p * diff).sum(1).tolist()
+        self.probe_stats["enc_dlogp"] += np.abs(diff).max(1, initial=0.0).tolist()
 
     def _probe_summary(self) -> dict | None:
         """Summarise the probe once, from the first shard this run computes; later shards take none.
@@ -270,6 +283,13 @@ class ShardRunner:
         }
         if len(s["kl"]):
             summary |= {"kl_mean": float(s["kl"].mean()), "kl_max": float(s["kl"].max())}
+        if len(s["enc_kl"]):
+            summary |= {
+                "encoding": self.format.encoding,
+                "encoding_kl_mean": float(s["enc_kl"].mean()),
+                "encoding_kl_max": float(s["enc_kl"].max()),
+                "encoding_max_abs_dlogp": float(s["enc_dlogp"].max()),
+            }
         return summary
 
     @staticmethod

@@ -61,6 +61,13 @@ class TargetFormat:
         """The loss's targets from the loader's batch tensors named as ``decode`` names them."""
         raise NotImplementedError
 
+    def plain(self, table: pa.Table, m: dict) -> dict[str, pa.Array]:
+        """A shard's target columns decoded into format 1's plain top-k columns (``caches export``)."""
+        raise CacheError(
+            f"a {self.name} cache holds no top-k log-probabilities, so it has no plain top-k form to export; "
+            "export a top-k cache (cache-teacher --target-format topk)"
+        )
+
     def loss(self, alpha: float, temperature: float) -> Any:
         """The KD loss this format feeds, or None to let the method choose (top-k targets feed several)."""
         raise NotImplementedError
@@ -90,32 +97,61 @@ class TargetFormat:
 
 
 class TopK(TargetFormat):
-    """The k most likely ids with their exact log-probabilities under the full softmax, logZ and the tail mass."""
+    """The k most likely ids with their log-probabilities under the full softmax, logZ and the exact tail mass.
+
+    The log-probabilities are stored in an encoding, one subclass each: fp32 here (exact, format 1's columns),
+    TopKFp16 and TopKInt8. An encoding owns ``pack`` (log-probs -> its columns), ``unpack`` (its columns ->
+    log-probs) and the SQL that decodes them; every reader gets ``topk_logp`` back, ids by descending probability.
+    """
 
     name = "topk"
-    columns = ("topk_ids", "topk_logp", "logz", "tail_mass")
+    encoding: ClassVar[str] = "fp32"
+    # The encoded log-prob columns: (name, Arrow type); list columns hold k values per position.
+    logp_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]] = (("topk_logp", pa.list_(pa.float32())),)
     null_columns = (
         "NULL::INTEGER[] AS topk_ids, NULL::FLOAT[] AS topk_logp, NULL::FLOAT AS logz, NULL::FLOAT AS tail_mass"
     )
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return ("topk_ids", *(n for n, _ in self.logp_fields), "logz", "tail_mass")
+
     def fields(self) -> list[pa.Field]:
         return [
             pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_logp", pa.list_(pa.float32()), nullable=False),
+            *(pa.field(n, t, nullable=False) for n, t in self.logp_fields),
             pa.field("logz", pa.float32(), nullable=False),
             pa.field("tail_mass", pa.float32(), nullable=False),
         ]
 
+    def pack(self, logp: np.ndarray) -> dict[str, np.ndarray]:
+        """[N, k] float32 log-probs (descending) -> the encoded columns' arrays ([N, k] lists or [N] scalars)."""
+        return {"topk_logp": logp.astype(np.float32, copy=False)}
+
+    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> np.ndarray:
+        """The encoded columns' arrays and the exact tail mass [N] -> [N, k] float32 log-probs."""
+        return packed["topk_logp"]
+
+    def logp_sql(self) -> str:
+        """A DuckDB expression over the encoded columns (and tail_mass) giving topk_logp as FLOAT[]."""
+        return "topk_logp"
+
     def request(self, config: Any) -> dict:
-        return {"top_k": config.top_k}
+        # fp32 adds nothing: the keys of caches written before encodings existed stay the same.
+        return {"top_k": config.top_k} | ({} if self.encoding == "fp32" else {"encoding": self.encoding})
 
     def manifest_fields(self, config: Any) -> dict:
-        return {"top_k": config.top_k, "samples": 0, "sample_seed": None}
+        return {"top_k": config.top_k, "samples": 0, "sample_seed": None, "encoding": self.encoding}
 
     def manifest_problem(self, m: dict) -> str:
-        top_k, num_classes = m["top_k"], m["teacher"].get("num_classes")
-        if "top_k" in m["request"] and m["request"]["top_k"] != top_k:
-            return f"says top_k {top_k!r}, but the request the cache was built for (its key) says {m['request']['top_k']!r}"
+        top_k, num_classes, request = m["top_k"], m["teacher"].get("num_classes"), m["request"]
+        if "top_k" in request and request["top_k"] != top_k:
+            return f"says top_k {top_k!r}, but the request the cache was built for (its key) says {request['top_k']!r}"
+        if request.get("encoding", "fp32") != self.encoding:
+            return (
+                f"says encoding {self.encoding!r}, but the request the cache was built for (its key) says "
+                f"{request.get('encoding', 'fp32')!r}"
+            )
         if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > 0):
             return f"has a malformed top_k {top_k!r}"
         if isinstance(num_classes, int) and top_k > num_classes:
@@ -124,12 +160,16 @@ class TopK(TargetFormat):
 
     def size_problem(self, values: dict[str, int], rows: int, m: dict) -> tuple[str, dict[str, tuple[int, str]]]:
         k = int(m["top_k"])
-        return "", {c: (k, f"top_k {k}") for c in self.columns[:2]}
+        lists = ["topk_ids", *(n for n, t in self.logp_fields if pa.types.is_list(t))]
+        return "", {c: (k, f"top_k {k}") for c in lists}
 
     def shard_columns(self, out: dict[str, np.ndarray], config: Any) -> dict[str, pa.Array]:
+        packed = {
+            n: fixed_list(a, config.top_k) if a.ndim == 2 else pa.array(a) for n, a in self.pack(out["logp"]).items()
+        }
         return {
             "topk_ids": fixed_list(out["ids"], config.top_k),
-            "topk_logp": fixed_list(out["logp"], config.top_k),
+            **packed,
             "logz": pa.array(out["logz"]),
             "tail_mass": pa.array(out["tail"]),
         }
@@ -137,10 +177,26 @@ class TopK(TargetFormat):
     def decode(self, table: pa.Table, m: dict, top_k: int) -> dict[str, np.ndarray]:
         k = int(m["top_k"])
         keep = top_k or k
+        packed = {
+            n: flat(table.column(n)).reshape(-1, k) if pa.types.is_list(t) else table.column(n).to_numpy()
+            for n, t in self.logp_fields
+        }
+        # The whole k first: an encoding may rescale over all of it; a prefix of exact log-probs stays exact.
+        logp = self.unpack(packed, table.column("tail_mass").to_numpy())
         return {
             "ids": flat(table.column("topk_ids")).reshape(-1, k)[:, :keep].astype(np.int64),
-            "logp": np.ascontiguousarray(flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
+            "logp": np.ascontiguousarray(logp[:, :keep], dtype=np.float32),
             "logz": table.column("logz").to_numpy(),
+        }
+
+    def plain(self, table: pa.Table, m: dict) -> dict[str, pa.Array]:
+        k = int(m["top_k"])
+        logp = self.decode(table, m, 0)["logp"]
+        return {
+            "topk_ids": table.column("topk_ids"),
+            "topk_logp": fixed_list(logp, k),
+            "logz": table.column("logz"),
+            "tail_mass": table.column("tail_mass"),
         }
 
     def batch_targets(self, t: dict, m: dict) -> Any:
@@ -152,10 +208,10 @@ class TopK(TargetFormat):
         return None
 
     def sql_columns(self) -> str:
-        return ", ".join(self.columns)
+        return f"topk_ids, {self.logp_sql()} AS topk_logp, logz, tail_mass"
 
     def describe(self, m: dict) -> str:
-        return f"top-{m['top_k']}"
+        return f"top-{m['top_k']}" + ("" if self.encoding == "fp32" else f", {self.encoding} log-probs")
 
     def statistics_sql(self, source: str, m: dict) -> tuple[str, dict[str, str], str]:
         """tail_mass and top1_prob (= exp(topk_logp[1])) are exact. The teacher's entropy at T is not stored, so it
@@ -259,27 +315,82 @@ class Sampled(TargetFormat):
         )
 
 
-FORMATS: dict[str, TargetFormat] = {f.name: f for f in (TopK(), Sampled())}
+class TopKFp16(TopK):
+    """Log-probs as float16: half the bytes, |error| <= 2^-11 |log p| (written PLAIN: DuckDB cannot read
+    BYTE_STREAM_SPLIT float16)."""
+
+    encoding = "fp16"
+    logp_fields = (("topk_logp", pa.list_(pa.float16())),)
+
+    def pack(self, logp: np.ndarray) -> dict[str, np.ndarray]:
+        return {"topk_logp": logp.astype(np.float16)}
+
+    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> np.ndarray:
+        return packed["topk_logp"].astype(np.float32)
+
+    def logp_sql(self) -> str:
+        return "topk_logp::FLOAT[]"
 
 
-def get_format(name: str) -> TargetFormat:
-    """The format called ``name`` (config.problems() has already refused unknown names from users)."""
-    try:
+INT8_RANGE = 32.0  # nats below the top-1 that 8-bit codes span at most; an id e^-32 less likely reads as that
+
+
+class TopKInt8(TopK):
+    """8-bit log-probs: per position, codes q = round((log p_1 - log p_i) / step) in 0..255 and the step (float32),
+    step = min(log p_1 - log p_k, INT8_RANGE) / 255. Decoding rescales the decoded top-k to sum to 1 - tail_mass
+    (the tail stays exact), so log p_1 itself need not be stored: |error| <= step for ids within INT8_RANGE.
+    """
+
+    encoding = "int8"
+    logp_fields = (("topk_q", pa.list_(pa.uint8())), ("logp_step", pa.float32()))
+
+    def pack(self, logp: np.ndarray) -> dict[str, np.ndarray]:
+        below = logp[:, :1].astype(np.float64) - logp  # >= 0, descending order; +inf for ids of probability 0
+        span = np.minimum(below[:, -1], INT8_RANGE) if logp.shape[1] else np.zeros(len(logp))
+        step = (span / 255).astype(np.float32)
+        safe = np.where(step > 0, step, 1.0)[:, None]
+        codes = np.where(step[:, None] > 0, np.rint(np.minimum(below / safe, 255)), 0)
+        return {"topk_q": codes.astype(np.uint8), "logp_step": step}
+
+    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> np.ndarray:
+        rel = -packed["topk_q"].astype(np.float64) * packed["logp_step"].astype(np.float64)[:, None]
+        # rel's maximum is 0 (the top-1's code), so this log-sum-exp cannot overflow.
+        norm = np.log(np.maximum(1 - tail.astype(np.float64), np.finfo(np.float64).tiny))
+        return (rel + (norm - np.log(np.exp(rel).sum(1)))[:, None]).astype(np.float32)
+
+    def logp_sql(self) -> str:
+        rel = "-(q::DOUBLE) * logp_step"
+        norm = "ln(greatest(1 - tail_mass::DOUBLE, 1e-300))"
+        lse = "ln(list_sum([exp(-(c::DOUBLE) * logp_step) FOR c IN topk_q]))"
+        return f"[({rel} + {norm} - {lse})::FLOAT FOR q IN topk_q]"
+
+
+ENCODINGS: dict[str, TopK] = {e.encoding: e for e in (TopK(), TopKFp16(), TopKInt8())}
+FORMATS: dict[str, TargetFormat] = {f.name: f for f in (ENCODINGS["fp32"], Sampled())}
+
+
+def get_format(name: str, encoding: str = "fp32") -> TargetFormat:
+    """The format called ``name``, top-k in ``encoding`` (config.problems() has refused unknown names from users)."""
+    if name == TopK.name and encoding in ENCODINGS:
+        return ENCODINGS[encoding]
+    if name in FORMATS and encoding == "fp32":
         return FORMATS[name]
-    except KeyError:
-        raise CacheError(f"unknown target format {name!r}; this pipeline reads {sorted(FORMATS)}") from None
+    raise CacheError(
+        f"unknown target format {name!r} in encoding {encoding!r}; this pipeline reads {sorted(FORMATS)}, "
+        f"top-k in {sorted(ENCODINGS)}"
+    )
 
 
 def format_of(manifest: dict) -> TargetFormat:
-    """A cache's format, from its manifest."""
-    return get_format(manifest.get("target_format", DEFAULT_FORMAT))
+    """A cache's format, from its manifest (a manifest without an encoding predates them: fp32)."""
+    return get_format(manifest.get("target_format", DEFAULT_FORMAT), manifest.get("encoding", "fp32"))
 
 
 def view_columns(of: TargetFormat | None) -> str:
-    """The `positions` view's target columns for one cache: its format's own, every other format's as NULLs
-    (``of`` None: all NULLs, for the view over no caches)."""
+    """The `positions` view's target columns for one cache: its format's own (decoded), every other format's as
+    NULLs (``of`` None: all NULLs, for the view over no caches)."""
     return ", ".join(
-        f.sql_columns() if of is not None and f.name == of.name else f.null_columns for f in FORMATS.values()
+        of.sql_columns() if of is not None and f.name == of.name else f.null_columns for f in FORMATS.values()
     )
 
 

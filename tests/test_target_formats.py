@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import duckdb
@@ -9,9 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pipeline.cli import main
+from stages import cache_teacher
+from stages.cache_format import MANIFEST_CHECKSUM, open_cache, shard_schema, write_manifest
+from stages.config import CacheTeacherConfig
+from stages.dataset import Dataset
 from stages.errors import CacheError
-from stages.target_formats import FORMATS, format_of, get_format, view_columns
+from stages.loader import StreamingLoader
+from stages.target_formats import ENCODINGS, FORMATS, INT8_RANGE, format_of, get_format, view_columns
 
 ROWS, K, SAMPLES, V = 5, 4, 6, 50
 
@@ -86,3 +97,179 @@ def test_a_manifest_without_a_format_is_top_k_and_an_unknown_one_is_refused() ->
     assert format_of({}).name == "topk"
     with pytest.raises(CacheError, match="unknown target format 'dense'"):
         format_of({"target_format": "dense"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 64),
+    st.floats(0.05, 30.0),
+    st.integers(0, 2**31),
+)
+def test_every_encoding_decodes_within_its_bound(n: int, k: int, scale: float, seed: int) -> None:
+    """decode(encode(log p)) with the exact tail: fp32 exact, fp16 within half an ulp, int8 within one step."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k + 5)) * scale
+    logp_all = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        - logits.max(1, keepdims=True)
+    )
+    logp = -np.sort(-logp_all, 1)[:, :k].astype(np.float32)
+    tail = np.maximum(1 - np.exp(logp.astype(np.float64)).sum(1), 0).astype(np.float32)
+    for name, encoding in ENCODINGS.items():
+        decoded = encoding.unpack(encoding.pack(logp), tail)
+        assert decoded.shape == logp.shape and decoded.dtype == np.float32
+        err = np.abs(decoded.astype(np.float64) - logp)
+        if name == "fp32":
+            assert (err == 0).all()
+        elif name == "fp16":
+            assert (err <= 2.0**-11 * np.abs(logp) + 2.0**-24).all()
+        else:
+            step = np.minimum(logp[:, :1] - logp[:, -1:], INT8_RANGE) / 255
+            within = logp >= logp[:, :1] - INT8_RANGE
+            assert (err[within] <= (step * 1.001 + 1e-5).repeat(k, 1)[within]).all()
+            # Rescaled: the decoded top-k and the exact tail make a distribution.
+            np.testing.assert_allclose(np.exp(decoded.astype(np.float64)).sum(1) + tail, 1.0, rtol=1e-5)
+
+
+def test_int8_is_exact_when_k_is_one_and_keeps_the_order() -> None:
+    logp = np.log(np.array([[0.7], [0.2]], np.float32))
+    tail = (1 - np.exp(logp[:, 0])).astype(np.float32)
+    int8 = ENCODINGS["int8"]
+    np.testing.assert_allclose(int8.unpack(int8.pack(logp), tail), logp, atol=1e-6)
+    wide = np.log(np.array([[0.5, 0.3, 0.1, 0.05, 0.05]], np.float32))
+    decoded = int8.unpack(int8.pack(wide), np.zeros(1, np.float32))
+    assert (np.diff(decoded[0]) <= 0).all()  # still by descending probability
+
+
+@pytest.fixture
+def encoded_caches(token_setup: dict, tmp_path: Path) -> dict:
+    """One token teacher cached at k = 16 in every encoding (V = 50)."""
+    out = {}
+    for name in ENCODINGS:
+        config = CacheTeacherConfig(
+            teacher=str(token_setup["teacher"]),
+            data=str(token_setup["data"]),
+            cache_dir=str(tmp_path / "cache"),
+            top_k=16,
+            encoding=name,
+        )
+        out[name] = open_cache(cache_teacher.run(config, progress=False, log=lambda m: None).path)
+    return {**token_setup, "caches": out, "root": tmp_path / "cache", "runs": tmp_path / "runs"}
+
+
+def _loader_targets(cache, data: str) -> tuple[np.ndarray, np.ndarray]:
+    loader = StreamingLoader(
+        Dataset(data), [cache], input_columns=["input_ids"], batch_size=64, token_level=True, shuffle=False
+    )
+    ids, logp = [], []
+    for batch in loader:
+        t = batch.targets[0]
+        ids.append(t.ids[batch.mask].numpy())
+        logp.append(t.logp[batch.mask].numpy())
+    return np.concatenate(ids), np.concatenate(logp)
+
+
+def test_readers_agree_across_encodings(encoded_caches: dict) -> None:
+    """Loader, DuckDB view, caches show and the probe: every encoding reads back as the fp32 cache, within bound."""
+    caches, data = encoded_caches["caches"], str(encoded_caches["data"])
+    assert len({c.key for c in caches.values()}) == 3
+    assert "encoding" not in caches["fp32"].manifest["request"]  # fp32 keeps format 1's keys
+    for c in caches.values():
+        c.verify(checksums=True)
+    sizes = {n: c.manifest["bytes_per_position"] for n, c in caches.items()}
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+
+    ids32, logp32 = _loader_targets(caches["fp32"], data)
+    for name in ("fp16", "int8"):
+        ids, logp = _loader_targets(caches[name], data)
+        np.testing.assert_array_equal(ids, ids32)  # same ids, by descending probability
+        bound = 2.0**-11 * np.abs(logp32) + 1e-6 if name == "fp16" else INT8_RANGE / 255
+        assert (np.abs(logp - logp32) <= bound).all()
+        probe = caches[name].manifest["fidelity"]
+        assert probe["encoding"] == name and 0 < probe["encoding_max_abs_dlogp"] <= np.max(bound)
+        assert abs(probe["encoding_kl_mean"]) < 1e-3
+    assert caches["fp32"].manifest["fidelity"]["encoding_max_abs_dlogp"] == 0
+
+    runner = CliRunner()
+    sql = (
+        "SELECT cache_key, id, position, topk_ids, topk_logp, tail_mass FROM positions ORDER BY cache_key, id, position"
+    )
+    got = runner.invoke(main, ["query", sql, "--cache-dir", str(encoded_caches["root"]), "--format", "json"])
+    assert got.exit_code == 0, got.output
+    rows = json.loads(got.output)
+    by_cache = {n: [r for r in rows if r["cache_key"] == c.key] for n, c in caches.items()}
+    assert len(by_cache["int8"]) == len(ids32)
+    ref = np.array([r["topk_logp"] for r in by_cache["fp32"]])
+    for name in ("fp16", "int8"):
+        view = np.array([r["topk_logp"] for r in by_cache[name]])
+        assert [r["topk_ids"] for r in by_cache[name]] == [r["topk_ids"] for r in by_cache["fp32"]]
+        assert np.abs(view - ref).max() <= INT8_RANGE / 255
+    # The view decodes int8 exactly as the loader does (the loader is in dataset order too, unshuffled).
+    _, logp8 = _loader_targets(caches["int8"], data)
+    np.testing.assert_allclose(np.array([r["topk_logp"] for r in by_cache["int8"]]), logp8, atol=1e-5)
+
+    shown = runner.invoke(main, ["caches", "show", caches["int8"].key, "--cache-dir", str(encoded_caches["root"])])
+    assert shown.exit_code == 0, shown.output
+    assert "top-16, int8 log-probs" in shown.output and "int8-decoded" in shown.output and "top-1 prob" in shown.output
+
+
+def test_a_format_1_manifest_without_an_encoding_reads_as_fp32(encoded_caches: dict) -> None:
+    cache = encoded_caches["caches"]["fp32"]
+    manifest = {k: v for k, v in cache.manifest.items() if k not in ("encoding", MANIFEST_CHECKSUM)}
+    write_manifest(manifest, cache.path)
+    reopened = open_cache(cache.path)
+    assert reopened.format.encoding == "fp32" and reopened.key == cache.key
+    reopened.verify(checksums=True)
+    ids, _ = _loader_targets(reopened, str(encoded_caches["data"]))
+    assert len(ids) == reopened.manifest["num_positions"]
+
+
+def test_an_encoding_edited_into_a_manifest_is_refused(encoded_caches: dict) -> None:
+    cache = encoded_caches["caches"]["fp16"]
+    write_manifest(
+        {k: v for k, v in cache.manifest.items() if k != MANIFEST_CHECKSUM} | {"encoding": "int8"}, cache.path
+    )
+    with pytest.raises(CacheError, match="says encoding 'int8'"):
+        open_cache(cache.path)
+
+
+def test_encoding_applies_to_top_k_only() -> None:
+    problems = CacheTeacherConfig(teacher="t", data="d", target_format="sampled", encoding="int8").problems()
+    assert any("encoding: int8 applies to top-k" in p for p in problems)
+    assert any("must be one of" in p for p in CacheTeacherConfig(teacher="t", data="d", encoding="bf8").problems())
+
+
+def test_caches_export_writes_decoded_plain_targets(encoded_caches: dict, tmp_path: Path) -> None:
+    caches, root = encoded_caches["caches"], str(encoded_caches["root"])
+    runner = CliRunner()
+    tables = {}
+    for name, cache in caches.items():
+        out = tmp_path / f"{name}.parquet"
+        got = runner.invoke(main, ["caches", "export", cache.key[:8], "--cache-dir", root, "--out", str(out)])
+        assert got.exit_code == 0, got.output
+        assert got.stdout.splitlines()[-1] == str(out)
+        tables[name] = pq.read_table(out)
+        assert tables[name].schema.equals(shard_schema(pa.int64(), [])), tables[name].schema
+    original = pa.concat_tables(caches["fp32"].iter_tables())
+    assert tables["fp32"].equals(original.select(tables["fp32"].column_names))  # fp32 exports the cache as it is
+    _, logp8 = _loader_targets(caches["int8"], str(encoded_caches["data"]))
+    exported = np.array(tables["int8"].column("topk_logp").to_pylist())
+    np.testing.assert_array_equal(exported, logp8)  # the loader's decoding, written out
+    assert tables["int8"].column("topk_ids").equals(tables["fp32"].column("topk_ids"))
+
+
+def test_caches_export_refuses_a_sampled_cache(token_setup: dict, tmp_path: Path) -> None:
+    config = CacheTeacherConfig(
+        teacher=str(token_setup["teacher"]),
+        data=str(token_setup["data"]),
+        cache_dir=str(tmp_path / "cache"),
+        target_format="sampled",
+        samples=8,
+    )
+    key = cache_teacher.run(config, progress=False, log=lambda m: None).path.name
+    out = tmp_path / "x.parquet"
+    got = CliRunner().invoke(main, ["caches", "export", key, "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert got.exit_code == 1 and "no plain top-k form to export" in got.output and not out.exists()
+    assert not list(tmp_path.glob("*.tmp"))
