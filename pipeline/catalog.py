@@ -384,8 +384,9 @@ class Catalog:
     def positions_sql(entry: CacheEntry) -> str:
         """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
         files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in entry.shard_files())
-        columns = view_columns(format_of(entry.manifest))
-        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM read_parquet([{files}])"
+        target_format = format_of(entry.manifest)
+        source = target_format.sql_source(f"read_parquet([{files}])")
+        return f"SELECT '{entry.key}' AS cache_key, id, position, {view_columns(target_format)} FROM {source}"
 
     def sql(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """Run SQL over the views: (column names, rows). A DuckDB error comes back as its own message."""

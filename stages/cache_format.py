@@ -96,8 +96,11 @@ def _temp_for(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_shard(table: pa.Table, path: Path) -> dict:
-    """Write one shard atomically (temp name, fsync, rename) and return its journal entry."""
+def write_shard(table: pa.Table, path: Path, options: dict | None = None) -> dict:
+    """Write one shard atomically (temp name, fsync, rename) and return its journal entry.
+
+    ``options``: further pyarrow write options (a target format's ``parquet_options``).
+    """
     with _temp_for(path) as tmp:
         pq.write_table(
             table,
@@ -106,6 +109,7 @@ def write_shard(table: pa.Table, path: Path) -> dict:
             use_dictionary=["id"],
             row_group_size=ROW_GROUP_POSITIONS,
             write_statistics=["id", "position", "logz", "tail_mass"],
+            **(options or {}),
         )
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

@@ -153,7 +153,7 @@ def _fill(
         table, probe = runner.run(start, stop, bar)
         shard_path = cache_dir / fmt.SHARD_PATTERN.format(s)
         with _writing(shard_path, len(done)):
-            entry = fmt.write_shard(table, shard_path)
+            entry = fmt.write_shard(table, shard_path, runner.format.parquet_options)
             # The shapes and vocabulary the runner learnt: a resume that computes no shard still knows them.
             entry.update(
                 shard=s,

@@ -13,7 +13,7 @@ from stages import targets
 from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
-from stages.target_formats import fixed_list, get_format
+from stages.target_formats import by_id, fixed_list, get_format
 from stages.teacher import CLASSIFIER, Teacher
 
 # Post-processing works on row blocks of the logits so its memory does not grow with batch x V.
@@ -246,7 +246,7 @@ class ShardRunner:
             if drawn is None:
                 tail = targets.tail_mass(logp, self.num_classes)
                 self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp).tolist()
-                self._probe_encoding(logp.numpy(), tail.numpy())
+                self._probe_encoding(top_ids.to(torch.int32).numpy(), logp.numpy(), tail.numpy())
             else:
                 covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
                 tail = 1 - covered.sum(-1).float()
@@ -255,11 +255,12 @@ class ShardRunner:
             self.probe_stats["tail"] += tail.tolist()
         self.probe_left -= len(rows)
 
-    def _probe_encoding(self, logp: np.ndarray, tail: np.ndarray) -> None:
+    def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray) -> None:
         """What the encoding loses: KL from the exact top-k + tail to the decoded top-k + the same (exact) tail,
-        and the largest |delta log p| over the ids the teacher gives any probability."""
-        decoded = self.format.unpack(self.format.pack(logp), tail).astype(np.float64)
-        exact = logp.astype(np.float64)
+        and the largest |delta log p| over the ids the teacher gives any probability (matched by id: an encoding
+        may order ids of equal decoded probability otherwise)."""
+        decoded_ids, decoded = self.format.unpack(self.format.pack(ids, logp), tail)
+        exact, decoded = by_id(ids, logp), by_id(decoded_ids, decoded)
         p = np.exp(exact)
         diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
         self.probe_stats["enc_kl"] += (p * diff).sum(1).tolist()

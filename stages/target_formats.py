@@ -28,6 +28,7 @@ class TargetFormat:
     columns: ClassVar[tuple[str, ...]]  # the shard's target columns, in schema order
     null_columns: ClassVar[str]  # the DuckDB `positions` view's columns of this format, as NULLs of their types
     drawn: ClassVar[bool] = False  # targets are draws from the dense logits (need them whole), not a top-k
+    parquet_options: ClassVar[dict] = {}  # pyarrow write options beyond write_shard's own
 
     def fields(self) -> list[pa.Field]:
         """The shard's target columns (between ``position`` and the hidden states)."""
@@ -72,6 +73,10 @@ class TargetFormat:
         """The KD loss this format feeds, or None to let the method choose (top-k targets feed several)."""
         raise NotImplementedError
 
+    def sql_source(self, read: str) -> str:
+        """The FROM clause of the `positions` view over ``read`` (read_parquet(...)); a subquery may add helpers."""
+        return read
+
     def sql_columns(self) -> str:
         """This format's columns in the DuckDB `positions` view (decoded: `pipeline query` sees one schema)."""
         raise NotImplementedError
@@ -99,38 +104,46 @@ class TargetFormat:
 class TopK(TargetFormat):
     """The k most likely ids with their log-probabilities under the full softmax, logZ and the exact tail mass.
 
-    The log-probabilities are stored in an encoding, one subclass each: fp32 here (exact, format 1's columns),
-    TopKFp16 and TopKInt8. An encoding owns ``pack`` (log-probs -> its columns), ``unpack`` (its columns ->
-    log-probs) and the SQL that decodes them; every reader gets ``topk_logp`` back, ids by descending probability.
+    Ids and log-probabilities are stored in an encoding, one subclass each: fp32 here (exact, format 1's
+    columns), TopKFp16 and TopKInt8. An encoding owns ``pack`` (ids, log-probs -> its columns), ``unpack`` (its
+    columns -> ids, log-probs), the SQL that decodes them and its Parquet writer options; every reader gets
+    ``topk_ids`` and ``topk_logp`` back, ids by descending probability.
     """
 
     name = "topk"
     encoding: ClassVar[str] = "fp32"
-    # The encoded log-prob columns: (name, Arrow type); list columns hold k values per position.
-    logp_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]] = (("topk_logp", pa.list_(pa.float32())),)
+    # The encoded id and log-prob columns: (name, Arrow type); list columns hold k values per position.
+    encoded_fields: ClassVar[tuple[tuple[str, pa.DataType], ...]] = (
+        ("topk_ids", pa.list_(pa.int32())),
+        ("topk_logp", pa.list_(pa.float32())),
+    )
     null_columns = (
         "NULL::INTEGER[] AS topk_ids, NULL::FLOAT[] AS topk_logp, NULL::FLOAT AS logz, NULL::FLOAT AS tail_mass"
     )
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return ("topk_ids", *(n for n, _ in self.logp_fields), "logz", "tail_mass")
+        return (*(n for n, _ in self.encoded_fields), "logz", "tail_mass")
 
     def fields(self) -> list[pa.Field]:
         return [
-            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            *(pa.field(n, t, nullable=False) for n, t in self.logp_fields),
+            *(pa.field(n, t, nullable=False) for n, t in self.encoded_fields),
             pa.field("logz", pa.float32(), nullable=False),
             pa.field("tail_mass", pa.float32(), nullable=False),
         ]
 
-    def pack(self, logp: np.ndarray) -> dict[str, np.ndarray]:
-        """[N, k] float32 log-probs (descending) -> the encoded columns' arrays ([N, k] lists or [N] scalars)."""
-        return {"topk_logp": logp.astype(np.float32, copy=False)}
+    def pack(self, ids: np.ndarray, logp: np.ndarray) -> dict[str, np.ndarray]:
+        """[N, k] int32 ids and float32 log-probs (descending) -> the encoded columns' arrays ([N, k] or [N])."""
+        return {"topk_ids": ids.astype(np.int32, copy=False), "topk_logp": logp.astype(np.float32, copy=False)}
 
-    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> np.ndarray:
-        """The encoded columns' arrays and the exact tail mass [N] -> [N, k] float32 log-probs."""
-        return packed["topk_logp"]
+    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The encoded columns' arrays and the exact tail mass [N] -> [N, k] ids and float32 log-probs, by
+        descending (decoded) probability."""
+        return packed["topk_ids"], packed["topk_logp"]
+
+    def ids_sql(self) -> str:
+        """A DuckDB expression giving topk_ids as INTEGER[] by descending probability."""
+        return "topk_ids"
 
     def logp_sql(self) -> str:
         """A DuckDB expression over the encoded columns (and tail_mass) giving topk_logp as FLOAT[]."""
@@ -160,16 +173,13 @@ class TopK(TargetFormat):
 
     def size_problem(self, values: dict[str, int], rows: int, m: dict) -> tuple[str, dict[str, tuple[int, str]]]:
         k = int(m["top_k"])
-        lists = ["topk_ids", *(n for n, t in self.logp_fields if pa.types.is_list(t))]
+        lists = [n for n, t in self.encoded_fields if pa.types.is_list(t)]
         return "", {c: (k, f"top_k {k}") for c in lists}
 
     def shard_columns(self, out: dict[str, np.ndarray], config: Any) -> dict[str, pa.Array]:
-        packed = {
-            n: fixed_list(a, config.top_k) if a.ndim == 2 else pa.array(a) for n, a in self.pack(out["logp"]).items()
-        }
+        packed = self.pack(out["ids"], out["logp"])
         return {
-            "topk_ids": fixed_list(out["ids"], config.top_k),
-            **packed,
+            **{n: fixed_list(a, config.top_k) if a.ndim == 2 else pa.array(a) for n, a in packed.items()},
             "logz": pa.array(out["logz"]),
             "tail_mass": pa.array(out["tail"]),
         }
@@ -179,22 +189,22 @@ class TopK(TargetFormat):
         keep = top_k or k
         packed = {
             n: flat(table.column(n)).reshape(-1, k) if pa.types.is_list(t) else table.column(n).to_numpy()
-            for n, t in self.logp_fields
+            for n, t in self.encoded_fields
         }
         # The whole k first: an encoding may rescale over all of it; a prefix of exact log-probs stays exact.
-        logp = self.unpack(packed, table.column("tail_mass").to_numpy())
+        ids, logp = self.unpack(packed, table.column("tail_mass").to_numpy())
         return {
-            "ids": flat(table.column("topk_ids")).reshape(-1, k)[:, :keep].astype(np.int64),
+            "ids": ids[:, :keep].astype(np.int64),
             "logp": np.ascontiguousarray(logp[:, :keep], dtype=np.float32),
             "logz": table.column("logz").to_numpy(),
         }
 
     def plain(self, table: pa.Table, m: dict) -> dict[str, pa.Array]:
         k = int(m["top_k"])
-        logp = self.decode(table, m, 0)["logp"]
+        decoded = self.decode(table, m, 0)
         return {
-            "topk_ids": table.column("topk_ids"),
-            "topk_logp": fixed_list(logp, k),
+            "topk_ids": fixed_list(decoded["ids"].astype(np.int32), k),
+            "topk_logp": fixed_list(decoded["logp"], k),
             "logz": table.column("logz"),
             "tail_mass": table.column("tail_mass"),
         }
@@ -208,7 +218,7 @@ class TopK(TargetFormat):
         return None
 
     def sql_columns(self) -> str:
-        return f"topk_ids, {self.logp_sql()} AS topk_logp, logz, tail_mass"
+        return f"{self.ids_sql()} AS topk_ids, {self.logp_sql()} AS topk_logp, logz, tail_mass"
 
     def describe(self, m: dict) -> str:
         return f"top-{m['top_k']}" + ("" if self.encoding == "fp32" else f", {self.encoding} log-probs")
@@ -315,54 +325,101 @@ class Sampled(TargetFormat):
         )
 
 
+def to_gaps(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[N, k] ids and per-id values -> (int32 gaps between the ids in ascending order, the values in that order).
+
+    Ascending ids differ by small numbers, which BYTE_STREAM_SPLIT and zstd shrink to about a byte each."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    gaps = np.diff(np.take_along_axis(ids.astype(np.int64), order, 1), axis=1, prepend=0).astype(np.int32)
+    return gaps, np.take_along_axis(values, order, 1)
+
+
+def from_gaps(gaps: np.ndarray, values: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Undo ``to_gaps``: (int32 ids, values), each row put in the order ``rank`` (indices into id order)."""
+    ascending = np.cumsum(gaps, axis=1, dtype=np.int64)
+    return np.take_along_axis(ascending, rank, 1).astype(np.int32), np.take_along_axis(values, rank, 1)
+
+
+GAP_OPTIONS = {"compression_level": 19, "column_encoding": {"topk_gaps.list.element": "BYTE_STREAM_SPLIT"}}
+# The gaps' SQL: absolute ids (a running sum), computed once per row in the view's subquery.
+_ASCENDING_IDS_SQL = "[list_sum(topk_gaps[1:j]) FOR j IN range(1, len(topk_gaps) + 1)] AS _ascending_ids"
+
+
 class TopKFp16(TopK):
-    """Log-probs as float16: half the bytes, |error| <= 2^-11 |log p| (written PLAIN: DuckDB cannot read
-    BYTE_STREAM_SPLIT float16)."""
+    """Log-probs as float16 (|error| <= 2^-11 |log p|; written PLAIN: DuckDB cannot read BYTE_STREAM_SPLIT
+    float16), ids ascending as gaps with their log-probs in the same order; decoding sorts by log-prob (ties by id).
+    """
 
     encoding = "fp16"
-    logp_fields = (("topk_logp", pa.list_(pa.float16())),)
+    encoded_fields = (("topk_gaps", pa.list_(pa.int32())), ("topk_logp", pa.list_(pa.float16())))
+    parquet_options = GAP_OPTIONS
 
-    def pack(self, logp: np.ndarray) -> dict[str, np.ndarray]:
-        return {"topk_logp": logp.astype(np.float16)}
+    def pack(self, ids: np.ndarray, logp: np.ndarray) -> dict[str, np.ndarray]:
+        gaps, values = to_gaps(ids, logp.astype(np.float16))
+        return {"topk_gaps": gaps, "topk_logp": values}
 
-    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> np.ndarray:
-        return packed["topk_logp"].astype(np.float32)
+    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values = packed["topk_logp"].astype(np.float32)
+        rank = np.argsort(-values, axis=1, kind="stable")  # descending probability, ties by id
+        return from_gaps(packed["topk_gaps"], values, rank)
+
+    def sql_source(self, read: str) -> str:
+        return f"(SELECT *, {_ASCENDING_IDS_SQL} FROM {read})"
+
+    def ids_sql(self) -> str:
+        return "[_ascending_ids[i]::INTEGER FOR i IN list_grade_up([-x FOR x IN topk_logp::FLOAT[]])]"
 
     def logp_sql(self) -> str:
-        return "topk_logp::FLOAT[]"
+        return "list_reverse_sort(topk_logp::FLOAT[])"
 
 
-INT8_RANGE = 32.0  # nats below the top-1 that 8-bit codes span at most; an id e^-32 less likely reads as that
+INT8_LEVELS = 63  # code steps of sqrt(p / p_1): 6 bits of the byte, measured enough (benchmarks/encodings.py)
 
 
 class TopKInt8(TopK):
-    """8-bit log-probs: per position, codes q = round((log p_1 - log p_i) / step) in 0..255 and the step (float32),
-    step = min(log p_1 - log p_k, INT8_RANGE) / 255. Decoding rescales the decoded top-k to sum to 1 - tail_mass
-    (the tail stays exact), so log p_1 itself need not be stored: |error| <= step for ids within INT8_RANGE.
+    """8-bit probability codes and delta-coded ids, the most compact top-k.
+
+    Per position, code c_i = round((1 - sqrt(p_i / p_1)) * INT8_LEVELS), one byte: square-root spacing puts the
+    resolution where the probability mass is (the KL an error costs scales with p_i), and few distinct codes
+    compress well. Decoding takes u_i = max(1 - c_i / INT8_LEVELS, 1 / (2 INT8_LEVELS)), p_i proportional to u_i^2,
+    rescaled so the top-k sums to 1 - tail_mass (the tail stays exact); the top-1's code is 0, so p_1 need not be
+    stored: |sqrt(p_i / p_1) decoded - exact| <= 1 / (2 INT8_LEVELS).
+    Ids are stored in ascending order as gaps from the previous one (small numbers: BYTE_STREAM_SPLIT and zstd
+    level 19 shrink them), their codes in the same order; decoding sorts by code, ties by id, so readers get ids
+    by descending decoded probability (ids of equal code have equal decoded probability).
     """
 
     encoding = "int8"
-    logp_fields = (("topk_q", pa.list_(pa.uint8())), ("logp_step", pa.float32()))
+    encoded_fields = (("topk_gaps", pa.list_(pa.int32())), ("topk_q", pa.list_(pa.uint8())))
+    parquet_options = GAP_OPTIONS
 
-    def pack(self, logp: np.ndarray) -> dict[str, np.ndarray]:
-        below = logp[:, :1].astype(np.float64) - logp  # >= 0, descending order; +inf for ids of probability 0
-        span = np.minimum(below[:, -1], INT8_RANGE) if logp.shape[1] else np.zeros(len(logp))
-        step = (span / 255).astype(np.float32)
-        safe = np.where(step > 0, step, 1.0)[:, None]
-        codes = np.where(step[:, None] > 0, np.rint(np.minimum(below / safe, 255)), 0)
-        return {"topk_q": codes.astype(np.uint8), "logp_step": step}
+    def pack(self, ids: np.ndarray, logp: np.ndarray) -> dict[str, np.ndarray]:
+        root = np.exp((logp.astype(np.float64) - logp[:, :1]) / 2)  # sqrt(p_i / p_1) in [0, 1]
+        gaps, codes = to_gaps(ids, np.rint((1 - root) * INT8_LEVELS).astype(np.uint8))
+        return {"topk_gaps": gaps, "topk_q": codes}
 
-    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> np.ndarray:
-        rel = -packed["topk_q"].astype(np.float64) * packed["logp_step"].astype(np.float64)[:, None]
-        # rel's maximum is 0 (the top-1's code), so this log-sum-exp cannot overflow.
+    def unpack(self, packed: dict[str, np.ndarray], tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rank = np.argsort(packed["topk_q"], axis=1, kind="stable")  # ascending code = descending probability
+        ids, q = from_gaps(packed["topk_gaps"], packed["topk_q"].astype(np.float64), rank)
+        rel = 2 * np.log(np.maximum(1 - q / INT8_LEVELS, 0.5 / INT8_LEVELS))  # log(p_i / p_1), <= 0
         norm = np.log(np.maximum(1 - tail.astype(np.float64), np.finfo(np.float64).tiny))
-        return (rel + (norm - np.log(np.exp(rel).sum(1)))[:, None]).astype(np.float32)
+        return ids, (rel + (norm - np.log(np.exp(rel).sum(1)))[:, None]).astype(np.float32)
+
+    @staticmethod
+    def _rel_sql(code: str) -> str:
+        return f"2 * ln(greatest(1 - {code}::DOUBLE / {INT8_LEVELS}, {0.5 / INT8_LEVELS}))"
+
+    def sql_source(self, read: str) -> str:
+        # Once per row: the absolute ids and the log normaliser of the codes.
+        lse = f"ln(list_sum([exp({self._rel_sql('c')}) FOR c IN topk_q]))"
+        norm = f"ln(greatest(1 - tail_mass::DOUBLE, 1e-300)) - {lse}"
+        return f"(SELECT *, {_ASCENDING_IDS_SQL}, {norm} AS _logp_norm FROM {read})"
+
+    def ids_sql(self) -> str:
+        return "[_ascending_ids[i]::INTEGER FOR i IN list_grade_up(topk_q)]"
 
     def logp_sql(self) -> str:
-        rel = "-(q::DOUBLE) * logp_step"
-        norm = "ln(greatest(1 - tail_mass::DOUBLE, 1e-300))"
-        lse = "ln(list_sum([exp(-(c::DOUBLE) * logp_step) FOR c IN topk_q]))"
-        return f"[({rel} + {norm} - {lse})::FLOAT FOR q IN topk_q]"
+        return f"[({self._rel_sql('q')} + _logp_norm)::FLOAT FOR q IN list_sort(topk_q)]"
 
 
 ENCODINGS: dict[str, TopK] = {e.encoding: e for e in (TopK(), TopKFp16(), TopKInt8())}
@@ -392,6 +449,11 @@ def view_columns(of: TargetFormat | None) -> str:
     return ", ".join(
         of.sql_columns() if of is not None and f.name == of.name else f.null_columns for f in FORMATS.values()
     )
+
+
+def by_id(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[N, k] values reordered by ascending id per row, as float64: compares encodings whatever their id order."""
+    return np.take_along_axis(values.astype(np.float64), np.argsort(ids, axis=1, kind="stable"), 1)
 
 
 def flat(column: pa.ChunkedArray) -> np.ndarray:
