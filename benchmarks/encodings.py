@@ -26,7 +26,7 @@ import torch
 from stages.cache_format import open_cache, write_shard
 from stages.dataset import Dataset
 from stages.losses import KDLoss, SoftTargets
-from stages.target_formats import ENCODINGS, by_id, fixed_list
+from stages.formats import ENCODINGS, by_id, fixed_list
 
 
 def load_positions(cache_ref: str, positions: int) -> tuple[dict[str, np.ndarray], list[int], Dataset]:

@@ -35,7 +35,7 @@ from stages import cache_format as fmt
 from stages import run_dir
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
-from stages.target_formats import format_of, view_columns
+from stages.formats import format_of, view_columns
 
 _KEY_NAME = re.compile(rf"^[0-9a-f]{{{fmt.KEY_LENGTH}}}$")
 # Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.

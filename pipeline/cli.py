@@ -26,7 +26,7 @@ from stages.config import (
     TrainStudentConfig,
     load_config,
 )
-from stages.target_formats import ENCODINGS
+from stages.formats import ENCODINGS
 
 
 def _config_option(config: type, *decls: str, **attrs: Any) -> Callable:

@@ -19,7 +19,7 @@ from pipeline.catalog import Catalog, collect_garbage, remove_cache
 from pipeline.cli_base import errors_to_click, log
 from stages import cache_format as fmt
 from stages.errors import CacheError
-from stages.target_formats import format_of
+from stages.formats import format_of
 
 FORMATS = ("table", "csv", "json")
 

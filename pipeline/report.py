@@ -30,7 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.catalog import CacheEntry, Catalog, RunEntry
 from stages.dataset import Dataset
 from stages.errors import PipelineError
-from stages.target_formats import format_of
+from stages.formats import format_of
 
 RELIABILITY_BINS = 10  # equal-width confidence bins of the reliability diagram
 TAIL_BINS = 40  # bins of the tail-mass histogram over [0, max tail mass]

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from stages.dataset import sha256_file
 from stages.errors import CacheError
 from stages.manifest_checks import manifest_problem
-from stages.target_formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
+from stages.formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

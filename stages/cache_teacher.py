@@ -28,7 +28,7 @@ from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.export_teacher import read_card
 from stages.shard_runner import ShardRunner
-from stages.target_formats import get_format
+from stages.formats import get_format
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stages.errors import ConfigError
-from stages.target_formats import ENCODINGS, FORMATS
+from stages.formats import ENCODINGS, FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.errors import CacheError
-from stages.target_formats import DEFAULT_FORMAT, format_of
+from stages.formats import DEFAULT_FORMAT, format_of
 
 
 def manifest_problem(m: dict, request_key: str | None) -> str:

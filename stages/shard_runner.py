@@ -13,7 +13,7 @@ from stages import targets
 from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
-from stages.target_formats import by_id, fixed_list, get_format
+from stages.formats import by_id, fixed_list, get_format
 from stages.teacher import CLASSIFIER, Teacher
 
 # Post-processing works on row blocks of the logits so its memory does not grow with batch x V.

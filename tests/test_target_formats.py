@@ -24,7 +24,7 @@ from stages.dataset import Dataset
 from stages.errors import CacheError
 from stages.loader import StreamingLoader
 from stages.losses import KDLoss
-from stages.target_formats import ENCODINGS, FORMATS, INT8_LEVELS, by_id, format_of, get_format, view_columns
+from stages.formats import ENCODINGS, FORMATS, INT8_LEVELS, by_id, format_of, get_format, view_columns
 
 ROWS, K, SAMPLES, V = 5, 4, 6, 50
 
