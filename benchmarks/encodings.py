@@ -25,8 +25,8 @@ import torch
 
 from stages.cache_format import open_cache, write_shard
 from stages.dataset import Dataset
-from stages.losses import KDLoss, SoftTargets
 from stages.formats import ENCODINGS, by_id, fixed_list
+from stages.losses import KDLoss, SoftTargets
 
 
 def load_positions(cache_ref: str, positions: int) -> tuple[dict[str, np.ndarray], list[int], Dataset]:

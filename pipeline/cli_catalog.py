@@ -10,8 +10,8 @@ import csv
 import decimal
 import io
 import json
-from pathlib import Path
 import math
+from pathlib import Path
 
 import click
 

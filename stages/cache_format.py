@@ -49,8 +49,8 @@ import pyarrow.parquet as pq
 
 from stages.dataset import sha256_file
 from stages.errors import CacheError
-from stages.manifest_checks import manifest_problem
 from stages.formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
+from stages.manifest_checks import manifest_problem
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -27,8 +27,8 @@ from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.export_teacher import read_card
-from stages.shard_runner import ShardRunner
 from stages.formats import get_format
+from stages.shard_runner import ShardRunner
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume

@@ -21,8 +21,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from stages.cache_format import HIDDEN_PREFIX, Cache
 from stages.dataset import ID_COLUMN, LOSS_MASK_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
-from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 from stages.formats import flat
+from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 
 _UNIT_WITHOUT_CACHE = 4096  # examples per unit when no cache is attached (plain evaluation)
 

@@ -22,9 +22,9 @@ from stages.cache_format import MANIFEST_CHECKSUM, open_cache, shard_schema, wri
 from stages.config import CacheTeacherConfig
 from stages.dataset import Dataset
 from stages.errors import CacheError
+from stages.formats import ENCODINGS, FORMATS, INT8_LEVELS, by_id, format_of, get_format, view_columns
 from stages.loader import StreamingLoader
 from stages.losses import KDLoss
-from stages.formats import ENCODINGS, FORMATS, INT8_LEVELS, by_id, format_of, get_format, view_columns
 
 ROWS, K, SAMPLES, V = 5, 4, 6, 50
 
