@@ -310,3 +310,40 @@ def test_an_fp32_cache_of_every_class_gives_dense_kd(classifier_setup: dict) -> 
     dense = (teacher_logp.exp() * (teacher_logp - torch.log_softmax(student, -1))).sum(-1).mean()
     cached = KDLoss(1.0, 1.0)(student.float(), batch.targets[0], batch.labels, batch.mask).total
     assert float(cached) == pytest.approx(float(dense), rel=1e-5)
+
+
+def test_train_and_report_on_an_int8_cache(encoded_caches: dict, tmp_path: Path) -> None:
+    """The trainer and `report` read an int8 cache: the decoded tail mass equals the fp32 cache's."""
+    root, runs = str(encoded_caches["root"]), str(tmp_path / "runs")
+    cache = encoded_caches["caches"]["int8"]
+    runner = CliRunner()
+    trained = runner.invoke(
+        main,
+        [
+            "train-student",
+            "--data",
+            str(encoded_caches["data"]),
+            "--cache",
+            cache.key,
+            "--cache-dir",
+            root,
+            "--student",
+            "causal-lm:layers=1,d_model=16,heads=2",
+            "--epochs",
+            "1",
+            "--out",
+            f"{runs}/int8",
+            "--no-onnx",
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    got = runner.invoke(
+        main, ["report", "int8", "--out", str(tmp_path / "rep"), "--cache-dir", root, "--runs-dir", runs]
+    )
+    assert got.exit_code == 0, got.output
+    page = (tmp_path / "rep" / "report.md").read_text()
+    tail = float(np.mean(pa.concat_tables(encoded_caches["caches"]["fp32"].iter_tables(["tail_mass"])).column(0)))
+    assert (
+        "top-16, int8 log-probs" in page
+        and f"Tail mass (probability outside the cached top-k): mean {tail:.4g}" in page
+    )
