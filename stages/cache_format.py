@@ -52,7 +52,8 @@ from stages.errors import CacheError
 from stages.formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
 from stages.manifest_checks import manifest_problem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # hashed into every key: fixed, so caches keep their keys as formats are added
+READ_VERSIONS = (1, 2)  # manifest format_versions this reader knows: 2 = the fp16 and int8 encodings
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 JOURNAL = "progress.jsonl"
@@ -395,9 +396,9 @@ def open_cache(path: str | Path) -> Cache:
             f"cache {path}: {MANIFEST} is not a JSON object. Remove the cache and run cache-teacher again."
         )
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CacheError(
-            f"cache {path} has format_version {version!r}; this pipeline reads version {FORMAT_VERSION}. "
+            f"cache {path} has format_version {version!r}; this pipeline reads versions {READ_VERSIONS}. "
             "Rebuild the cache with this version of cache-teacher."
         )
     rm = f"pipeline caches rm {path.name}"

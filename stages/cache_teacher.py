@@ -247,7 +247,7 @@ def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, pos
     learnt = done[-1] if "hidden" in done[-1] else {"hidden": runner.hidden_shapes, "num_classes": runner.num_classes}
     shards = [{k: e[k] for k in ("file", "rows", "sha256", "bytes", "examples")} for e in done]
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": get_format(config.target_format, config.encoding).format_version,
         "key": key,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "target_format": config.target_format,

@@ -240,6 +240,17 @@ def test_a_format_1_manifest_without_an_encoding_reads_as_fp32(encoded_caches: d
     assert len(ids) == reopened.manifest["num_positions"]
 
 
+def test_encoded_caches_are_format_2_so_older_readers_refuse_them(encoded_caches: dict) -> None:
+    versions = {n: c.manifest["format_version"] for n, c in encoded_caches["caches"].items()}
+    assert versions == {"fp32": 1, "fp16": 2, "int8": 2}
+    cache = encoded_caches["caches"]["int8"]
+    write_manifest(
+        {k: v for k, v in cache.manifest.items() if k != MANIFEST_CHECKSUM} | {"format_version": 1}, cache.path
+    )
+    with pytest.raises(CacheError, match="says format_version 1, but top-16, int8 log-probs targets are version 2"):
+        open_cache(cache.path)
+
+
 def test_an_encoding_edited_into_a_manifest_is_refused(encoded_caches: dict) -> None:
     cache = encoded_caches["caches"]["fp16"]
     write_manifest(

@@ -20,6 +20,8 @@ class TargetFormat:
     null_columns: ClassVar[str]  # the DuckDB `positions` view's columns of this format, as NULLs of their types
     drawn: ClassVar[bool] = False  # targets are draws from the dense logits (need them whole), not a top-k
     parquet_options: ClassVar[dict] = {}  # pyarrow write options beyond write_shard's own
+    # The manifest's format_version: a reader that predates a format's columns refuses it by this number.
+    format_version: ClassVar[int] = 1
 
     def fields(self) -> list[pa.Field]:
         """The shard's target columns (between ``position`` and the hidden states)."""

@@ -185,6 +185,7 @@ class TopKFp16(TopK):
     """
 
     encoding = "fp16"
+    format_version = 2
     encoded_fields = (("topk_gaps", pa.list_(pa.int32())), ("topk_logp", pa.list_(pa.float16())))
     parquet_options = GAP_OPTIONS
 
@@ -224,6 +225,7 @@ class TopKInt8(TopK):
     """
 
     encoding = "int8"
+    format_version = 2
     encoded_fields = (("topk_gaps", pa.list_(pa.int32())), ("topk_q", pa.list_(pa.uint8())))
     parquet_options = GAP_OPTIONS
 
