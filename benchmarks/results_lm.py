@@ -219,7 +219,8 @@ def topk_caches(paths: dict[str, Path], out: Path, args: argparse.Namespace) -> 
 
 
 def sampled_caches(paths: dict[str, Path], out: Path, args: argparse.Namespace, caches: dict) -> None:
-    """Per matched k: probe N = 8, 16, ... until N costs more bytes than top-k; cache train with the last N that did not."""
+    """Per matched k: probe N = 8, 16, ... until N costs more bytes than top-k; cache train with the last N that
+    did not."""
     for k in args.match_k:
         budget, best = caches["probe"][f"top{k}"]["bytes_per_position"], None
         for n in args.samples_grid:  # ascending: bytes grow with N, so stop at the first N over the budget
@@ -519,10 +520,12 @@ def markdown(r: dict) -> str:
         data_paragraph(d),
         "",
         (
-            f"**Teacher.** `{Path(a['teacher']).name}`{SMOLLM2 if Path(a['teacher']) == TEACHER else ''}, ONNX Runtime on "
+            f"**Teacher.** `{Path(a['teacher']).name}`{SMOLLM2 if Path(a['teacher']) == TEACHER else ''}, "
+            "ONNX Runtime on "
             f"CPU, {a['threads']} threads. Test "
             f"perplexity **{t['perplexity']:.2f}**, exact, over the {t['positions']:,} test positions the students are "
-            f"scored on ({t['seconds']:.0f} s); the next token is in its top-64 at {100 * t['top64_coverage']:.1f}% of them."
+            f"scored on ({t['seconds']:.0f} s); the next token is in its top-64 at "
+            f"{100 * t['top64_coverage']:.1f}% of them."
         ),
         "",
         (
@@ -559,7 +562,8 @@ def markdown(r: dict) -> str:
         "agreement with the teacher; KL = KL(teacher ‖ student) over the test cache's top-64 + tail (every row, "
         "`--top-k` cuts the training targets only); bytes/position = the row's training targets on disk, on the probe."
         + (
-            f" **Scale cut:** {d['train']['tokens']:,} training tokens, below the issue's {ISSUE_TOKENS:,} (the default "
+            f" **Scale cut:** {d['train']['tokens']:,} training tokens, below the issue's {ISSUE_TOKENS:,} "
+            "(the default "
             "`--train-sequences 1600`); see the note below."
             if d["train"]["tokens"] < ISSUE_TOKENS
             else ""
@@ -572,7 +576,8 @@ def markdown(r: dict) -> str:
     for name, row in r["rows"].items():
         bpp = "—" if row["family"] == "ce" else f"{row['bytes_per_position']:.1f}"
         lines.append(
-            f"| {name} | {len(row['test_perplexity'])} | {row['lr']:g} | {row['alpha']:g} | {mean_std(row['test_perplexity'])} | "
+            f"| {name} | {len(row['test_perplexity'])} | {row['lr']:g} | {row['alpha']:g} | "
+            f"{mean_std(row['test_perplexity'])} | "
             f"{mean_std(row['test_agreement'], scale=100)} | {mean_std(row['test_kl'], 3)} | {bpp} | "
             f"{statistics.mean(row['train_seconds']):.0f} |"
         )
@@ -605,9 +610,11 @@ def markdown(r: dict) -> str:
             f"Wall time: {r['wall_seconds'] / 60:.1f} min for this invocation (data {r['data_seconds']:.0f} s, "
             f"{r['student_runs'] - r['kept_runs']} student runs trained in {r['student_seconds'] / 60:.1f} min, "
             f"{r['kept_runs']} kept from earlier invocations that ran the same `train-student` commands); the "
-            f"{r['student_runs']} runs' training took {r['student_train_seconds'] / 60:.0f} min in all, up to {a['jobs']} side by side "
+            f"{r['student_runs']} runs' training took {r['student_train_seconds'] / 60:.0f} min in all, "
+            f"up to {a['jobs']} side by side "
             f"(train s above varies with the machine's load while each run trained, not only with its row); teacher "
-            f"caching {r['cache_seconds'] / 60:.1f} min in all and teacher perplexity {t['seconds']:.0f} s, as measured when "
+            f"caching {r['cache_seconds'] / 60:.1f} min in all and teacher perplexity {t['seconds']:.0f} s, "
+            "as measured when "
             "first computed. 2 CPU cores shared with other jobs: throughput here is a lower bound. Outputs: "
             f"`{r['out']}/` (data, cache, runs, logs with every command, results_lm.json)."
             + (f" Note: {a['note']}" if a["note"] else "")

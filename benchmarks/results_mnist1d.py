@@ -637,7 +637,8 @@ def render(results: dict) -> str:
         results["command"],
         "```",
         "",
-        f"Hardware: {hw['cpu']}, {hw['cores']} cores shared with other jobs (load average {hw['load_average_start'][0]} "
+        f"Hardware: {hw['cpu']}, {hw['cores']} cores shared with other jobs "
+        f"(load average {hw['load_average_start'][0]} "
         f"at the start, {hw['load_average_end'][0]} at the end); torch {hw['torch']}, one torch thread per run, "
         f"{results['jobs']} runs at a time. Whole script: {results['wall_seconds'] / 60:.1f} min wall, "
         f"{results['cpu_seconds'] / 60:.1f} CPU-min (data and teachers {results['data_seconds']:.0f} s wall).",
@@ -686,7 +687,8 @@ def render(results: dict) -> str:
         "",
         "### Students",
         "",
-        "| row | student | parameters | test accuracy % | agreement with CNN % | gap closed | val % (seed 0) | train s / run "
+        "| row | student | parameters | test accuracy % | agreement with CNN % | gap closed | val % (seed 0) "
+        "| train s / run "
         "| CPU s / run | training cache(s) | settings (**bold**: chosen on validation) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -710,7 +712,8 @@ def render(results: dict) -> str:
             if k != "student"
         )
         lines.append(
-            f"| {row['title']} | `{row['student']}` | {row['student_parameters']:,} | **{mean_std(row['test_accuracy'])}** "
+            f"| {row['title']} | `{row['student']}` | {row['student_parameters']:,} "
+            f"| **{mean_std(row['test_accuracy'])}** "
             f"| {mean_std(row['test_agreement_with_cnn'])} | {gap} | {pct(row['val_accuracy_seed0'])} "
             f"| {row['train_seconds']['mean']:.0f} | {row['run_cpu_seconds']['mean']:.0f} | {size} | {chosen} |"
         )

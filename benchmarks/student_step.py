@@ -140,7 +140,8 @@ def main() -> None:
         )
     worst = max(f["step_ratio_cpu"] for name, f in figures.items() if name != "ce")
     print(
-        f"worst KD/CE step ratio (CPU time) {worst:.3f}: target <= {TARGET:.2f} {'met' if worst <= TARGET else 'NOT met'}"
+        f"worst KD/CE step ratio (CPU time) {worst:.3f}: "
+        f"target <= {TARGET:.2f} {'met' if worst <= TARGET else 'NOT met'}"
     )
     if args.json:
         args.json.write_text(

