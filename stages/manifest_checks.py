@@ -45,7 +45,8 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
         if field in request and request[field] != value:
             return f"says {field} {value!r}, but the request the cache was built for (its key) says {request[field]!r}"
     if m.get("format_version") != layout.format_version:
-        return f"says format_version {m.get('format_version')!r}, but {layout.describe(m)} targets are version {layout.format_version}"
+        version = m.get("format_version")
+        return f"says format_version {version!r}, but {layout.describe(m)} targets are version {layout.format_version}"
     problem = layout.manifest_problem(m)
     if problem:
         return problem

@@ -77,7 +77,8 @@ class Sampled(TargetFormat):
     def statistics_sql(self, source: str, m: dict) -> tuple[str, dict[str, str], str]:
         """How many distinct ids the draws hit per position, and the top draw's frequency."""
         query = f"""
-            SELECT len(sample_ids)::DOUBLE AS distinct_ids, list_max(sample_counts)::DOUBLE / {int(m["samples"])} AS top_frequency
+            SELECT len(sample_ids)::DOUBLE AS distinct_ids,
+                   list_max(sample_counts)::DOUBLE / {int(m["samples"])} AS top_frequency
             FROM ({source})"""
         return (
             query,

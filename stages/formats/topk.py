@@ -143,9 +143,12 @@ class TopK(TargetFormat):
         query = f"""
             SELECT tail, top1,
                    h_top + CASE WHEN tail > 0 AND logp_min > -1e30 THEN -tail * logp_min ELSE 0 END AS entropy_lower,
-                   h_top + CASE WHEN tail > 0 AND {uncached} > 0 THEN -tail * ln(tail / {uncached}) ELSE 0 END AS entropy_upper
-            FROM (SELECT greatest(tail_mass::DOUBLE, 0) AS tail, exp(topk_logp[1]::DOUBLE) AS top1, topk_logp[-1]::DOUBLE AS logp_min,
-                         list_sum([CASE WHEN x > -1e30 THEN -exp(x) * x ELSE 0 END FOR x IN topk_logp::DOUBLE[]]) AS h_top
+                   h_top + CASE WHEN tail > 0 AND {uncached} > 0 THEN -tail * ln(tail / {uncached}) ELSE 0 END
+                       AS entropy_upper
+            FROM (SELECT greatest(tail_mass::DOUBLE, 0) AS tail, exp(topk_logp[1]::DOUBLE) AS top1,
+                         topk_logp[-1]::DOUBLE AS logp_min,
+                         list_sum([CASE WHEN x > -1e30 THEN -exp(x) * x ELSE 0 END FOR x IN topk_logp::DOUBLE[]])
+                             AS h_top
                   FROM ({source}))"""
         names = {"tail": "tail_mass", "top1": "top1_prob", "entropy_lower": "entropy_lower"}
         return query, names | {"entropy_upper": "entropy_upper"}, "entropy bracketed from the top-k and the tail"
