@@ -93,8 +93,13 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 @_cache_option(
     "--encoding",
     type=click.Choice(tuple(ENCODINGS)),
-    help="Top-k log-probs on disk: fp32 (exact), fp16 (~1e-6 KD-loss change), int8 (8-bit, top-k rescaled to 1 - tail).",
+    help="Top-k ids and log-probs on disk: fp32 (exact), fp16 (~2e-6 KD-loss change), int8 (1-byte codes, ~2e-4).",
 )
+@_cache_option(
+    "--num-workers", type=int, help="Launcher-free: independent jobs that split the shards (not under torchrun)."
+)
+@_cache_option("--worker-index", type=int, help="Launcher-free: this job's index, 0 .. num-workers - 1.")
+@_cache_option("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before failing.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click
@@ -146,7 +151,9 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option("--alpha", type=float, help="Weight of the distillation term in [0, 1]; 0: from scratch.")
 @_train_option("--temperature", type=float, help="Distillation temperature; 0: the cache's T.")
 @_train_option("--epochs", type=int, help="Epochs of the logit stage.")
-@_train_option("--batch-size", type=int, help="Examples per step.")
+@_train_option(
+    "--batch-size", type=int, help="Examples per step, per rank under torchrun (global batch: this x ranks)."
+)
 @_train_option("--lr", type=float, help="AdamW learning rate.")
 @_train_option("--weight-decay", type=float, help="AdamW weight decay.")
 @_train_option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="constant, or cosine decay to 0 over each stage.")
@@ -206,6 +213,7 @@ def inspect_teacher(model, show_all) -> None:
     "--tensorboard", is_flag=True, default=None, help="Also write TensorBoard event files (optional package)."
 )
 @_train_option("--out", type=click.Path(file_okay=False), help="Run directory.")
+@_train_option("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before failing.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @errors_to_click

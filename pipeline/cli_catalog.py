@@ -1,4 +1,4 @@
-"""Catalog commands: ``caches`` (list, show, verify, rm, gc), ``runs`` (list, compare), ``query`` and ``report``.
+"""Catalog commands: ``caches`` (list, show, verify, commit, rm, gc), ``runs`` (list, compare), ``query``, ``report``.
 
 Each parses its options, builds a fresh ``Catalog`` from the files on disk (pipeline/catalog.py says why nothing
 is stored), calls it, and prints. ``pipeline.cli`` calls ``register(main)``.
@@ -271,6 +271,19 @@ def caches_export(key, cache_dir, runs_dir, out) -> None:
     rows = fmt.export_plain(cache, path)
     log(f"exported {rows} positions of cache {entry.key} ({cache.format.describe(cache.manifest)})")
     click.echo(str(path))
+
+
+@caches.command("commit")
+@click.argument("key")
+@_roots
+@errors_to_click
+def caches_commit(key, cache_dir, runs_dir) -> None:
+    """Write the manifest of a cache that launcher-free workers filled, once every shard exists and verifies."""
+    from stages import cache_commit
+
+    entry = Catalog(cache_dir, runs_dir).cache(key)
+    result = cache_commit.commit(entry.path, log=log)
+    click.echo(str(result.path))
 
 
 @caches.command("rm")

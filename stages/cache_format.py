@@ -6,7 +6,9 @@ A cache is a directory named by its key::
         shard-00000.parquet ...   one row per cached position, in dataset order
         request.json              what is being cached and the shard size, written first (resume reads it)
         progress.jsonl            one line per finished shard (the resume journal; kept for the record)
-        .lock                     flock held by the cache-teacher process writing the directory
+        progress-00001.jsonl ...  the same, one per worker, when several workers (torchrun ranks) write
+        .lock                     flock held by the cache-teacher process writing the directory (shared by workers)
+        .lock-00001 ...           flock of one worker of several: the same worker never runs twice at once
         manifest.json             written LAST, atomically, only when every shard is complete
 
 No manifest means not complete, whatever else is there. The manifest carries ``manifest_sha256``, the sha256
@@ -39,7 +41,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +59,10 @@ READ_VERSIONS = (1, 2)  # manifest format_versions this reader knows: 2 = the fp
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 JOURNAL = "progress.jsonl"
+WORKER_JOURNAL = "progress-{:05d}.jsonl"  # worker I's journal when several write (each appends to its own only)
 REQUEST = "request.json"
 LOCK = ".lock"
+WORKER_LOCK = ".lock-{:05d}"
 SHARD_PATTERN = "shard-{:05d}.parquet"
 HIDDEN_PREFIX = "hidden."
 KEY_LENGTH = 16  # hex characters of sha256: 64 bits, ample for one machine's caches
@@ -147,51 +151,83 @@ def write_manifest(manifest: dict, cache_dir: Path) -> dict:
     return sealed
 
 
-def try_lock(cache_dir: Path, create: bool = True):
-    """An exclusive non-blocking flock on the cache's lock file, held until the returned handle closes (use it
-    as a context manager); None when another process (a running cache-teacher) holds it.
+def try_lock(cache_dir: Path, create: bool = True, shared: bool = False, name: str = LOCK):
+    """A non-blocking flock on the cache's lock file, held until the returned handle closes (use it as a context
+    manager); None when another process holds it in a conflicting mode.
 
-    ``create=False`` (a dry run) leaves a directory without a lock file untouched: nobody can be holding it.
-    Raises OSError when the lock file cannot be created.
+    Exclusive (the default) for a single writer and for whoever removes or seals the cache; ``shared`` for one
+    of several workers, which each also hold their own ``WORKER_LOCK`` exclusively. ``create=False`` (a dry run)
+    leaves a directory without a lock file untouched: nobody can be holding it. Raises OSError when the lock
+    file cannot be created.
     """
-    if not create and not (cache_dir / LOCK).exists():
+    if not create and not (cache_dir / name).exists():
         return contextlib.nullcontext()
-    handle = open(cache_dir / LOCK, "a")
+    handle = open(cache_dir / name, "a")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
         return None
     return handle
 
 
-def append_journal(cache_dir: Path, entry: dict) -> None:
-    with open(cache_dir / JOURNAL, "a") as fh:
+def journal_path(cache_dir: Path, worker: int = 0, workers: int = 1) -> Path:
+    """Where worker ``worker`` of ``workers`` journals its shards (a single process: ``progress.jsonl``)."""
+    return cache_dir / (JOURNAL if workers == 1 else WORKER_JOURNAL.format(worker))
+
+
+def append_journal(cache_dir: Path, entry: dict, worker: int = 0, workers: int = 1) -> None:
+    with open(journal_path(cache_dir, worker, workers), "a") as fh:
         fh.write(json.dumps(entry) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def read_journal(cache_dir: Path) -> list[dict]:
-    """Finished shards from an interrupted run, each re-checked against its file; stops at the first bad one.
+def read_journal(cache_dir: Path, shards: Collection[int] | None = None) -> list[dict]:
+    """Finished shards from earlier runs (of every worker), each re-checked against its file, in shard order.
 
-    A torn last line (the process died mid-write) or a shard whose file is missing or changed ends the list:
-    everything after it is recomputed, so a resumed cache equals an uninterrupted one.
+    A torn last line (a process died mid-write) ends that journal; a shard whose file is missing or changed is
+    left out, so it is recomputed and a resumed cache equals an uninterrupted one. ``shards``: check only these
+    (a worker checks its own); None: all.
     """
-    path = cache_dir / JOURNAL
-    if not path.exists():
-        return []
-    done = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        shard = cache_dir / entry.get("file", "")
-        if entry.get("shard") != len(done) or not shard.is_file() or sha256_file(shard) != entry.get("sha256"):
-            break
-        done.append(entry)
-    return done
+    found: dict[int, dict] = {}
+    paths = sorted(cache_dir.glob(WORKER_JOURNAL.replace("{:05d}", "*")))
+    for path in [cache_dir / JOURNAL] + paths:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            shard = entry.get("shard")
+            if not isinstance(shard, int) or shard in found or (shards is not None and shard not in shards):
+                continue
+            file = cache_dir / entry.get("file", "")
+            if file.is_file() and sha256_file(file) == entry.get("sha256"):
+                found[shard] = entry
+    return [found[s] for s in sorted(found)]
+
+
+def claim_json(obj: dict, path: Path) -> dict:
+    """Write ``obj`` to ``path`` unless it exists, atomically even against other writers; return what is there.
+
+    Workers starting together race to create request.json: the first link wins and everyone reads the winner.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+        _fsync_dir(path.parent)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return json.loads(path.read_text())
 
 
 @dataclass

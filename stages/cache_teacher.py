@@ -1,31 +1,31 @@
 """Stage one: run a teacher once over a dataset and cache its exact top-k soft targets.
 
 ``run(config)`` is the whole stage: resolve the content key, return at once on a cache hit, otherwise resume
-after the last complete shard, run the teacher shard by shard (writing each shard atomically and journalling
-it), and write the manifest last.
+after the complete shards, run the teacher shard by shard (writing each shard atomically and journalling it),
+and write the manifest last (``stages.cache_commit``).
+
+Several workers split one cache by shard, shard s to worker s % W: the ranks of a torchrun job (rank 0 writes
+the manifest once it has gathered every rank's shards) or launcher-free jobs given --num-workers and
+--worker-index (the last to finish writes it). Each journals and resumes its own shards only, and the shards
+are byte for byte those of one process: the split is not part of the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import errno
+import functools
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import torch
 from tqdm import tqdm
 
+from stages import cache_commit, distributed
 from stages import cache_format as fmt
+from stages.cache_commit import CacheResult, writing
 from stages.config import CacheTeacherConfig, to_dict
-from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
-from stages.errors import CacheError, DatasetError, TeacherError
+from stages.dataset import Dataset
+from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
 from stages.export_teacher import read_card
 from stages.formats import get_format
 from stages.shard_runner import ShardRunner
@@ -33,13 +33,6 @@ from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
 _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
-
-
-@dataclass
-class CacheResult:
-    path: Path
-    hit: bool
-    manifest: dict
 
 
 def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig) -> dict:
@@ -57,6 +50,34 @@ def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig)
 
 
 def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheResult:
+    """The stage, as one process, as one rank of a torchrun job, or as one launcher-free worker."""
+    group = distributed.init(config.dist_timeout)  # gloo even beside GPUs: only small Python objects travel
+    worker, workers = _worker(config, group)
+    if workers > 1:
+        log = functools.partial(_prefixed, log, f"worker {worker} of {workers}: ")
+        progress = progress and (group is None or group.main)  # one bar per terminal
+    result = _run(config, progress, log, group, worker, workers)
+    distributed.close(group)
+    return result
+
+
+def _worker(config: CacheTeacherConfig, group: distributed.Group | None) -> tuple[int, int]:
+    """(this worker's index, the number of workers): torchrun's rank and world size, else the launcher-free options."""
+    if group is None:
+        return config.worker_index, config.num_workers
+    if config.num_workers != 1:
+        raise ConfigError(
+            f"--num-workers {config.num_workers} is for jobs started without torchrun; under torchrun the "
+            f"{group.world_size} ranks are the workers. Drop --num-workers and --worker-index."
+        )
+    return group.rank, group.world_size
+
+
+def _prefixed(log, prefix: str, message: str) -> None:
+    log(prefix + message)
+
+
+def _run(config, progress: bool, log, group, worker: int, workers: int) -> CacheResult:
     dataset = Dataset(config.data)
     dataset.check_unique_ids()
     inspected = inspect(config.teacher, config.logits_output or None)
@@ -93,66 +114,114 @@ def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheRe
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = fmt.try_lock(cache_dir)
+        locks = _lock(cache_dir, worker, workers, config.dist_timeout)
     except OSError as exc:
         raise CacheError(
             f"cannot write the cache directory {cache_dir}: {exc.strerror}. Choose a writable --cache-dir."
         ) from exc
-    if lock is None:
-        raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
     # _fill gets the only reference to the teacher's bytes and protobuf, and lets go of them once the session is
     # built: the session holds its own copy of the weights, and a large teacher would otherwise be held 3 times.
     handed, inspected = [inspected], None
-    with lock:
-        return _fill(config, dataset, handed, request, key, cache_dir, progress, log)
+    try:
+        return _fill(config, dataset, handed, request, key, cache_dir, progress, log, group, worker, workers, locks)
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def _lock(cache_dir: Path, worker: int, workers: int, wait: float) -> list:
+    """The flocks a writer holds: the cache's own, exclusively (one process), or shared plus its worker's own.
+
+    A worker waits up to ``wait`` seconds for an exclusive holder (another worker sealing the cache) to let go.
+    """
+    if workers == 1:
+        lock = fmt.try_lock(cache_dir)
+        if lock is None:
+            raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
+        return [lock]
+    deadline = time.monotonic() + wait
+    while (shared := fmt.try_lock(cache_dir, shared=True)) is None:
+        if time.monotonic() > deadline:
+            raise CacheError(
+                f"{cache_dir} stayed locked by a single cache-teacher process (or a commit) for {wait:g}s; "
+                "wait for it to finish, then start the workers again"
+            )
+        time.sleep(0.5)
+    own = fmt.try_lock(cache_dir, name=fmt.WORKER_LOCK.format(worker))
+    if own is None:
+        shared.close()
+        raise CacheError(
+            f"worker {worker} of {workers} is already writing {cache_dir}; give every job its own --worker-index"
+        )
+    return [shared, own]
 
 
 def _fill(
-    config, dataset: Dataset, handed: list[tuple], request: dict, key: str, cache_dir: Path, progress: bool, log
+    config,
+    dataset: Dataset,
+    handed: list[tuple],
+    request: dict,
+    key: str,
+    cache_dir: Path,
+    progress: bool,
+    log,
+    group,
+    worker: int,
+    workers: int,
+    locks: list,
 ) -> CacheResult:
     info = handed[0][0]
-    for leftover in cache_dir.glob("*.tmp"):  # a shard or manifest torn by a crash; never complete
-        leftover.unlink()
-    request_path = cache_dir / fmt.REQUEST
-    if request_path.is_file():
-        shard_size = json.loads(request_path.read_text())["shard_size"]
-    else:
-        shard_size = config.shard_size or _DEFAULT_SHARD[info.kind]
-        # Absolute paths: the record is a --config file that repeats this cache from any directory.
-        paths = {name: str(Path(getattr(config, name)).resolve()) for name in ("teacher", "data", "cache_dir")}
-        record = {"key": key, "request": request, "shard_size": shard_size, "config": to_dict(config) | paths}
-        fmt.write_json_atomic(record, request_path)
-    done = fmt.read_journal(cache_dir)
+    # The first writer's shard size holds for every later one (a resume, the other workers): shards must tile.
+    # Absolute paths: the record is a --config file that repeats this cache from any directory; and one process,
+    # since how this command split the work is not what the cache is.
+    paths = {name: str(Path(getattr(config, name)).resolve()) for name in ("teacher", "data", "cache_dir")}
+    config_record = to_dict(config) | paths | {"num_workers": 1, "worker_index": 0}
+    record = {"key": key, "request": request, "shard_size": config.shard_size or _DEFAULT_SHARD[info.kind]}
+    shard_size = fmt.claim_json(record | {"config": config_record}, cache_dir / fmt.REQUEST)["shard_size"]
+    num_shards = max(1, -(-dataset.num_rows // shard_size))
+    mine = list(range(worker, num_shards, workers))  # the deal: shard s belongs to worker s % W
+    # A shard or manifest torn by a crash is never complete; one worker of several clears only its own shards'.
+    torn = (
+        cache_dir.glob("*.tmp") if workers == 1 else (cache_dir / (fmt.SHARD_PATTERN.format(s) + ".tmp") for s in mine)
+    )
+    for leftover in list(torn):
+        leftover.unlink(missing_ok=True)
+    done = {e["shard"]: e for e in fmt.read_journal(cache_dir, set(mine))}
     if done:
         log(f"resuming {cache_dir}: {len(done)} complete shard(s) kept")
-    (cache_dir / fmt.JOURNAL).write_text("".join(json.dumps(e) + "\n" for e in done))  # drop a torn tail
+    journal = fmt.journal_path(cache_dir, worker, workers)
+    journal.write_text("".join(json.dumps(done[s]) + "\n" for s in sorted(done)))  # drop a torn tail
 
-    teacher = _load_teacher(config, handed.pop(), topk_in_graph=config.postprocess == "graph")
+    device_id = group.local_rank if group is not None else 0  # each rank on its own host's GPU
+    teacher = _load_teacher(config, handed.pop(), topk_in_graph=config.postprocess == "graph", device_id=device_id)
     postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
     if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
         teacher = None  # release the first session's device memory before the second loads
-        teacher = _load_teacher(config, None, topk_in_graph=True)  # reads the model again: its bytes were let go
+        teacher = _load_teacher(config, None, topk_in_graph=True, device_id=device_id)  # its bytes were let go
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
         + ("sampled targets" if get_format(config.target_format).drawn else f"top-k in {postprocess}")
     )
 
-    num_shards = max(1, -(-dataset.num_rows // shard_size))
+    def examples(s: int) -> tuple[int, int]:
+        return s * shard_size, min((s + 1) * shard_size, dataset.num_rows)
+
     started = time.perf_counter()
     positions_run = 0
     bar = tqdm(
-        total=dataset.num_rows,
-        initial=min(len(done) * shard_size, dataset.num_rows),
+        total=sum(examples(s)[1] - examples(s)[0] for s in mine),
+        initial=sum(examples(s)[1] - examples(s)[0] for s in done),
         unit="ex",
         disable=not progress,
         desc="cache-teacher",
     )
     runner = ShardRunner(teacher, dataset, config, info.kind)
-    for s in range(len(done), num_shards):
-        start, stop = s * shard_size, min((s + 1) * shard_size, dataset.num_rows)
+    for s in (s for s in mine if s not in done):
+        shard_started = time.perf_counter()
+        start, stop = examples(s)
         table, probe = runner.run(start, stop, bar)
         shard_path = cache_dir / fmt.SHARD_PATTERN.format(s)
-        with _writing(shard_path, len(done)):
+        with writing(shard_path, len(done)):
             entry = fmt.write_shard(table, shard_path, runner.format.parquet_options)
             # The shapes and vocabulary the runner learnt: a resume that computes no shard still knows them.
             entry.update(
@@ -162,43 +231,56 @@ def _fill(
                 hidden=runner.hidden_shapes,
                 num_classes=runner.num_classes,
                 postprocess=postprocess,
+                worker=worker,
+                seconds=round(time.perf_counter() - shard_started, 3),
             )
             if probe is not None:
                 entry["probe"] = probe
-            fmt.append_journal(cache_dir, entry)
-        done.append(entry)
+            fmt.append_journal(cache_dir, entry, worker, workers)
+        done[s] = entry
         positions_run += table.num_rows
     bar.close()
-    elapsed = time.perf_counter() - started
+    run = {"seconds": time.perf_counter() - started, "positions": positions_run}
+    learnt = {"hidden": runner.hidden_shapes, "num_classes": runner.num_classes}
+    entries = [done[s] for s in mine]
+    seal = functools.partial(cache_commit.seal, cache_dir, config, dataset, info, request)
+    if group is not None:
+        return _seal_on_rank_zero(group, seal, cache_dir, entries, learnt, run, log)
+    if workers > 1:
+        return _seal_if_last(seal, cache_dir, num_shards, locks, log)
+    return seal(entries, learnt, run, log)
 
-    manifest = _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run)
-    with _writing(cache_dir / fmt.MANIFEST, len(done)):
-        manifest = fmt.write_manifest(manifest, cache_dir)
-    log(
-        f"cached {manifest['num_positions']} positions in {len(done)} shard(s), "
-        f"{manifest['bytes_per_position']:.1f} bytes/position, {elapsed:.1f}s"
-    )
+
+def _seal_on_rank_zero(group: distributed.Group, seal, cache_dir: Path, entries, learnt, run, log) -> CacheResult:
+    """torchrun: every rank's shards go to rank 0, which writes the manifest; then every rank returns it."""
+    gathered = group.gather((entries, run), "collecting every rank's shards")
+    manifest = None
+    if group.main:
+        every = [e for rank_entries, _ in gathered for e in rank_entries]
+        job = {
+            "seconds": max(r["seconds"] for _, r in gathered),  # the slowest rank's: the job's wall time
+            "positions": sum(r["positions"] for _, r in gathered),
+        }
+        manifest = seal(every, learnt, job, log).manifest
+    manifest = group.gather(manifest, "waiting for rank 0 to write the manifest")[0]
     return CacheResult(cache_dir, False, manifest)
 
 
-@contextmanager
-def _writing(path: Path, kept: int) -> Iterator[None]:
-    """A failed write (above all a full disk) becomes a CacheError that says the complete shards are kept.
-
-    The writers leave no temp file and the manifest is not written, so the same command resumes after the
-    ``kept`` shards already journalled.
-    """
-    try:
-        yield
-    except OSError as exc:
-        where = f"{kept} complete shard(s) kept in {path.parent}"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CacheError(
-                f"disk full while writing {path.name}: {where}; free space and re-run the same command to resume"
-            ) from exc
-        raise CacheError(
-            f"cannot write {path}: {exc.strerror or exc}; {where}; fix that and re-run the same command to resume"
-        ) from exc
+def _seal_if_last(seal, cache_dir: Path, num_shards: int, locks: list, log) -> CacheResult:
+    """Launcher-free: the worker that finds every other gone (the cache's lock free) and every shard in place
+    writes the manifest; any other leaves it to the last one, or to ``pipeline caches commit``."""
+    locks[0].close()  # give up this worker's share: whoever tries after every worker did so gets it whole
+    lock = fmt.try_lock(cache_dir)
+    if lock is not None:
+        with lock:
+            entries = fmt.read_journal(cache_dir)  # every worker's shards, each checked against its sha256
+            if len(entries) == num_shards:
+                return seal(entries, {"hidden": {}, "num_classes": None}, cache_commit.journal_run(entries), log)
+    log(
+        f"this worker's shards are done; {cache_dir.name} is not complete until every worker's are. The last worker "
+        f"to finish writes the manifest (or run `pipeline caches commit {cache_dir.name}` after them)"
+    )
+    return CacheResult(cache_dir, False, {})
 
 
 def choose_postprocess(postprocess: str, target_format: str, provider: str) -> str:
@@ -214,10 +296,11 @@ def choose_postprocess(postprocess: str, target_format: str, provider: str) -> s
     return postprocess
 
 
-def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: bool) -> Teacher:
+def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: bool, device_id: int) -> Teacher:
     return Teacher(
         config.teacher,
         device=config.device,
+        device_id=device_id,
         threads=config.threads,
         hidden=sorted(config.hidden),
         logits_output=config.logits_output or None,
@@ -235,58 +318,3 @@ def _check_tokenizer(teacher: str, dataset: Dataset) -> None:
             f"dataset {dataset.path} was tokenised with another tokenizer (sha256 {dataset.tokenizer_sha256[:12]}) "
             f"than the teacher's (sha256 {want[:12]}); re-run prepare-data with --tokenizer {Path(teacher).parent}"
         )
-
-
-def _manifest(config, dataset, teacher, request, key, done, runner, elapsed, positions_run) -> dict:
-    import onnxruntime
-
-    info = teacher.info
-    num_positions = sum(e["rows"] for e in done)
-    total_bytes = sum(e["bytes"] for e in done)
-    probe = next((e["probe"] for e in done if "probe" in e), None)
-    learnt = done[-1] if "hidden" in done[-1] else {"hidden": runner.hidden_shapes, "num_classes": runner.num_classes}
-    shards = [{k: e[k] for k in ("file", "rows", "sha256", "bytes", "examples")} for e in done]
-    return {
-        "format_version": get_format(config.target_format, config.encoding).format_version,
-        "key": key,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "target_format": config.target_format,
-        "teacher": {
-            "path": str(Path(config.teacher).resolve()),
-            "name": Path(config.teacher).name,
-            "sha256": info.sha256,
-            "external_data": [dataclasses.asdict(f) for f in info.external_data],
-            "inputs": [{"name": i.name, "dtype": np.dtype(i.dtype).name, "shape": list(i.shape)} for i in info.inputs],
-            "logits_output": info.logits_output,
-            "kind": info.kind,
-            "num_classes": learnt["num_classes"],
-        },
-        "dataset": {
-            "path": str(Path(config.data).resolve()),
-            "fingerprint": request["dataset_fingerprint"],
-            "fingerprint_of": FINGERPRINT_OF,
-            "num_rows": dataset.num_rows,
-            "id_type": str(dataset.schema.field(ID_COLUMN).type),
-        },
-        "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
-        **get_format(config.target_format, config.encoding).manifest_fields(config),
-        "temperature": float(config.temperature),
-        "hidden": learnt["hidden"],
-        "providers": sorted({e["provider"] for e in done}),
-        # Where top-k ran, per session like providers (a journal written before this field lacks it).
-        "postprocess": sorted({e["postprocess"] for e in done if "postprocess" in e}),
-        "num_examples": dataset.num_rows,
-        "num_positions": num_positions,
-        "bytes": total_bytes,
-        "bytes_per_position": total_bytes / max(num_positions, 1),
-        "fidelity": probe,
-        "shards": shards,
-        "run": {
-            "seconds": round(elapsed, 3),
-            "positions": positions_run,
-            "positions_per_second": round(positions_run / max(elapsed, 1e-9), 1),
-        },
-        "versions": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "pyarrow": pa.__version__},
-        "request": request,
-        "config": to_dict(config),
-    }

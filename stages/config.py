@@ -25,6 +25,7 @@ TARGET_FORMATS = tuple(FORMATS)
 ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
 HIDDEN_LOSSES = ("mse", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DIST_TIMEOUT = 1800.0  # torchrun: long enough for the slowest rank's last shard or epoch, short of a hang
 
 
 def default_cache_root() -> str:
@@ -58,6 +59,9 @@ class CacheTeacherConfig:
     # top-k log-probs on disk: fp32 exact; fp16 (|error| <= 2^-11 |log p|); int8 (8-bit codes, the top-k rescaled to
     # 1 - tail_mass, the tail exact). fp32 stays the default: exact, and the key of every existing cache.
     encoding: str = "fp32"
+    num_workers: int = 1  # launcher-free jobs (SLURM array, Kubernetes) that split the shards; torchrun sets its own
+    worker_index: int = 0  # this launcher-free job's index in [0, num_workers): it writes shards s with s % W == I
+    dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others before the job fails
 
     def problems(self) -> list[str]:
         out = []
@@ -96,6 +100,13 @@ class CacheTeacherConfig:
             out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
         if len(set(self.hidden)) != len(self.hidden):
             out.append(f"hidden: {self.hidden} names a tensor twice")
+        if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:
+            out.append(
+                f"num_workers {self.num_workers} / worker_index {self.worker_index}: want num_workers >= 1 and "
+                "0 <= worker_index < num_workers"
+            )
+        if not self.dist_timeout > 0:
+            out.append(f"dist_timeout: {self.dist_timeout} must be > 0 seconds")
         return out
 
 
@@ -177,7 +188,7 @@ class TrainStudentConfig:
     alpha: float = 0.5  # weight of the distillation term; 0 = from scratch (no cache needed), 1 = teacher only
     temperature: float = 0.0  # distillation T; 0 = the cache's own T (no re-tempering)
     epochs: int = 10  # epochs of the final (logit) stage
-    batch_size: int = 64  # examples per step
+    batch_size: int = 64  # examples per step, per rank under torchrun (the global batch is this times the ranks)
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     lr_schedule: str = "constant"  # constant | cosine (to 0 over each stage's steps)
@@ -211,6 +222,7 @@ class TrainStudentConfig:
     grad_accum: int = 1  # batches whose gradients add up into one optimizer step
     max_grad_norm: float = 0.0  # clip the gradients' global L2 norm to this before each step; 0 = no clipping
     tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
+    dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others (rank 0 evaluating)
 
     def problems(self) -> list[str]:
         out = []
@@ -264,4 +276,6 @@ class TrainStudentConfig:
             out.append(f"precision: {self.precision!r} must be one of {PRECISIONS}")
         if self.resume and self.overwrite:
             out.append("resume and overwrite both given: resume continues the run in --out, overwrite discards it")
+        if not self.dist_timeout > 0:
+            out.append(f"dist_timeout: {self.dist_timeout} must be > 0 seconds")
         return out

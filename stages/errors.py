@@ -19,3 +19,7 @@ class TeacherError(PipelineError):
 
 class CacheError(PipelineError):
     """A cache is missing, incomplete, corrupted, or does not match what was asked."""
+
+
+class DistributedError(PipelineError):
+    """A torchrun rank (or a launcher-free worker) failed, vanished or timed out, or the launch is inconsistent."""

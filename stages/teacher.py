@@ -254,13 +254,15 @@ class Teacher:
         path: str | Path,
         *,
         device: str = "auto",
+        device_id: int = 0,
         threads: int = 0,
         hidden: list[str] | None = None,
         logits_output: str | None = None,
         topk_in_graph: tuple[int, float] | None = None,
         inspected: tuple[TeacherInfo, onnx.ModelProto, bytes] | None = None,
     ):
-        """``inspected``: what ``inspect(path, logits_output)`` returned, so a large model is read and hashed once."""
+        """``inspected``: what ``inspect(path, logits_output)`` returned, so a large model is read and hashed once.
+        ``device_id``: the GPU CUDA runs on (a torchrun rank's local rank)."""
         import onnxruntime as ort
 
         self.info, model, data = inspected or inspect(path, logits_output)
@@ -288,6 +290,7 @@ class Teacher:
             wanted = [_CUDA, _CPU]
         else:
             wanted = [p for p in (_CUDA, _CPU) if p in available]
+        wanted = [(p, {"device_id": device_id}) if p == _CUDA else p for p in wanted]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3

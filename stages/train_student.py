@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,12 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import save_model
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from stages import cache_format as fmt
-from stages import checkpoint, run_dir
+from stages import checkpoint, distributed, run_dir
 from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
@@ -39,6 +41,7 @@ from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family
 # Options that do not change what a run computes: an interrupted run resumes whatever they are now.
 _NOT_COMPARED = ("out", "overwrite", "resume", "log_every", "checkpoint_every", "tensorboard", "device", "threads")
 _NOT_COMPARED += ("export_onnx", "cache_dir")  # cache_dir only resolves the caches, recorded by path
+_NOT_COMPARED += ("dist_timeout",)
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,21 +49,32 @@ def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
     """Set up (every check before anything is written), train, save; returns the final metrics.
 
     progress: a progress bar, the setup line and one line per epoch; False (--quiet) logs only the summary line.
+    Under torchrun every rank trains its share of each epoch under DistributedDataParallel; rank 0 alone writes
+    the run directory, evaluates and exports, and a failure on any rank fails every rank.
     """
-    trainer = Trainer(config, progress, log)
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    group = distributed.init(config.dist_timeout, backend="nccl" if cuda else "gloo")
+    trainer = Trainer(config, progress and (group is None or group.main), log, group)
     try:
-        trainer.setup()
-        trainer.train()
-        return trainer.save()
+        distributed.together(group, "setup", trainer.setup)
+        with group.collective("training") if group is not None else nullcontext():
+            trainer.follow_rank_zero()
+            trainer.train()
+        metrics = distributed.together(group, "saving the run", trainer.save)
     finally:
         trainer.close()
+    distributed.close(group)
+    return metrics
 
 
 class Trainer:
-    def __init__(self, config: TrainStudentConfig, progress: bool, log):
+    def __init__(self, config: TrainStudentConfig, progress: bool, log, group: distributed.Group | None = None):
         self.config = config
         self.progress = progress
         self.log = log
+        self.group = group  # torchrun's ranks; None for one process
+        self.main = group is None or group.main  # the rank that writes, evaluates and exports
+        self.world_size = 1 if group is None else group.world_size
         self.history: list[dict] = []  # one row per epoch, every stage counted
         self.frozen: set[int] = set()  # ids of parameters that earlier progressive stages froze
         self.step = 0  # optimizer steps taken, over every stage
@@ -77,8 +91,9 @@ class Trainer:
     def setup(self) -> None:
         c = self.config
         self.out = Path(c.out).resolve()
-        resuming = run_dir.check_out(self.out, c.overwrite, c.resume)
-        replace = not resuming and self.out.exists() and any(self.out.iterdir())
+        # Rank 0 alone owns the run directory: it checks, locks, writes and resumes it (the others follow it).
+        resuming = run_dir.check_out(self.out, c.overwrite, c.resume) if self.main else False
+        replace = self.main and not resuming and self.out.exists() and any(self.out.iterdir())
         if c.tensorboard:
             run_dir.tensorboard_writer_class()  # missing package: say so before any work
         self.device = self._device()
@@ -115,7 +130,10 @@ class Trainer:
             shuffle=True,
             hidden=hidden_names if self.caches else None,
             labelled_only=c.labelled_only,
+            ranks=True,
         )
+        self._check_ranks()
+        self.forward: nn.Module = self.model  # what the training steps call; DDP-wrapped by train() under torchrun
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
@@ -131,6 +149,14 @@ class Trainer:
             run_dir.check_same_run(self.out, record["config"], ignore=_NOT_COMPARED)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
             shutil.rmtree(self.out)
+        if self.group is not None:
+            self._note(
+                f"{self.world_size} ranks: global batch {c.batch_size * self.world_size} "
+                f"({c.batch_size} per rank), each rank reading its share of every epoch"
+            )
+        self.started = time.perf_counter()
+        if not self.main:
+            return
         self.lock = run_dir.RunLock(self.out)
         state = checkpoint.load_last(self.out) if resuming else None
         if not resuming:
@@ -139,7 +165,6 @@ class Trainer:
         self.rows = run_dir.MetricsLog(self.out, kept, tensorboard=c.tensorboard)
         if state is not None:
             self._restore(state)
-        self.started = time.perf_counter()
         self._note(
             f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
             f"{'+'.join(self.inputs)}; method {c.method}, alpha {c.alpha}, T {self.temperature}; "
@@ -198,6 +223,18 @@ class Trainer:
         self.resume_state = state
         self._note(f"resuming {self.out} at step {self.step} (epoch {len(self.history) + 1})")
 
+    def follow_rank_zero(self) -> None:
+        """Under torchrun, every rank resumes from the checkpoint rank 0 resumed from (rank 0 owns the directory).
+
+        The ranks' loss sums start afresh: the checkpoint holds rank 0's, which the epoch row adds up over ranks.
+        """
+        if self.group is None:
+            return
+        resumed = self.group.gather(self.resume_state is not None, "agreeing where the run resumes")[0]
+        if resumed and not self.main:
+            self._restore(checkpoint.load_last(self.out))
+            self.epoch_acc, self.window = _accumulator(), _accumulator()
+
     def _note(self, message: str) -> None:
         """Setup and per-epoch lines: shown with the progress bar, left out by --quiet (the summary line stays)."""
         if self.progress:
@@ -210,7 +247,27 @@ class Trainer:
             raise ConfigError(
                 f"--device cuda: torch has no CUDA here (torch {torch.__version__}: {why}); use --device cpu or auto"
             )
-        return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        if want == "cpu" or not torch.cuda.is_available():
+            return torch.device("cpu")
+        if self.group is None:
+            return torch.device("cuda")
+        torch.cuda.set_device(self.group.local_rank)  # NCCL's device for this rank: its own GPU
+        return torch.device("cuda", self.group.local_rank)
+
+    def _check_ranks(self) -> None:
+        if self.group is None:
+            return
+        if len(self.train_loader.units) < self.world_size:
+            raise ConfigError(
+                f"the training set splits into {len(self.train_loader.units)} unit(s) (cache shards) for "
+                f"{self.world_size} ranks; use fewer ranks or a cache with more, smaller shards (--shard-size)"
+            )
+
+    def _parallel(self) -> nn.Module:
+        """The student wrapped in DDP: gradients averaged over the ranks, rank 0's initial weights broadcast to
+        every rank. Built once every rank's setup has passed: DDP's constructor is itself a collective."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _held_out(self, data_path: str, cache_ref: str) -> StreamingLoader | None:
         """The loader of a held-out dataset (with its teacher cache, if given), or None when none was given."""
@@ -424,8 +481,16 @@ class Trainer:
         return [(round((j + 1) * layers / len(available)) - 1, name) for j, name in enumerate(available)]
 
     def _loader(
-        self, data: Dataset, caches: list, shuffle: bool, hidden=None, top_k: int | None = None, labelled_only=False
+        self,
+        data: Dataset,
+        caches: list,
+        shuffle: bool,
+        hidden=None,
+        top_k: int | None = None,
+        labelled_only=False,
+        ranks: bool = False,
     ):
+        """``ranks``: this rank's share only (the training set); held-out sets are read whole, by rank 0."""
         loader = StreamingLoader(
             data,
             caches,
@@ -438,6 +503,8 @@ class Trainer:
             seed=self.config.seed,
             top_k=self.config.top_k if top_k is None else top_k,
             labelled_only=labelled_only,
+            rank=self.group.rank if ranks and self.group is not None else 0,
+            world_size=self.world_size if ranks else 1,
         )
         return loader
 
@@ -467,6 +534,8 @@ class Trainer:
         A resumed run passes over the stages its checkpoint had finished: their effect is in the weights and
         the frozen set the checkpoint restored.
         """
+        if self.group is not None:
+            self.forward = self._parallel()
         self.started = time.perf_counter()
         for index, (layer, name) in enumerate(self.hidden_map):
             if index >= self.stage_index:
@@ -477,6 +546,7 @@ class Trainer:
     def hidden_stage(self, layer: int, name: str) -> None:
         """Train the student up to ``layer`` to match the teacher's hidden state ``name`` (through a projection)."""
         projection = self._projection(layer, name)
+        distributed.broadcast_parameters(self.group, projection)  # every rank starts from rank 0's projection
         hidden_loss = HiddenStateLoss(self.config.hidden_loss)
         params = [p for p in self.model.parameters() if id(p) not in self.frozen] + list(projection.parameters())
         self._stage(
@@ -515,9 +585,14 @@ class Trainer:
 
         return optimizer, LambdaLR(optimizer, factor)
 
+    def _batches_in(self, epoch: int) -> int:
+        """Batches of one epoch: this rank's, or the most any rank has (ranks step together: ``even_steps``)."""
+        mine = self.train_loader.count_batches(epoch, self.config.workers)
+        return distributed.max_over_ranks(self.group, mine, "counting an epoch's batches")
+
     def _steps_in(self, epoch: int) -> int:
         """Optimizer steps of one epoch: its batches in groups of --grad-accum (the last group may be short)."""
-        return -(-self.train_loader.count_batches(epoch, self.config.workers) // self.config.grad_accum)
+        return -(-self._batches_in(epoch) // self.config.grad_accum)
 
     def _stage(self, name: str, step, params: list[nn.Parameter], epochs: int, modules: dict[str, nn.Module]) -> None:
         """One stage's epochs under its own optimizer and schedule; picks up a resumed checkpoint of this stage."""
@@ -556,22 +631,26 @@ class Trainer:
         optimizer, schedule, scaler = parts[:3]
         c = self.config
         epoch = len(self.history) + 1
-        batches = self.train_loader.count_batches(epoch, c.workers)
+        batches = self._batches_in(epoch)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         done = skip
         t0 = time.perf_counter()
-        for batch in self._iterate(self.train_loader, epoch, skip):
+        source = self._iterate(self.train_loader, epoch, skip)
+        for batch, weight in distributed.even_steps(self.group, source, batches - skip, self._positions):
             batch = batch.to(self.device)
             group = min(c.grad_accum, batches - done // c.grad_accum * c.grad_accum)  # batches in this step
             with torch.autocast(self.device.type, dtype=_AUTOCAST[c.precision], enabled=c.precision != "fp32"):
                 out = step(batch)
-            scaler.scale(out.total / group).backward()
+            # weight: this rank's share of the step's examples (1 with one process; 0 on a rank out of batches)
+            scaler.scale(out.total * weight / group).backward()
             done += 1
-            positions = int(batch.mask.sum()) if self.token_level else len(batch.ids)
-            for acc in (self.epoch_acc, self.window):
-                _add(acc, out.parts, len(batch.ids), positions)
+            if weight:
+                for acc in (self.epoch_acc, self.window):
+                    _add(acc, out.parts, len(batch.ids), self._positions(batch))
             if done % c.grad_accum and done < batches:
                 continue
+            if step != self._kd_step:  # a hidden stage runs the bare student and its projection, outside DDP
+                distributed.average_gradients(self.group, params, "averaging a hidden stage's gradients")
             if c.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
@@ -593,20 +672,26 @@ class Trainer:
             "epoch": epoch,
             "stage": stage,
             "kind": "epoch",
-            **_means(self.epoch_acc),
+            **_means(self._over_ranks(self.epoch_acc)),
             "seconds": self.epoch_acc["seconds"] + time.perf_counter() - t0,
             "lr": schedule.get_last_lr()[0],
         }
-        if self.eval_set is not None:
+        if self.eval_set is not None and self.main:  # the other ranks go on to the next epoch's first step
             metrics = evaluate(
                 self.model, self.eval_set, device=self.device, token_level=self.token_level, vocab=self.vocab
             )
             row.update({f"eval_{k}": v for k, v in metrics.items()})
         self.history.append(row)
-        self.rows.append(row)
+        if self.main:
+            self.rows.append(row)
         self.epoch_acc = _accumulator()
         self._note("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         self._checkpoint(stage_epoch + 1, 0, parts)
+
+    def _over_ranks(self, acc: dict) -> dict:
+        """An accumulator's loss sums and batch count added up over the ranks (itself with one process)."""
+        sums, batches = distributed.sum_over_ranks(self.group, acc["sums"], acc["batches"], "averaging the losses")
+        return acc | {"sums": sums, "batches": batches}
 
     def _speed(self, acc: dict, seconds: float) -> str:
         unit = "tokens" if self.token_level else "examples"
@@ -627,11 +712,17 @@ class Trainer:
         }
         if self.token_level:
             row["tokens_per_s"] = self.window["positions"] / seconds
-        self.rows.append(row)
+        if self.main:  # step rows are rank 0's own batches; epoch rows average over every rank's
+            self.rows.append(row)
         self.window = _accumulator()
 
     def _checkpoint(self, stage_epochs: int, batches: int, parts: tuple) -> None:
-        """Everything the next step depends on, with the position: ``batches`` taken of epoch ``stage_epochs``."""
+        """Everything the next step depends on, with the position: ``batches`` taken of epoch ``stage_epochs``.
+
+        Rank 0's alone: the ranks hold the same weights and optimizer state, and each rank's position is the
+        same count of steps (``follow_rank_zero`` loads it on the others)."""
+        if not self.main:
+            return
         started = time.perf_counter()
         optimizer, schedule, scaler, modules = parts
         state = {
@@ -658,8 +749,12 @@ class Trainer:
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
+    def _positions(self, batch) -> int:
+        """What a step's loss is a mean over: target positions (token level) or examples."""
+        return int(batch.mask.sum()) if self.token_level else len(batch.ids)
+
     def _kd_step(self, batch):
-        logits, labels, mask, targets = flatten(batch, self.model(batch.inputs).logits, self.vocab)
+        logits, labels, mask, targets = flatten(batch, self.forward(batch.inputs).logits, self.vocab)
         if not self.caches:
             return cross_entropy_only(logits, labels, mask)
         return self.loss(logits, targets if self.config.method == "ensemble" else targets[0], labels, mask)
@@ -699,6 +794,9 @@ class Trainer:
 
     # -- saving -------------------------------------------------------------------------------------------
     def save(self) -> dict:
+        """Rank 0 writes the run directory and returns the metrics; any other rank has nothing to write ({})."""
+        if not self.main:
+            return {}
         c = self.config
         save_model(self.model, str(self.out / run_dir.WEIGHTS))
         if isinstance(self.model, HFStudent):  # also a transformers folder: from_pretrained, generate
@@ -710,6 +808,8 @@ class Trainer:
             "temperature": self.temperature,
             "student": c.student,
             "epochs": len(self.history),
+            "ranks": self.world_size,
+            "global_batch_size": c.batch_size * self.world_size,
             "train_seconds": round(self.train_seconds, 2),
             "steps": self.step,
             "cache_keys": [cache.key for cache in self.caches],
