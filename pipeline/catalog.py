@@ -6,6 +6,8 @@ Every command builds the catalog afresh from them in an in-memory DuckDB connect
 catalog database is ever stored, so nothing can go stale: delete or corrupt a cache and the next command sees
 it. Building is cheap: it reads small JSON/CSV files and directory listings; Parquet shards are read only when
 a query touches ``positions`` (or ``caches show`` computes its statistics). ``stages.run_dir`` reads the runs.
+Either root may be an object-store URI (s3://bucket/prefix): DuckDB then scans the shards as Arrow datasets read
+through pyarrow's filesystem, so it needs no httpfs extension (no download).
 
 Views (SQL names; the README, "Catalog, queries and reports", lists every column):
 
@@ -24,18 +26,19 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from stages import cache_format as fmt
-from stages import run_dir
+from stages import run_dir, storage
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
 from stages.formats import format_of, view_columns
+from stages.storage import ObjectPath
 
 _KEY_NAME = re.compile(rf"^[0-9a-f]{{{fmt.KEY_LENGTH}}}$")
 # Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.
@@ -120,13 +123,13 @@ class CacheEntry:
     """One directory under the cache root. ``manifest`` is None unless the cache is complete and readable."""
 
     key: str
-    path: Path
+    path: Path | ObjectPath
     status: str  # complete | incomplete (no manifest) | missing shards | unreadable (bad manifest)
     manifest: dict | None
     bytes_on_disk: int
     problem: str = ""
 
-    def shard_files(self) -> list[Path]:
+    def shard_files(self) -> list[Path | ObjectPath]:
         return [self.path / s["file"] for s in self.manifest["shards"]] if self.manifest else []
 
 
@@ -135,7 +138,7 @@ class RunEntry:
     """One run directory. ``metrics`` is None while the run has not finished (``status`` says why)."""
 
     name: str
-    path: Path
+    path: Path | ObjectPath
     config: dict
     metrics: dict | None
     cache_keys: list[str]
@@ -170,15 +173,11 @@ class RunEntry:
         return self.metrics
 
 
-def _iso_mtime(path: Path) -> str:
+def _iso_mtime(path: Path | ObjectPath) -> str:
     return dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).isoformat(timespec="seconds")
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def read_cache_entry(path: Path) -> CacheEntry:
+def read_cache_entry(path: Path | ObjectPath) -> CacheEntry:
     """One cache directory as it is on disk now: its status, and its manifest when complete and readable."""
     status, manifest, problem = "incomplete", None, ""
     if (path / fmt.MANIFEST).is_file():
@@ -188,10 +187,10 @@ def read_cache_entry(path: Path) -> CacheEntry:
             status, problem = ("missing shards", ", ".join(missing)) if missing else ("complete", "")
         except CacheError as exc:
             status, problem = "unreadable", str(exc)
-    return CacheEntry(path.name, path, status, manifest, _dir_bytes(path), problem)
+    return CacheEntry(path.name, path, status, manifest, storage.tree_bytes(path), problem)
 
 
-def scan_caches(root: Path) -> list[CacheEntry]:
+def scan_caches(root: Path | ObjectPath) -> list[CacheEntry]:
     """Every directory directly under ``root``, oldest first, each with its status."""
     if not root.is_dir():
         return []
@@ -210,14 +209,13 @@ def _key_of(ref: str, keys: set[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def scan_runs(root: Path, cache_keys: set[str]) -> list[RunEntry]:
+def scan_runs(root: Path | ObjectPath, cache_keys: set[str]) -> list[RunEntry]:
     """Every directory under ``root`` holding a run's config.json (not looking inside a run for more runs)."""
     runs: list[RunEntry] = []
     if not root.is_dir():
         return runs
-    for dirpath, dirnames, _ in os.walk(root):
+    for path, dirnames, _ in storage.walk(root):
         dirnames.sort()
-        path = Path(dirpath)
         if not run_dir.is_run(path):
             continue
         dirnames.clear()  # a run's subdirectories are part of it, not runs of their own
@@ -321,8 +319,11 @@ class Catalog:
     def __init__(
         self, cache_root: str | Path | None = None, runs_root: str | Path | None = None, positions: bool = False
     ):
-        self.cache_root = Path(cache_root or default_cache_root())
-        self.runs_root = Path(runs_root or default_runs_root())
+        self.cache_root = storage.location(cache_root or default_cache_root())
+        self.runs_root = storage.location(runs_root or default_runs_root())
+        for root in (self.cache_root, self.runs_root):
+            if isinstance(root, ObjectPath):
+                root.check_bucket()  # a mistyped bucket is an error, not an empty catalog
         self.caches = scan_caches(self.cache_root)
         keys = {c.key for c in self.caches}
         self.runs = scan_runs(self.runs_root, keys)
@@ -380,13 +381,25 @@ class Catalog:
                     return fault
         return None
 
-    @staticmethod
-    def positions_sql(entry: CacheEntry) -> str:
+    def positions_sql(self, entry: CacheEntry) -> str:
         """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
-        files = ", ".join("'" + str(p).replace("'", "''") + "'" for p in entry.shard_files())
         target_format = format_of(entry.manifest)
-        source = target_format.sql_source(f"read_parquet([{files}])")
+        source = target_format.sql_source(self.parquet_source(entry.shard_files(), f"shards_{entry.key}"))
         return f"SELECT '{entry.key}' AS cache_key, id, position, {view_columns(target_format)} FROM {source}"
+
+    def parquet_source(self, files: list[Path | ObjectPath], name: str) -> str:
+        """What DuckDB scans for these Parquet files (all local, or all on one object store): read_parquet over
+        local files, or an Arrow dataset registered as ``name``, streamed through pyarrow's filesystem (DuckDB's
+        own httpfs extension would need a download)."""
+        if not files or not isinstance(files[0], ObjectPath):
+            return "read_parquet([" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in files) + "])"
+        try:
+            self.con.register(name, pads.dataset([p.path for p in files], filesystem=files[0].fs, format="parquet"))
+        except (OSError, pa.ArrowException) as exc:
+            raise PipelineError(
+                f"cannot read {files[0].parent}: {exc}. Check the files (caches: `pipeline caches verify`)."
+            ) from exc
+        return name
 
     def sql(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """Run SQL over the views: (column names, rows). A DuckDB error comes back as its own message."""
@@ -439,7 +452,7 @@ class Catalog:
 
     def run(self, ref: str) -> RunEntry:
         """A run by path, by name under the runs root (e.g. default/kd), or by a unique trailing part of its name (kd)."""
-        wanted = Path(ref).resolve()
+        wanted = storage.location(ref).resolve()
         for run in self.runs:
             if run.path.resolve() == wanted or run.name == ref:
                 return run
@@ -448,7 +461,7 @@ class Catalog:
             return matches[0]
         if len(matches) > 1:
             raise ConfigError(f"run '{ref}' is ambiguous: {', '.join(r.name for r in matches)}; give the full name")
-        if Path(ref).is_dir():
+        if storage.location(ref).is_dir():
             raise ConfigError(f"{ref} is not a run directory (no {run_dir.CONFIG}); train-student --out writes one")
         raise ConfigError(
             f"no run '{ref}' under {self.runs_root}; list runs with `pipeline runs list` (or set --runs-dir)"
@@ -468,7 +481,7 @@ def remove_cache(entry: CacheEntry) -> None:
     if lock is None:
         raise CacheError(f"cache {entry.key} is being written by a running cache-teacher; wait for it or stop it first")
     with lock:
-        shutil.rmtree(entry.path)
+        storage.rmtree(entry.path)
 
 
 def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, str]]:
@@ -489,6 +502,6 @@ def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, s
             continue
         with lock:
             if not dry_run:
-                shutil.rmtree(entry.path)
+                storage.rmtree(entry.path)
         done.append((entry, "would remove" if dry_run else "removed"))
     return done

@@ -57,11 +57,13 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 
 @main.command("cache-teacher")
 @_cache_option("--teacher", type=click.Path(dir_okay=False), help="ONNX teacher model.")
-@_cache_option("--data", type=click.Path(), help="Dataset: a Parquet file or a directory of them.")
+@_cache_option("--data", type=click.Path(), help="Dataset: a Parquet file or a directory of them (or s3://...).")
 @_cache_option("--top-k", type=int, help="Ids cached per position; 0: all classes up to 32.")
 @_cache_option("--temperature", type=float, help="Softmax temperature T of the cached targets.")
 @_cache_option(
-    "--cache-dir", type=click.Path(file_okay=False), help="Cache root ($KD_CACHE_DIR, else ~/.cache/kd-pipeline)."
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    help="Cache root, a directory or s3://bucket/prefix ($KD_CACHE_DIR, else ~/.cache/kd-pipeline).",
 )
 @_cache_option("--batch-size", type=int, help="Examples per teacher call, at most.")
 @_cache_option(
@@ -212,7 +214,7 @@ def inspect_teacher(model, show_all) -> None:
 @_train_option(
     "--tensorboard", is_flag=True, default=None, help="Also write TensorBoard event files (optional package)."
 )
-@_train_option("--out", type=click.Path(file_okay=False), help="Run directory.")
+@_train_option("--out", type=click.Path(file_okay=False), help="Run directory (or s3://bucket/prefix).")
 @_train_option("--dist-timeout", type=float, help="torchrun: seconds a rank waits for the others before failing.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML or JSON file of these options.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -26,12 +26,14 @@ FORMATS = ("table", "csv", "json")
 
 def _roots(fn):
     fn = click.option(
-        "--runs-dir", type=click.Path(file_okay=False), help="Runs root (default $KD_RUNS_DIR or runs/)."
+        "--runs-dir",
+        type=click.Path(file_okay=False),
+        help="Runs root, a directory or s3://... ($KD_RUNS_DIR or runs/).",
     )(fn)
     return click.option(
         "--cache-dir",
         type=click.Path(file_okay=False),
-        help="Cache root (default $KD_CACHE_DIR or ~/.cache/kd-pipeline).",
+        help="Cache root, a directory or s3://... (default $KD_CACHE_DIR or ~/.cache/kd-pipeline).",
     )(fn)
 
 

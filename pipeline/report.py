@@ -146,12 +146,11 @@ def reliability(catalog: Catalog, entry: CacheEntry, bins: int = RELIABILITY_BIN
         return [], f"the cache's dataset cannot be read ({exc})"
     if not data.has_labels:
         return [], f"the cache's dataset {data.path} has no label column"
-    files = ", ".join("'" + str(f).replace("'", "''") + "'" for f in data.files)
     _, rows = catalog.sql(f"""
         SELECT least(floor(conf * {bins}), {bins - 1})::INTEGER AS bin, count(*) AS n, avg(conf) AS confidence,
                avg((pred = label)::DOUBLE) AS accuracy
         FROM (SELECT id, exp(topk_logp[1]::DOUBLE) AS conf, topk_ids[1] AS pred FROM ({catalog.positions_sql(entry)})) c
-        JOIN (SELECT id, "{data.label_column}" AS label FROM read_parquet([{files}], union_by_name=true)
+        JOIN (SELECT id, "{data.label_column}" AS label FROM {catalog.parquet_source(data.files, f"data_{entry.key}")}
               WHERE "{data.label_column}" IS NOT NULL) d USING (id)
         GROUP BY bin ORDER BY bin""")
     if not rows:

@@ -21,22 +21,24 @@ import pyarrow as pa
 import torch
 
 from stages import cache_format as fmt
+from stages import storage
 from stages.config import CacheTeacherConfig, load_config, to_dict
 from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError
 from stages.formats import get_format
+from stages.storage import ObjectPath
 from stages.teacher import TeacherInfo, inspect
 
 
 @dataclass
 class CacheResult:
-    path: Path
+    path: Path | ObjectPath
     hit: bool
     manifest: dict  # empty when this worker finished its shards but others have not: no manifest yet
 
 
 @contextmanager
-def writing(path: Path, kept: int) -> Iterator[None]:
+def writing(path: Path | ObjectPath, kept: int) -> Iterator[None]:
     """A failed write (above all a full disk) becomes a CacheError that says the complete shards are kept.
 
     The writers leave no temp file and the manifest is not written, so the same command resumes after the
@@ -56,7 +58,7 @@ def writing(path: Path, kept: int) -> Iterator[None]:
 
 
 def seal(
-    cache_dir: Path,
+    cache_dir: Path | ObjectPath,
     config: CacheTeacherConfig,
     dataset: Dataset,
     info: TeacherInfo,
@@ -89,7 +91,7 @@ def seal(
     return CacheResult(cache_dir, False, manifest)
 
 
-def commit(cache_dir: Path, log=print) -> CacheResult:
+def commit(cache_dir: Path | ObjectPath, log=print) -> CacheResult:
     """Seal a cache from its request, journals and shards (each checked against its sha256) once all exist."""
     if (cache_dir / fmt.MANIFEST).is_file():
         cache = fmt.open_cache(cache_dir)
@@ -133,7 +135,7 @@ def journal_run(entries: list[dict]) -> dict:
     return {"seconds": max(per_worker.values(), default=0.0), "positions": sum(e["rows"] for e in entries)}
 
 
-def _shard_size(cache_dir: Path) -> int:
+def _shard_size(cache_dir: Path | ObjectPath) -> int:
     return int(json.loads((cache_dir / fmt.REQUEST).read_text())["shard_size"])
 
 
@@ -172,7 +174,7 @@ def _manifest(config, dataset, info: TeacherInfo, request, done, learnt, run) ->
             "num_classes": learnt["num_classes"],
         },
         "dataset": {
-            "path": str(Path(config.data).resolve()),
+            "path": storage.display(config.data),
             "fingerprint": request["dataset_fingerprint"],
             "fingerprint_of": FINGERPRINT_OF,
             "num_rows": dataset.num_rows,

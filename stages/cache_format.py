@@ -15,6 +15,11 @@ No manifest means not complete, whatever else is there. The manifest carries ``m
 of the canonical JSON of every other field, so an edit is caught; it must agree with itself (manifest_checks)
 and, in ``Cache.verify``, with the shards' Parquet metadata (schema, id type, row counts, list sizes).
 
+The root may be an object store (``s3://bucket/prefix``, see stages.storage). There is no rename there, so each
+shard and JSON file is written as one object (a PUT appears whole or not at all), the journal is rewritten whole
+after each shard, and the manifest is still written last; a resume re-checks every journalled shard's sha256.
+Instead of flock, ``.lock`` is a lease object naming its holder (host, pid), deleted when the writer finishes.
+
 Shard row layout (FORMAT_VERSION 1):
 
     id          the dataset row's id (same Arrow type as the dataset)
@@ -29,6 +34,9 @@ The sampled target format (manifest ``target_format: sampled``) replaces the fou
 ``sample_ids`` list<int32> (the distinct ids drawn from softmax(logits / T), ascending) and ``sample_counts``
 list<int16> (how often each was drawn; they sum to ``samples``).
 
+Top-k caches in the fp16 or int8 encoding (manifest ``encoding``, ``format_version`` 2) store ids and log-probs
+in the columns of their class in ``stages.formats.topk``; every reader decodes them back to the layout above.
+
 Encodings: zstd; dictionary encoding only for ``id``; float16 is written PLAIN (DuckDB cannot read
 float16 written with BYTE_STREAM_SPLIT).
 """
@@ -41,6 +49,8 @@ import hashlib
 import json
 import math
 import os
+import socket
+import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,10 +59,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages import storage
 from stages.dataset import sha256_file
 from stages.errors import CacheError
 from stages.formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
 from stages.manifest_checks import manifest_problem
+from stages.storage import ObjectPath
 
 FORMAT_VERSION = 1  # hashed into every key: fixed, so caches keep their keys as formats are added
 READ_VERSIONS = (1, 2)  # manifest format_versions this reader knows: 2 = the fp16 and int8 encodings
@@ -101,21 +113,34 @@ def _temp_for(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_shard(table: pa.Table, path: Path, options: dict | None = None) -> dict:
-    """Write one shard atomically (temp name, fsync, rename) and return its journal entry.
+def _write_parquet(table: pa.Table, where, options: dict | None) -> None:
+    pq.write_table(
+        table,
+        where,
+        compression="zstd",
+        use_dictionary=["id"],
+        row_group_size=ROW_GROUP_POSITIONS,
+        write_statistics=["id", "position", "logz", "tail_mass"],
+        **(options or {}),
+    )
 
-    ``options``: further pyarrow write options (a target format's ``parquet_options``).
-    """
+
+def write_shard(table: pa.Table, path: Path | ObjectPath, options: dict | None = None) -> dict:
+    """Write one shard atomically (temp name, fsync, rename; on an object store one PUT) and return its journal
+    entry. ``options``: further pyarrow write options (a target format's ``parquet_options``)."""
+    if isinstance(path, ObjectPath):
+        buffer = pa.BufferOutputStream()
+        _write_parquet(table, buffer, options)
+        data = buffer.getvalue().to_pybytes()
+        path.write_bytes(data)
+        return {
+            "file": path.name,
+            "rows": table.num_rows,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
     with _temp_for(path) as tmp:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            use_dictionary=["id"],
-            row_group_size=ROW_GROUP_POSITIONS,
-            write_statistics=["id", "position", "logz", "tail_mass"],
-            **(options or {}),
-        )
+        _write_parquet(table, tmp, options)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -123,7 +148,10 @@ def write_shard(table: pa.Table, path: Path, options: dict | None = None) -> dic
     return {"file": path.name, "rows": table.num_rows, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
+def write_json_atomic(obj: dict, path: Path | ObjectPath) -> None:
+    if isinstance(path, ObjectPath):  # one PUT: atomic on an object store
+        path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        return
     with _temp_for(path) as tmp:
         with open(tmp, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False)
@@ -144,22 +172,25 @@ def manifest_checksum(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def write_manifest(manifest: dict, cache_dir: Path) -> dict:
+def write_manifest(manifest: dict, cache_dir: Path | ObjectPath) -> dict:
     """Seal the manifest with its checksum and write it atomically: the last step of a complete cache."""
     sealed = manifest | {MANIFEST_CHECKSUM: manifest_checksum(manifest)}
     write_json_atomic(sealed, cache_dir / MANIFEST)
     return sealed
 
 
-def try_lock(cache_dir: Path, create: bool = True, shared: bool = False, name: str = LOCK):
+def try_lock(cache_dir: Path | ObjectPath, create: bool = True, shared: bool = False, name: str = LOCK):
     """A non-blocking flock on the cache's lock file, held until the returned handle closes (use it as a context
     manager); None when another process holds it in a conflicting mode.
 
     Exclusive (the default) for a single writer and for whoever removes or seals the cache; ``shared`` for one
     of several workers, which each also hold their own ``WORKER_LOCK`` exclusively. ``create=False`` (a dry run)
     leaves a directory without a lock file untouched: nobody can be holding it. Raises OSError when the lock
-    file cannot be created.
+    file cannot be created. On an object store, an exclusive lock is a lease object (``_Lease``) and a shared
+    one is not taken (a lease cannot be shared; each worker still holds its own ``WORKER_LOCK`` lease).
     """
+    if isinstance(cache_dir, ObjectPath):
+        return _Lease(None) if shared else _Lease.take(cache_dir / name, create)
     if not create and not (cache_dir / name).exists():
         return contextlib.nullcontext()
     handle = open(cache_dir / name, "a")
@@ -171,19 +202,79 @@ def try_lock(cache_dir: Path, create: bool = True, shared: bool = False, name: s
     return handle
 
 
-def journal_path(cache_dir: Path, worker: int = 0, workers: int = 1) -> Path:
+class _Lease:
+    """The object-store stand-in for flock: a ``.lock`` object naming its holder, deleted when the block ends.
+
+    Best effort, not a mutual exclusion: object stores offer no atomic create here, so two writers starting in
+    the same instant can both win. It stops the common mistake (a second run of the same command while the
+    first is going). A lease left by a killed process on this host is taken over; one from another host must
+    be deleted by hand (the CLI message says so).
+    """
+
+    def __init__(self, path: ObjectPath | None):
+        self.path = path
+
+    @classmethod
+    def take(cls, path: ObjectPath, create: bool) -> _Lease | None:
+        if path.exists():
+            try:
+                holder = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                holder = {}  # not a lease this code wrote: treat it as held
+            if not _dead_here(holder):
+                return None
+        if not create:
+            return cls(None)  # a dry run holds nothing
+        token = uuid.uuid4().hex
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token}))
+        if json.loads(path.read_text()).get("token") != token:  # another writer put its lease after ours
+            return None
+        return cls(path)
+
+    def __enter__(self) -> _Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Delete the lease (a file handle's close releases its flock the same way)."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def _dead_here(holder: dict) -> bool:
+    """True when the lease's holder was a process on this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    return False
+
+
+def journal_path(cache_dir: Path | ObjectPath, worker: int = 0, workers: int = 1) -> Path | ObjectPath:
     """Where worker ``worker`` of ``workers`` journals its shards (a single process: ``progress.jsonl``)."""
     return cache_dir / (JOURNAL if workers == 1 else WORKER_JOURNAL.format(worker))
 
 
-def append_journal(cache_dir: Path, entry: dict, worker: int = 0, workers: int = 1) -> None:
-    with open(journal_path(cache_dir, worker, workers), "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+def append_journal(cache_dir: Path | ObjectPath, entry: dict, worker: int = 0, workers: int = 1) -> None:
+    line = json.dumps(entry) + "\n"
+    journal = journal_path(cache_dir, worker, workers)
+    if isinstance(journal, ObjectPath):  # no append on object stores: rewrite it whole (one line per shard)
+        journal.write_text((journal.read_text() if journal.exists() else "") + line)
+        return
+    with open(journal, "a") as fh:
+        fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def read_journal(cache_dir: Path, shards: Collection[int] | None = None) -> list[dict]:
+def read_journal(cache_dir: Path | ObjectPath, shards: Collection[int] | None = None) -> list[dict]:
     """Finished shards from earlier runs (of every worker), each re-checked against its file, in shard order.
 
     A torn last line (a process died mid-write) ends that journal; a shard whose file is missing or changed is
@@ -209,11 +300,16 @@ def read_journal(cache_dir: Path, shards: Collection[int] | None = None) -> list
     return [found[s] for s in sorted(found)]
 
 
-def claim_json(obj: dict, path: Path) -> dict:
+def claim_json(obj: dict, path: Path | ObjectPath) -> dict:
     """Write ``obj`` to ``path`` unless it exists, atomically even against other writers; return what is there.
 
     Workers starting together race to create request.json: the first link wins and everyone reads the winner.
+    On an object store (no link) the last PUT wins and everyone reads it after writing theirs, or finding one.
     """
+    if isinstance(path, ObjectPath):
+        if not path.exists():
+            write_json_atomic(obj, path)
+        return json.loads(path.read_text())
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as fh:
@@ -234,7 +330,7 @@ def claim_json(obj: dict, path: Path) -> dict:
 class Cache:
     """A complete cache, opened through its manifest."""
 
-    path: Path
+    path: Path | ObjectPath
     manifest: dict
 
     @property
@@ -280,7 +376,7 @@ class Cache:
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
 
-    def shard_path(self, shard: dict) -> Path:
+    def shard_path(self, shard: dict) -> Path | ObjectPath:
         return self.path / shard["file"]
 
     @property
@@ -304,11 +400,11 @@ class Cache:
 
     def parquet_file(self, shard: dict) -> pq.ParquetFile:
         with self._reading(shard):
-            return pq.ParquetFile(self.shard_path(shard))
+            return pq.ParquetFile(storage.open_input(self.shard_path(shard)))
 
     def read_shard(self, shard: dict, columns: list[str] | None = None) -> pa.Table:
         with self._reading(shard):
-            return pq.read_table(self.shard_path(shard), columns=columns)
+            return pq.read_table(storage.open_input(self.shard_path(shard)), columns=columns)
 
     def verify(self, checksums: bool = True) -> None:
         """Check every shard against the manifest; raise CacheError naming the first fault.
@@ -393,12 +489,12 @@ def export_plain(cache: Cache, out: Path) -> int:
     return rows
 
 
-def resolve_cache(ref: str, root: str | Path) -> Path:
-    """A cache named by path, by key, or by a unique prefix of a key under ``root``."""
-    as_path = Path(ref)
+def resolve_cache(ref: str, root: str | Path | ObjectPath) -> Path | ObjectPath:
+    """A cache named by path or URI, by key, or by a unique prefix of a key under ``root``."""
+    as_path = storage.location(ref)
     if as_path.is_dir():
         return as_path
-    root = Path(root)
+    root = storage.location(root)
     matches = sorted(p for p in root.glob(ref + "*") if p.is_dir()) if root.is_dir() and ref else []
     if not matches:
         raise CacheError(
@@ -412,9 +508,9 @@ def resolve_cache(ref: str, root: str | Path) -> Path:
     return matches[0]
 
 
-def open_cache(path: str | Path) -> Cache:
+def open_cache(path: str | Path | ObjectPath) -> Cache:
     """Open a complete cache; refuse an incomplete one or a format this code does not know."""
-    path = Path(path)
+    path = storage.location(path)
     if not path.is_dir():
         raise CacheError(f"cache not found: {path}")
     manifest_path = path / MANIFEST

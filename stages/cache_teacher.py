@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages import cache_commit, distributed
+from stages import cache_commit, distributed, storage
 from stages import cache_format as fmt
 from stages.cache_commit import CacheResult, writing
 from stages.config import CacheTeacherConfig, to_dict
@@ -29,6 +29,7 @@ from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
 from stages.export_teacher import read_card
 from stages.formats import get_format
 from stages.shard_runner import ShardRunner
+from stages.storage import ObjectPath
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
@@ -104,7 +105,7 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
-    cache_dir = Path(config.cache_dir) / key
+    cache_dir = storage.location(config.cache_dir) / key
 
     if (cache_dir / fmt.MANIFEST).is_file():
         cache = fmt.open_cache(cache_dir)
@@ -129,7 +130,7 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
             lock.close()
 
 
-def _lock(cache_dir: Path, worker: int, workers: int, wait: float) -> list:
+def _lock(cache_dir: Path | ObjectPath, worker: int, workers: int, wait: float) -> list:
     """The flocks a writer holds: the cache's own, exclusively (one process), or shared plus its worker's own.
 
     A worker waits up to ``wait`` seconds for an exclusive holder (another worker sealing the cache) to let go.
@@ -137,7 +138,12 @@ def _lock(cache_dir: Path, worker: int, workers: int, wait: float) -> list:
     if workers == 1:
         lock = fmt.try_lock(cache_dir)
         if lock is None:
-            raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish")
+            stale = (
+                f" (if none is, e.g. it was killed on another host, delete {cache_dir / fmt.LOCK} and re-run)"
+                if isinstance(cache_dir, ObjectPath)
+                else ""
+            )
+            raise CacheError(f"another cache-teacher process is writing {cache_dir}; wait for it to finish{stale}")
         return [lock]
     deadline = time.monotonic() + wait
     while (shared := fmt.try_lock(cache_dir, shared=True)) is None:
@@ -162,7 +168,7 @@ def _fill(
     handed: list[tuple],
     request: dict,
     key: str,
-    cache_dir: Path,
+    cache_dir: Path | ObjectPath,
     progress: bool,
     log,
     group,
@@ -266,7 +272,7 @@ def _seal_on_rank_zero(group: distributed.Group, seal, cache_dir: Path, entries,
     return CacheResult(cache_dir, False, manifest)
 
 
-def _seal_if_last(seal, cache_dir: Path, num_shards: int, locks: list, log) -> CacheResult:
+def _seal_if_last(seal, cache_dir: Path | ObjectPath, num_shards: int, locks: list, log) -> CacheResult:
     """Launcher-free: the worker that finds every other gone (the cache's lock free) and every shard in place
     writes the manifest; any other leaves it to the last one, or to ``pipeline caches commit``."""
     locks[0].close()  # give up this worker's share: whoever tries after every worker did so gets it whole

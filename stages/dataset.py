@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stages import storage
 from stages.errors import DatasetError
+from stages.storage import ObjectPath
 
 ID_COLUMN = "id"
 FINGERPRINT_OF = "rows"  # what manifests say the fingerprint covers; older ones, without it, hashed the files
@@ -41,8 +43,8 @@ class _RowGroup:
 class Dataset:
     """Random access by global row range over a set of Parquet files, one row group at a time."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | ObjectPath):
+        self.path = storage.location(path)  # a local path, or an object-store URI (s3://bucket/prefix)
         if not self.path.exists():
             raise DatasetError(f"dataset not found: {self.path}. Pass a Parquet file or a directory of them.")
         if self.path.is_dir():
@@ -54,7 +56,7 @@ class Dataset:
         self._parquet: list[pq.ParquetFile] = []
         for f in self.files:
             try:
-                self._parquet.append(pq.ParquetFile(f))
+                self._parquet.append(pq.ParquetFile(storage.open_input(f)))
             except (pa.ArrowInvalid, OSError) as exc:
                 raise DatasetError(f"{f} is not a readable Parquet file: {exc}") from exc
         self.schema = self._parquet[0].schema_arrow
@@ -255,9 +257,9 @@ def _hash_values(streams: dict[tuple, hashlib._Hash], key: tuple, array: pa.Arra
         )
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path | ObjectPath) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:
         while chunk := fh.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()

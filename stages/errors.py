@@ -21,5 +21,9 @@ class CacheError(PipelineError):
     """A cache is missing, incomplete, corrupted, or does not match what was asked."""
 
 
+class StorageError(PipelineError):
+    """An object store (s3:// ...) cannot be reached or refuses a request: a bad URI, bucket or credentials."""
+
+
 class DistributedError(PipelineError):
     """A torchrun rank (or a launcher-free worker) failed, vanished or timed out, or the launch is inconsistent."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -26,7 +26,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from stages import cache_format as fmt
-from stages import checkpoint, distributed, run_dir
+from stages import checkpoint, distributed, run_dir, storage
 from stages.config import TrainStudentConfig, to_dict
 from stages.dataset import FINGERPRINT_OF, Dataset
 from stages.errors import CacheError, ConfigError, DatasetError
@@ -83,6 +83,7 @@ class Trainer:
         self.elapsed_before = 0.0  # training seconds of the run's earlier processes (a resumed run)
         self.checkpoint_seconds = 0.0  # spent writing checkpoints, in this process
         self.lock: run_dir.RunLock | None = None
+        self._staging: tempfile.TemporaryDirectory | None = None  # where a run bound for an object store trains
         self.rows: run_dir.MetricsLog | None = None  # metrics.csv (and TensorBoard), open from setup on
         self.epoch_acc = _accumulator()  # the current epoch's loss sums
         self.window = _accumulator()  # the loss sums since the last "step" row
@@ -90,10 +91,8 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------------------
     def setup(self) -> None:
         c = self.config
-        self.out = Path(c.out).resolve()
         # Rank 0 alone owns the run directory: it checks, locks, writes and resumes it (the others follow it).
-        resuming = run_dir.check_out(self.out, c.overwrite, c.resume) if self.main else False
-        replace = self.main and not resuming and self.out.exists() and any(self.out.iterdir())
+        resuming, replace = self._run_directory()
         if c.tensorboard:
             run_dir.tensorboard_writer_class()  # missing package: say so before any work
         self.device = self._device()
@@ -148,7 +147,7 @@ class Trainer:
         if resuming:
             run_dir.check_same_run(self.out, record["config"], ignore=_NOT_COMPARED)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was
-            shutil.rmtree(self.out)
+            storage.rmtree(self.target)
         if self.group is not None:
             self._note(
                 f"{self.world_size} ranks: global batch {c.batch_size * self.world_size} "
@@ -176,7 +175,7 @@ class Trainer:
         c = self.config
 
         def absolute(path: str) -> str:
-            return str(Path(path).resolve()) if path else ""
+            return storage.display(path) if path else ""  # an object-store URI stays as given
 
         def cache_path(ref: str) -> str:
             return str(fmt.resolve_cache(ref, c.cache_dir).resolve()) if ref else ""
@@ -185,7 +184,7 @@ class Trainer:
         student = absolute(module) + colon + rest if module.endswith(".py") else c.student
         resolved = to_dict(c) | {
             "data": absolute(c.data),
-            "out": str(self.out),
+            "out": str(self.target),
             "cache": [str(cache.path.resolve()) for cache in self.caches],
             "eval_data": absolute(c.eval_data),
             "eval_cache": cache_path(c.eval_cache),
@@ -268,6 +267,36 @@ class Trainer:
         every rank. Built once every rank's setup has passed: DDP's constructor is itself a collective."""
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _run_directory(self) -> tuple[bool, bool]:
+        """(resuming, replacing) --out. A run on an object store trains in a local staging directory (self.out)
+        and is uploaded when it finishes, metrics.json last: one there is complete or absent, so it never resumes.
+        """
+        c = self.config
+        self.target = storage.location(c.out)
+        if isinstance(self.target, Path):
+            self.out = self.target = self.target.resolve()
+            if not self.main:
+                return False, False
+            resuming = run_dir.check_out(self.out, c.overwrite, c.resume)
+            return resuming, not resuming and self.out.exists() and any(self.out.iterdir())
+        self.out = self.target  # the other ranks write nothing
+        if not self.main:
+            return False, False
+        self.target.mkdir(parents=True, exist_ok=True)  # the bucket exists: checked before any work
+        if c.resume:
+            raise ConfigError(
+                f"--resume: {self.target} is on an object store, where a run is uploaded only once it finished, "
+                "so there is nothing to resume; train to a local --out to resume runs"
+            )
+        replace = self.target.exists() and any(self.target.iterdir())
+        if replace and not c.overwrite:
+            raise ConfigError(
+                f"run directory {self.target} exists and is not empty; choose another --out or pass --overwrite"
+            )
+        self._staging = tempfile.TemporaryDirectory(prefix="kd-run-")
+        self.out = Path(self._staging.name)
+        return False, replace
 
     def _held_out(self, data_path: str, cache_ref: str) -> StreamingLoader | None:
         """The loader of a held-out dataset (with its teacher cache, if given), or None when none was given."""
@@ -830,8 +859,10 @@ class Trainer:
             metrics["onnx_max_abs_diff"] = export_onnx(self.model.cpu(), small, self.out / run_dir.ONNX)
             self.model.to(self.device)
         run_dir.write_metrics(self.out, metrics)
+        if self._staging is not None:  # the run is complete: upload it, metrics.json last
+            storage.upload_tree(self.out, self.target, last=run_dir.METRICS, skip=(run_dir.LOCK,))
         figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
-        self.log(f"run saved to {self.out}: {figures or 'no test figures (give --eval-data or --test-data)'}")
+        self.log(f"run saved to {self.target}: {figures or 'no test figures (give --eval-data or --test-data)'}")
         return metrics
 
     def close(self) -> None:
@@ -840,6 +871,8 @@ class Trainer:
             self.rows.close()
         if self.lock is not None:
             self.lock.release()
+        if self._staging is not None:  # uploaded by save, or a failed run: nothing there to resume
+            self._staging.cleanup()
 
 
 def _accumulator() -> dict:
