@@ -109,6 +109,7 @@ def token_case(work: Path, sequences: int, args: argparse.Namespace) -> Case:
         cache_dir=str(work / f"cache-shard{args.token_shard}"),
         batch_size=8,
         shard_size=args.token_shard,
+        encoding=args.encoding,
     )
     return Case(data, build_cache(config), ["input_ids"], True, args.token_batch, args.token_buffer)
 
@@ -270,6 +271,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=2000, help="token dataset size")
     parser.add_argument("--vocab", type=int, default=49152, help="token teacher and student vocabulary")
     parser.add_argument("--top-k", type=int, default=32, help="ids cached per token")
+    parser.add_argument("--encoding", default="fp32", help="top-k encoding of the token cache (fp32, fp16, int8)")
     parser.add_argument("--token-shard", type=int, default=128, help="sequences per token cache shard")
     parser.add_argument("--token-batch", type=int, default=8, help="sequences per token batch")
     parser.add_argument("--token-buffer", type=int, default=128, help="token shuffle window, in sequences")

@@ -37,14 +37,11 @@ from stages import cache_format as fmt
 from stages import run_dir, storage
 from stages.config import default_cache_root
 from stages.errors import CacheError, ConfigError, PipelineError
+from stages.formats import format_of, view_columns
 from stages.storage import ObjectPath
 
 _KEY_NAME = re.compile(rf"^[0-9a-f]{{{fmt.KEY_LENGTH}}}$")
 # Hidden states stay out of the view; each target format fills its own columns and leaves the other's NULL.
-_TOPK_COLUMNS = "topk_ids, topk_logp, logz, tail_mass"
-_SAMPLED_COLUMNS = "sample_ids, sample_counts"
-_NO_TOPK = "NULL::INTEGER[] AS topk_ids, NULL::FLOAT[] AS topk_logp, NULL::FLOAT AS logz, NULL::FLOAT AS tail_mass"
-_NO_SAMPLED = "NULL::INTEGER[] AS sample_ids, NULL::SMALLINT[] AS sample_counts"
 _QUANTILES = (0.01, 0.5, 0.9, 0.99)  # reported by `caches show` beside the mean, min and max
 
 CACHE_SCHEMA = pa.schema(
@@ -366,7 +363,7 @@ class Catalog:
 
     def _create_positions_view(self) -> None:
         selects = [self.positions_sql(c) for c in self.caches if c.status == "complete"]
-        empty = f"SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, {_NO_TOPK}, {_NO_SAMPLED} WHERE false"
+        empty = f"SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, {view_columns(None)} WHERE false"
         try:
             self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
         except duckdb.Error as exc:
@@ -386,10 +383,9 @@ class Catalog:
 
     def positions_sql(self, entry: CacheEntry) -> str:
         """One cache's positions with its key as a literal column (ids keep their type; mixed types become VARCHAR)."""
-        sampled = entry.manifest.get("target_format") == "sampled"
-        columns = f"{_NO_TOPK}, {_SAMPLED_COLUMNS}" if sampled else f"{_TOPK_COLUMNS}, {_NO_SAMPLED}"
-        source = self.parquet_source(entry.shard_files(), f"shards_{entry.key}")
-        return f"SELECT '{entry.key}' AS cache_key, id, position, {columns} FROM {source}"
+        target_format = format_of(entry.manifest)
+        source = target_format.sql_source(self.parquet_source(entry.shard_files(), f"shards_{entry.key}"))
+        return f"SELECT '{entry.key}' AS cache_key, id, position, {view_columns(target_format)} FROM {source}"
 
     def parquet_source(self, files: list[Path | ObjectPath], name: str) -> str:
         """What DuckDB scans for these Parquet files (all local, or all on one object store): read_parquet over
@@ -416,42 +412,10 @@ class Catalog:
         return [d[0] for d in result.description], result.fetchall()
 
     def statistics(self, entry: CacheEntry) -> dict:
-        """Distribution statistics over every position of one complete cache, computed by DuckDB over its shards.
-
-        tail_mass and top1_prob (= exp(topk_logp[1])) are exact. The teacher's entropy at T is not stored, so it
-        is bracketed from the top-k and the tail: the cached ids contribute -sum p log p exactly; the tail mass m
-        over the V-k uncached ids contributes at least -m log p_k (no uncached id is likelier than the k-th) and
-        at most -m log(m / (V-k)) (spread uniformly). With k = V both bounds are the exact entropy.
-        """
-        if entry.manifest.get("target_format") == "sampled":
-            return self._sampled_statistics(entry)
-        uncached = max(int(entry.manifest["teacher"]["num_classes"] or 0) - int(entry.manifest["top_k"]), 0)
-        per_position = f"""
-            SELECT tail, top1,
-                   h_top + CASE WHEN tail > 0 AND logp_min > -1e30 THEN -tail * logp_min ELSE 0 END AS entropy_lower,
-                   h_top + CASE WHEN tail > 0 AND {uncached} > 0 THEN -tail * ln(tail / {uncached}) ELSE 0 END AS entropy_upper
-            FROM (SELECT greatest(tail_mass::DOUBLE, 0) AS tail, exp(topk_logp[1]::DOUBLE) AS top1, topk_logp[-1]::DOUBLE AS logp_min,
-                         list_sum([CASE WHEN x > -1e30 THEN -exp(x) * x ELSE 0 END FOR x IN topk_logp::DOUBLE[]]) AS h_top
-                  FROM ({self.positions_sql(entry)}))"""
-        return self._distributions(
-            per_position,
-            {
-                "tail": "tail_mass",
-                "top1": "top1_prob",
-                "entropy_lower": "entropy_lower",
-                "entropy_upper": "entropy_upper",
-            },
-        )
-
-    def _sampled_statistics(self, entry: CacheEntry) -> dict:
-        """A sampled cache: how many distinct ids the draws hit per position, and the top draw's frequency."""
-        draws = int(entry.manifest["samples"])
-        per_position = f"""
-            SELECT len(sample_ids)::DOUBLE AS distinct_ids, list_max(sample_counts)::DOUBLE / {draws} AS top_frequency
-            FROM ({self.positions_sql(entry)})"""
-        return self._distributions(
-            per_position, {"distinct_ids": "distinct_ids", "top_frequency": "top_draw_frequency"}
-        )
+        """Distribution statistics over every position of one complete cache, computed by DuckDB over its shards
+        (which ones, and how: its target format's statistics_sql)."""
+        query, names, _ = format_of(entry.manifest).statistics_sql(self.positions_sql(entry), entry.manifest)
+        return self._distributions(query, names)
 
     def _distributions(self, per_position: str, names: dict[str, str]) -> dict:
         """count, then mean / min / quantiles / max of each column of ``per_position`` (SQL), under ``names``."""

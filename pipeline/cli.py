@@ -26,6 +26,7 @@ from stages.config import (
     TrainStudentConfig,
     load_config,
 )
+from stages.formats import ENCODINGS
 
 
 def _config_option(config: type, *decls: str, **attrs: Any) -> Callable:
@@ -91,6 +92,11 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 )
 @_cache_option("--samples", type=int, help="Sampled format: draws per position.")
 @_cache_option("--sample-seed", type=int, help="Sampled format: seed of the draws.")
+@_cache_option(
+    "--encoding",
+    type=click.Choice(tuple(ENCODINGS)),
+    help="Top-k ids and log-probs on disk: fp32 (exact), fp16 (~2e-6 KD-loss change), int8 (1-byte codes, ~2e-4).",
+)
 @_cache_option(
     "--num-workers", type=int, help="Launcher-free: independent jobs that split the shards (not under torchrun)."
 )

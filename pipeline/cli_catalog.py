@@ -11,6 +11,7 @@ import decimal
 import io
 import json
 import math
+from pathlib import Path
 
 import click
 
@@ -18,6 +19,7 @@ from pipeline.catalog import Catalog, collect_garbage, remove_cache
 from pipeline.cli_base import errors_to_click, log
 from stages import cache_format as fmt
 from stages.errors import CacheError
+from stages.formats import format_of
 
 FORMATS = ("table", "csv", "json")
 
@@ -168,13 +170,14 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
         click.echo(json.dumps(_plain(shown), indent=2))
         return
     t, d, probe = m["teacher"], m["dataset"], m.get("fidelity") or {}
-    what = f"{m['samples']} draws" if m.get("target_format") == "sampled" else f"top-{m['top_k']}"
+    target_format = format_of(m)
+    what = target_format.describe(m)
     lines = [
         f"cache      {entry.key}  ({entry.status})",
         f"path       {entry.path}",
         f"teacher    {t['name']}  sha256 {t['sha256'][:12]}  {t['kind']}, {t['num_classes']} classes/vocabulary, output '{t['logits_output']}'",
         f"dataset    {d['path']}  fingerprint {d['fingerprint'][:12]}  {d['num_rows']} rows",
-        f"targets    {m.get('target_format', 'topk')} v{m['format_version']}: {what} at T={m['temperature']:g}; "
+        f"targets    {target_format.name} v{m['format_version']}: {what} at T={m['temperature']:g}; "
         f"hidden: {', '.join(f'{n} {s}' for n, s in m.get('hidden', {}).items()) or 'none'}",
         f"positions  {m['num_positions']} in {len(m['shards'])} shard(s), {m['bytes']} bytes ({m['bytes_per_position']:.1f} bytes/position)",
         f"created    {m.get('created')}  on {', '.join(m.get('providers', []))}  in {m.get('run', {}).get('seconds', float('nan')):.2f}s",
@@ -191,17 +194,21 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
                 if "kl_mean" in probe
                 else []
             ),
+            *(
+                [
+                    f"  KL(top-k + tail || {probe['encoding']}-decoded)  mean {probe['encoding_kl_mean']:.3g}  max "
+                    f"{probe['encoding_kl_max']:.3g} nats, max |delta log p| {probe['encoding_max_abs_dlogp']:.3g}"
+                ]
+                if "encoding_kl_mean" in probe
+                else []
+            ),
             f"  teacher entropy at T (dense, exact)      mean {probe['entropy_mean']:.4f} nats",
             f"  top-1 probability                        mean {probe['top1_prob_mean']:.4f}",
             f"  tail mass (outside the cached ids)       mean {probe['tail_mass_mean']:.4g}",
         ]
     else:
         lines.append("fidelity probe: none recorded (cached with --probe-positions 0)")
-    how = (
-        "the draws of each position"
-        if m.get("target_format") == "sampled"
-        else "entropy bracketed from the top-k and the tail"
-    )
+    how = target_format.statistics_sql("", m)[2]
     lines += ["", f"over all {stats['positions']} positions (DuckDB over the shards; {how}):"]
     lines += ["  " + s for s in _stats_lines(stats)]
     click.echo("\n".join(lines))
@@ -242,6 +249,30 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
         )
     if failed:
         raise click.ClickException(f"{failed} of {len(entries)} cache(s) failed verification")
+
+
+@caches.command("export")
+@click.argument("key")
+@_roots
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, writable=True),
+    help="Parquet file to write (replaced if it exists).",
+)
+@errors_to_click
+def caches_export(key, cache_dir, runs_dir, out) -> None:
+    """Write a top-k cache's targets, decoded from any encoding, in the plain format-1 schema (id, position,
+    topk_ids, topk_logp, logz, tail_mass) for other tools. Prints the file last."""
+    entry = Catalog(cache_dir, runs_dir).complete_cache(key)
+    cache = fmt.open_cache(entry.path)
+    cache.verify(checksums=True)  # an export is a copy for other tools: check every byte it copies
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise CacheError(f"cannot write {path}: its folder {path.parent} does not exist; create it first")
+    rows = fmt.export_plain(cache, path)
+    log(f"exported {rows} positions of cache {entry.key} ({cache.format.describe(cache.manifest)})")
+    click.echo(str(path))
 
 
 @caches.command("commit")

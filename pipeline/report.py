@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.catalog import CacheEntry, Catalog, RunEntry
 from stages.dataset import Dataset
 from stages.errors import PipelineError
+from stages.formats import format_of
 
 RELIABILITY_BINS = 10  # equal-width confidence bins of the reliability diagram
 TAIL_BINS = 40  # bins of the tail-mass histogram over [0, max tail mass]
@@ -134,7 +135,7 @@ def reliability(catalog: Catalog, entry: CacheEntry, bins: int = RELIABILITY_BIN
     m = entry.manifest
     if m["teacher"]["kind"] != "classifier":
         return [], "the cache is token-level: its dataset has no per-example labels to score the teacher against"
-    if _sampled(entry):
+    if not format_of(m).exact_logp:
         return [], (
             f"the cache holds {m['samples']} draws per example, not the teacher's probabilities, so it has no exact "
             "top-1 confidence (a draw frequency is noisy and biased upward); a top-k cache of the same teacher has one"
@@ -237,10 +238,6 @@ def plot_tail_mass(catalog: Catalog, entry: CacheEntry, path: Path, bins: int = 
     return {"positions": n, "mean": mean, "max": top}
 
 
-def _sampled(entry: CacheEntry) -> bool:
-    return entry.manifest.get("target_format") == "sampled"
-
-
 def _draw_lines(catalog: Catalog, entry: CacheEntry) -> list[str]:
     """A sampled cache's statistics over every position, in place of the tail mass it does not store."""
     stats = catalog.statistics(entry)
@@ -319,7 +316,8 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         lines.append(f"_{note}._")
     else:
         m = entry.manifest
-        targets = f"{m['samples']} sampled draws" if _sampled(entry) else f"top-{m['top_k']}"
+        target_format = format_of(m)
+        targets = f"{target_format.describe(m)} ({target_format.name} targets)"
         lines += [
             f"Cache `{entry.key}`: teacher `{m['teacher']['name']}` (sha256 {m['teacher']['sha256'][:12]}), "
             f"{targets} at T={m['temperature']:g}, {m['num_positions']} positions, dataset `{m['dataset']['path']}`.",
@@ -344,7 +342,7 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
             ]
         else:
             lines.append(f"_Reliability diagram skipped: {why}._")
-        if _sampled(entry):
+        if not target_format.has_tail:
             lines += ["", *_draw_lines(catalog, entry)]
         else:
             t = plot_tail_mass(catalog, entry, out / "tail_mass.png")

@@ -25,6 +25,7 @@ from stages import storage
 from stages.config import CacheTeacherConfig, load_config, to_dict
 from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError
+from stages.formats import get_format
 from stages.storage import ObjectPath
 from stages.teacher import TeacherInfo, inspect
 
@@ -156,8 +157,9 @@ def _manifest(config, dataset, info: TeacherInfo, request, done, learnt, run) ->
         w = workers.setdefault(e.get("worker", 0), {"worker": e.get("worker", 0), "providers": set(), "shards": 0})
         w["providers"].add(e["provider"])
         w["shards"] += 1
+    target_format = get_format(config.target_format, config.encoding)
     return {
-        "format_version": fmt.FORMAT_VERSION,
+        "format_version": target_format.format_version,
         "key": fmt.cache_key(request),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "target_format": config.target_format,
@@ -179,9 +181,7 @@ def _manifest(config, dataset, info: TeacherInfo, request, done, learnt, run) ->
             "id_type": str(dataset.schema.field(ID_COLUMN).type),
         },
         "tokenizer_sha256": dataset.tokenizer_sha256,  # prepare-data's; train-student checks students against it
-        "top_k": config.top_k if config.target_format == "topk" else 0,
-        "samples": config.samples if config.target_format == "sampled" else 0,
-        "sample_seed": config.sample_seed if config.target_format == "sampled" else None,
+        **target_format.manifest_fields(config),
         "temperature": float(config.temperature),
         "hidden": learnt["hidden"],
         "providers": sorted({e["provider"] for e in done}),

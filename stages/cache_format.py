@@ -34,6 +34,9 @@ The sampled target format (manifest ``target_format: sampled``) replaces the fou
 ``sample_ids`` list<int32> (the distinct ids drawn from softmax(logits / T), ascending) and ``sample_counts``
 list<int16> (how often each was drawn; they sum to ``samples``).
 
+Top-k caches in the fp16 or int8 encoding (manifest ``encoding``, ``format_version`` 2) store ids and log-probs
+in the columns of their class in ``stages.formats.topk``; every reader decodes them back to the layout above.
+
 Encodings: zstd; dictionary encoding only for ``id``; float16 is written PLAIN (DuckDB cannot read
 float16 written with BYTE_STREAM_SPLIT).
 """
@@ -59,10 +62,12 @@ import pyarrow.parquet as pq
 from stages import storage
 from stages.dataset import sha256_file
 from stages.errors import CacheError
+from stages.formats import DEFAULT_FORMAT, TargetFormat, format_of, get_format
 from stages.manifest_checks import manifest_problem
 from stages.storage import ObjectPath
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # hashed into every key: fixed, so caches keep their keys as formats are added
+READ_VERSIONS = (1, 2)  # manifest format_versions this reader knows: 2 = the fp16 and int8 encodings
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 JOURNAL = "progress.jsonl"
@@ -82,20 +87,9 @@ def cache_key(request: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
 
 
-def shard_schema(id_type: pa.DataType, hidden: list[str], target_format: str = "topk") -> pa.Schema:
+def shard_schema(id_type: pa.DataType, hidden: list[str], target_format: TargetFormat | None = None) -> pa.Schema:
     fields = [pa.field("id", id_type, nullable=False), pa.field("position", pa.int32(), nullable=False)]
-    if target_format == "sampled":
-        fields += [
-            pa.field("sample_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("sample_counts", pa.list_(pa.int16()), nullable=False),
-        ]
-    else:
-        fields += [
-            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-            pa.field("topk_logp", pa.list_(pa.float32()), nullable=False),
-            pa.field("logz", pa.float32(), nullable=False),
-            pa.field("tail_mass", pa.float32(), nullable=False),
-        ]
+    fields += (target_format or get_format(DEFAULT_FORMAT)).fields()
     fields += [pa.field(HIDDEN_PREFIX + h, pa.list_(pa.float16()), nullable=False) for h in hidden]
     return pa.schema(fields)
 
@@ -119,7 +113,7 @@ def _temp_for(path: Path) -> Iterator[Path]:
         raise
 
 
-def _write_parquet(table: pa.Table, where) -> None:
+def _write_parquet(table: pa.Table, where, options: dict | None) -> None:
     pq.write_table(
         table,
         where,
@@ -127,15 +121,16 @@ def _write_parquet(table: pa.Table, where) -> None:
         use_dictionary=["id"],
         row_group_size=ROW_GROUP_POSITIONS,
         write_statistics=["id", "position", "logz", "tail_mass"],
+        **(options or {}),
     )
 
 
-def write_shard(table: pa.Table, path: Path | ObjectPath) -> dict:
+def write_shard(table: pa.Table, path: Path | ObjectPath, options: dict | None = None) -> dict:
     """Write one shard atomically (temp name, fsync, rename; on an object store one PUT) and return its journal
-    entry."""
+    entry. ``options``: further pyarrow write options (a target format's ``parquet_options``)."""
     if isinstance(path, ObjectPath):
         buffer = pa.BufferOutputStream()
-        _write_parquet(table, buffer)
+        _write_parquet(table, buffer, options)
         data = buffer.getvalue().to_pybytes()
         path.write_bytes(data)
         return {
@@ -145,7 +140,7 @@ def write_shard(table: pa.Table, path: Path | ObjectPath) -> dict:
             "bytes": len(data),
         }
     with _temp_for(path) as tmp:
-        _write_parquet(table, tmp)
+        _write_parquet(table, tmp, options)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -348,7 +343,12 @@ class Cache:
 
     @property
     def target_format(self) -> str:
-        return self.manifest.get("target_format", "topk")
+        return self.format.name
+
+    @property
+    def format(self) -> TargetFormat:
+        """The target format object that reads, checks and describes this cache's targets."""
+        return format_of(self.manifest)
 
     @property
     def samples(self) -> int:
@@ -426,7 +426,7 @@ class Cache:
     def _check_shard(self, shard: dict, pf: pq.ParquetFile) -> None:
         schema, meta = pf.schema_arrow, pf.metadata
         id_type = schema.field("id").type if "id" in schema.names else pa.null()
-        expected = shard_schema(id_type, list(self.hidden), self.target_format)
+        expected = shard_schema(id_type, list(self.hidden), self.format)
         if not schema.equals(expected):
             raise self._fault(
                 shard,
@@ -449,12 +449,10 @@ class Cache:
             HIDDEN_PREFIX + n: (math.prod(shape), f"hidden state '{n}' of shape {shape}")
             for n, shape in self.hidden.items()
         }
-        if self.target_format == "topk":
-            sizes |= {c: (self.top_k, f"top_k {self.top_k}") for c in ("topk_ids", "topk_logp")}
-        elif values["sample_ids"] != values["sample_counts"] or values["sample_ids"] > rows * self.samples:
-            raise self._fault(
-                shard, f"holds {values['sample_ids']} drawn ids for {rows} positions of {self.samples} draws"
-            )
+        problem, target_sizes = self.format.size_problem(values, rows, self.manifest)
+        if problem:
+            raise self._fault(shard, problem)
+        sizes |= target_sizes
         for column, (size, what) in sizes.items():
             if values[column] != rows * size:
                 per_position = values[column] / max(rows, 1)
@@ -471,6 +469,24 @@ class Cache:
                 with self._reading(shard):
                     table = pf.read_row_group(g, columns=columns)
                 yield table  # outside the error guard: the consumer's own errors are not the shard's
+
+
+def export_plain(cache: Cache, out: Path) -> int:
+    """Write a top-k cache's targets, decoded, in format 1's plain schema (id, position, topk_ids, topk_logp,
+    logz, tail_mass: float32 log-probs by descending probability) to one Parquet file, for other tools.
+
+    A row group at a time (bounded memory), to a temp name renamed at the end. Returns the rows written.
+    """
+    schema = shard_schema(cache.parquet_file(cache.shards[0]).schema_arrow.field("id").type, [])
+    rows = 0
+    with _temp_for(out) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=["id"]) as writer:
+            for table in cache.iter_tables(["id", "position", *cache.format.columns]):
+                plain = {"id": table.column("id"), "position": table.column("position")}
+                writer.write_table(pa.table(plain | cache.format.plain(table, cache.manifest), schema=schema))
+                rows += table.num_rows
+        os.replace(tmp, out)
+    return rows
 
 
 def resolve_cache(ref: str, root: str | Path | ObjectPath) -> Path | ObjectPath:
@@ -512,9 +528,9 @@ def open_cache(path: str | Path | ObjectPath) -> Cache:
             f"cache {path}: {MANIFEST} is not a JSON object. Remove the cache and run cache-teacher again."
         )
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CacheError(
-            f"cache {path} has format_version {version!r}; this pipeline reads version {FORMAT_VERSION}. "
+            f"cache {path} has format_version {version!r}; this pipeline reads versions {READ_VERSIONS}. "
             "Rebuild the cache with this version of cache-teacher."
         )
     rm = f"pipeline caches rm {path.name}"

@@ -27,6 +27,7 @@ from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import Dataset
 from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
 from stages.export_teacher import read_card
+from stages.formats import get_format
 from stages.shard_runner import ShardRunner
 from stages.storage import ObjectPath
 from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
@@ -37,17 +38,16 @@ _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
 
 def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig) -> dict:
     """Everything that determines the cached content, and nothing that does not (batch size, device, threads)."""
+    target_format = get_format(config.target_format, config.encoding)
     request = {
-        "target_format": config.target_format,
+        "target_format": target_format.name,
         "teacher_sha256": info.sha256,
         "logits_output": info.logits_output,
         "dataset_fingerprint": fingerprint,
         "temperature": float(config.temperature),
         "hidden": sorted(config.hidden),
     }
-    if config.target_format == "sampled":
-        return request | {"samples": config.samples, "sample_seed": config.sample_seed}
-    return request | {"top_k": config.top_k}
+    return request | target_format.request(config)
 
 
 def run(config: CacheTeacherConfig, progress: bool = True, log=print) -> CacheResult:
@@ -97,7 +97,7 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
             f"the teacher needs input(s) {missing} but dataset {config.data} has columns {dataset.columns}; "
             "add a column per teacher input, named like the input"
         )
-    if config.target_format == "topk" and info.num_classes is not None and config.top_k > info.num_classes:
+    if not get_format(config.target_format).drawn and info.num_classes is not None and config.top_k > info.num_classes:
         raise TeacherError(
             f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
         )
@@ -206,7 +206,7 @@ def _fill(
         teacher = _load_teacher(config, None, topk_in_graph=True, device_id=device_id)  # its bytes were let go
     log(
         f"teacher {Path(config.teacher).name} ({info.kind}) on {teacher.provider}; "
-        + ("sampled targets" if config.target_format == "sampled" else f"top-k in {postprocess}")
+        + ("sampled targets" if get_format(config.target_format).drawn else f"top-k in {postprocess}")
     )
 
     def examples(s: int) -> tuple[int, int]:
@@ -228,7 +228,7 @@ def _fill(
         table, probe = runner.run(start, stop, bar)
         shard_path = cache_dir / fmt.SHARD_PATTERN.format(s)
         with writing(shard_path, len(done)):
-            entry = fmt.write_shard(table, shard_path)
+            entry = fmt.write_shard(table, shard_path, runner.format.parquet_options)
             # The shapes and vocabulary the runner learnt: a resume that computes no shard still knows them.
             entry.update(
                 shard=s,
@@ -295,7 +295,7 @@ def choose_postprocess(postprocess: str, target_format: str, provider: str) -> s
     ``auto`` picks "graph" only on the CUDA provider, where keeping the full logits on the device pays; on CPU
     "torch" is faster (benchmarks/cache_throughput.py). Sampled targets need the full logits: always "torch".
     """
-    if target_format == "sampled":
+    if get_format(target_format).drawn:
         return "torch"
     if postprocess == "auto":
         return "graph" if provider == "CUDAExecutionProvider" else "torch"

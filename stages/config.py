@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from stages.errors import ConfigError
+from stages.formats import ENCODINGS, FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
 POSTPROCESS = ("auto", "torch", "graph")
 METHODS = ("kd", "ensemble", "progressive")
 LR_SCHEDULES = ("constant", "cosine")
-TARGET_FORMATS = ("topk", "sampled")
+TARGET_FORMATS = tuple(FORMATS)
 ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
 HIDDEN_LOSSES = ("mse", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,6 +56,9 @@ class CacheTeacherConfig:
     target_format: str = "topk"  # topk: the k most likely ids; sampled: ids drawn from the teacher, with counts
     samples: int = 64  # sampled format: draws per position (unbiased in expectation, unlike top-k)
     sample_seed: int = 0  # sampled format: the draws are a function of (seed, row, position), not of batching
+    # top-k log-probs on disk: fp32 exact; fp16 (|error| <= 2^-11 |log p|); int8 (8-bit codes, the top-k rescaled to
+    # 1 - tail_mass, the tail exact). fp32 stays the default: exact, and the key of every existing cache.
+    encoding: str = "fp32"
     num_workers: int = 1  # launcher-free jobs (SLURM array, Kubernetes) that split the shards; torchrun sets its own
     worker_index: int = 0  # this launcher-free job's index in [0, num_workers): it writes shards s with s % W == I
     dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others before the job fails
@@ -85,9 +89,14 @@ class CacheTeacherConfig:
             out.append(f"probe_positions: {self.probe_positions} must be >= 0")
         if self.target_format not in TARGET_FORMATS:
             out.append(f"target_format: {self.target_format!r} must be one of {TARGET_FORMATS}")
-        if self.target_format == "sampled" and not 1 <= self.samples <= 32_767:
+        drawn = self.target_format in FORMATS and FORMATS[self.target_format].drawn
+        if drawn and not 1 <= self.samples <= 32_767:
             out.append(f"samples: {self.samples} must be in [1, 32767] (counts are stored as int16)")
-        if self.target_format == "sampled" and self.postprocess == "graph":
+        if self.encoding not in ENCODINGS:
+            out.append(f"encoding: {self.encoding!r} must be one of {tuple(ENCODINGS)}")
+        elif drawn and self.encoding != "fp32":
+            out.append(f"encoding: {self.encoding} applies to top-k log-probs; sampled targets store counts")
+        if drawn and self.postprocess == "graph":
             out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
         if len(set(self.hidden)) != len(self.hidden):
             out.append(f"hidden: {self.hidden} names a tensor twice")

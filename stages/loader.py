@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from stages.cache_format import HIDDEN_PREFIX, Cache
 from stages.dataset import ID_COLUMN, LOSS_MASK_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import CacheError, ConfigError, DatasetError
+from stages.formats import flat
 from stages.losses import IGNORE_INDEX, SampledTargets, SoftTargets
 
 _UNIT_WITHOUT_CACHE = 4096  # examples per unit when no cache is attached (plain evaluation)
@@ -106,7 +107,7 @@ class StreamingLoader(IterableDataset):
         self.seed = seed
         self.pad_token_id = pad_token_id
         for cache in caches:
-            if top_k and cache.target_format != "topk":
+            if top_k and cache.format.drawn:
                 raise ConfigError(f"top_k {top_k} applies to top-k caches; cache {cache.key} holds sampled targets")
             if top_k > cache.top_k:
                 raise ConfigError(
@@ -301,22 +302,9 @@ class StreamingLoader(IterableDataset):
 
     @staticmethod
     def _decode_shard(cache: Cache, shard: dict, hidden: list[str], top_k: int) -> dict:
-        sampled = cache.target_format == "sampled"
-        targets = ["sample_ids", "sample_counts"] if sampled else ["topk_ids", "topk_logp", "logz"]
-        table = cache.read_shard(shard, columns=["id"] + targets + [HIDDEN_PREFIX + h for h in hidden])
-        if sampled:  # ragged distinct ids -> [rows, D] padded with weight 0
-            ids, counts = (
-                _padded(table.column("sample_ids"), cache.samples),
-                _padded(table.column("sample_counts"), cache.samples),
-            )
-            arrays = {"ids": ids.astype(np.int64), "weights": counts.astype(np.float32) / cache.samples}
-        else:
-            k, keep = cache.top_k, top_k or cache.top_k
-            arrays = {
-                "ids": _flat(table.column("topk_ids")).reshape(-1, k)[:, :keep].astype(np.int64),
-                "logp": np.ascontiguousarray(_flat(table.column("topk_logp")).reshape(-1, k)[:, :keep]),
-                "logz": table.column("logz").to_numpy(),
-            }
+        columns = ["id", *cache.format.columns, *(HIDDEN_PREFIX + h for h in hidden)]
+        table = cache.read_shard(shard, columns=columns)
+        arrays = cache.format.decode(table, cache.manifest, top_k)
         if cache.num_classes and arrays["ids"].size and arrays["ids"].max() >= cache.num_classes:
             # Only a manifest without a checksum can get here: its num_classes is not the teacher's.
             raise CacheError(
@@ -326,7 +314,7 @@ class StreamingLoader(IterableDataset):
             )
         arrays["id"] = table.column("id").to_numpy()
         for h in hidden:
-            arrays[HIDDEN_PREFIX + h] = _flat(table.column(HIDDEN_PREFIX + h)).reshape(table.num_rows, -1)
+            arrays[HIDDEN_PREFIX + h] = flat(table.column(HIDDEN_PREFIX + h)).reshape(table.num_rows, -1)
         ids = arrays["id"]
         change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
         starts = np.concatenate([[0], change]).astype(np.int64)
@@ -414,10 +402,7 @@ class StreamingLoader(IterableDataset):
         """Each cache's batch tensors (named as ``_decode_shard`` names them) -> its targets and hidden states."""
         targets, hidden = [], []
         for cache, t in zip(self.caches, per_cache):
-            if cache.target_format == "sampled":
-                targets.append(SampledTargets(t["ids"], t["weights"], cache.temperature, cache.num_classes))
-            else:
-                targets.append(SoftTargets(t["ids"], t["logp"], t["logz"], cache.temperature, cache.num_classes))
+            targets.append(cache.format.batch_targets(t, cache.manifest))
             hidden.append({k.removeprefix(HIDDEN_PREFIX): v for k, v in t.items() if k.startswith(HIDDEN_PREFIX)})
         return targets, hidden
 
@@ -431,20 +416,6 @@ def _shifted_loss_mask(loss_mask, idx: np.ndarray, lengths: np.ndarray, s: int) 
     for j, i in enumerate(idx):
         row = np.asarray(loss_mask[i])[: lengths[j]]
         out[j, : len(row) - 1] = row[1:] != 0
-    return out
-
-
-def _flat(column: pa.ChunkedArray) -> np.ndarray:
-    return column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-
-
-def _padded(column: pa.ChunkedArray, width: int) -> np.ndarray:
-    """A ragged list column -> [rows, width], each row's values left-aligned, zeros after."""
-    column = column.combine_chunks()
-    offsets = column.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    out = np.zeros((len(column), width), dtype=column.type.value_type.to_pandas_dtype())
-    out[np.arange(width)[None, :] < lengths[:, None]] = column.flatten().to_numpy()
     return out
 
 

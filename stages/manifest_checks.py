@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.errors import CacheError
+from stages.formats import DEFAULT_FORMAT, format_of
+
 
 def manifest_problem(m: dict, request_key: str | None) -> str:
     """How a manifest contradicts itself, or '' if it does not. ``request_key``: the key its request hashes to.
@@ -25,7 +28,11 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
         return f"has malformed hidden-state shapes {hidden!r}"
     if request_key != m["key"]:
         return f"has the key {m['key']!r}, which is not the hash of its request (the request or the key was changed)"
-    target_format = m.get("target_format", "topk")
+    target_format = m.get("target_format", DEFAULT_FORMAT)
+    try:
+        layout = format_of(m)
+    except CacheError as exc:
+        return f"names a target format this pipeline cannot read ({exc})"
     copies = {
         "target_format": target_format,
         "temperature": m["temperature"],
@@ -34,18 +41,15 @@ def manifest_problem(m: dict, request_key: str | None) -> str:
         "dataset_fingerprint": dataset.get("fingerprint"),
         "hidden": sorted(hidden),
     }
-    if target_format == "sampled":
-        copies |= {"samples": m.get("samples"), "sample_seed": m.get("sample_seed")}
-    else:
-        copies["top_k"] = m["top_k"]
     for field, value in copies.items():
         if field in request and request[field] != value:
             return f"says {field} {value!r}, but the request the cache was built for (its key) says {request[field]!r}"
-    num_classes = teacher.get("num_classes")
-    if target_format == "topk" and not (_is_count(m["top_k"]) and m["top_k"] > 0):
-        return f"has a malformed top_k {m['top_k']!r}"
-    if target_format == "topk" and isinstance(num_classes, int) and m["top_k"] > num_classes:
-        return f"says top_k {m['top_k']} of only {num_classes} classes"
+    if m.get("format_version") != layout.format_version:
+        version = m.get("format_version")
+        return f"says format_version {version!r}, but {layout.describe(m)} targets are version {layout.format_version}"
+    problem = layout.manifest_problem(m)
+    if problem:
+        return problem
     if not isinstance(shards, list) or not shards:
         return "lists no shards"
     for s in shards:

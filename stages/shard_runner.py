@@ -13,6 +13,7 @@ from stages import targets
 from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
+from stages.formats import by_id, fixed_list, get_format
 from stages.teacher import CLASSIFIER, Teacher
 
 # Post-processing works on row blocks of the logits so its memory does not grow with batch x V.
@@ -33,10 +34,13 @@ class ShardRunner:
         self.num_classes: int | None = teacher.info.num_classes
         self.hidden_shapes: dict[str, list[int]] = {}
         self.probe_left = config.probe_positions
-        self.probe_stats: dict[str, list[float]] = {"kl": [], "entropy": [], "top1": [], "tail": []}
+        self.probe_stats: dict[str, list[float]] = {
+            k: [] for k in ("kl", "entropy", "top1", "tail", "enc_kl", "enc_dlogp")
+        }
         names = teacher.input_names
         self.columns = [ID_COLUMN] + [n for n in names if n in dataset.columns]
-        self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, config.target_format)
+        self.format = get_format(config.target_format, config.encoding)
+        self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, self.format)
 
     def run(self, start: int, stop: int, bar: tqdm) -> tuple[pa.Table, dict | None]:
         self.start = start  # sampled targets key their draws by global row index
@@ -142,7 +146,7 @@ class ShardRunner:
 
     # -- targets ----------------------------------------------------------------------------------------
     def _postprocess(self, outs: list[np.ndarray], mask: np.ndarray | None, ids: pa.Array, idx: np.ndarray) -> dict:
-        sampled = self.config.target_format == "sampled"
+        sampled = self.format.drawn
         # Sampled targets still take the top-1 and logZ: they check the logits.
         k, temperature = 1 if sampled else self.config.top_k, float(self.config.temperature)
         n_main, n_hidden = (3 if self.teacher.topk_in_graph else 1), len(self.teacher.info.hidden)
@@ -242,6 +246,7 @@ class ShardRunner:
             if drawn is None:
                 tail = targets.tail_mass(logp, self.num_classes)
                 self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp).tolist()
+                self._probe_encoding(top_ids.to(torch.int32).numpy(), logp.numpy(), tail.numpy())
             else:
                 covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
                 tail = 1 - covered.sum(-1).float()
@@ -249,6 +254,17 @@ class ShardRunner:
             self.probe_stats["top1"] += logp[:, 0].exp().tolist()
             self.probe_stats["tail"] += tail.tolist()
         self.probe_left -= len(rows)
+
+    def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray) -> None:
+        """What the encoding loses: KL from the exact top-k + tail to the decoded top-k + the same (exact) tail,
+        and the largest |delta log p| over the ids the teacher gives any probability (matched by id: an encoding
+        may order ids of equal decoded probability otherwise)."""
+        decoded_ids, decoded = self.format.unpack(self.format.pack(ids, logp), tail)
+        exact, decoded = by_id(ids, logp), by_id(decoded_ids, decoded)
+        p = np.exp(exact)
+        diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
+        self.probe_stats["enc_kl"] += (p * diff).sum(1).tolist()
+        self.probe_stats["enc_dlogp"] += np.abs(diff).max(1, initial=0.0).tolist()
 
     def _probe_summary(self) -> dict | None:
         """Summarise the probe once, from the first shard this run computes; later shards take none.
@@ -268,6 +284,13 @@ class ShardRunner:
         }
         if len(s["kl"]):
             summary |= {"kl_mean": float(s["kl"].mean()), "kl_max": float(s["kl"].max())}
+        if len(s["enc_kl"]):
+            summary |= {
+                "encoding": self.format.encoding,
+                "encoding_kl_mean": float(s["enc_kl"].mean()),
+                "encoding_kl_max": float(s["enc_kl"].max()),
+                "encoding_max_abs_dlogp": float(s["enc_dlogp"].max()),
+            }
         return summary
 
     @staticmethod
@@ -305,19 +328,9 @@ class ShardRunner:
             "id": ids.take(pa.array(example_of_row)),
             "position": pa.array((np.arange(total) - offsets[example_of_row]).astype(np.int32)),
         }
-        if self.config.target_format == "sampled":
-            drawn = out["sample_counts"] > 0  # padding slots past each row's distinct ids are dropped
-            columns["sample_ids"] = _ragged_list(out["sample_ids"], drawn)
-            columns["sample_counts"] = _ragged_list(out["sample_counts"], drawn)
-        else:
-            columns["topk_ids"] = _fixed_list(out["ids"], self.config.top_k)
-            columns["topk_logp"] = _fixed_list(out["logp"], self.config.top_k)
-            columns["logz"] = pa.array(out["logz"])
-            columns["tail_mass"] = pa.array(out["tail"])
+        columns |= self.format.shard_columns(out, self.config)
         for h in self.teacher.info.hidden:
-            columns[fmt.HIDDEN_PREFIX + h] = _fixed_list(
-                out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1]
-            )
+            columns[fmt.HIDDEN_PREFIX + h] = fixed_list(out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1])
         return pa.table(columns, schema=self.schema)
 
 
@@ -327,14 +340,3 @@ def _dense_blocks(flat: torch.Tensor, rows: torch.Tensor):
     for lo in range(0, max(len(rows), 1), step):  # one empty block when there are no rows: empty results, not none
         at = slice(lo, min(lo + step, len(rows)))
         yield at, flat.index_select(0, rows[at]).float()
-
-
-def _ragged_list(values: np.ndarray, keep: np.ndarray) -> pa.ListArray:
-    """[rows, width] values -> one list per row of the entries where ``keep`` is True (row-major order)."""
-    offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep]))
-
-
-def _fixed_list(values: np.ndarray, width: int) -> pa.ListArray:
-    offsets = pa.array(np.arange(0, values.shape[0] * width + 1, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).reshape(-1)))

@@ -34,7 +34,7 @@ from stages.evaluate import evaluate, flatten
 from stages.export import export_onnx
 from stages.hf_students import HFStudent, build_hf_student, is_hf_spec
 from stages.loader import StreamingLoader
-from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, SampledKDLoss, cross_entropy_only
+from stages.losses import EnsembleKDLoss, HiddenStateLoss, KDLoss, cross_entropy_only
 from stages.prepare_data import prepared_tokenizer
 from stages.students import SEQUENCE, TOKEN, VECTOR, build_student, check_family_fits, count_parameters
 
@@ -136,8 +136,9 @@ class Trainer:
         self.vocab = self._vocab_limit()
         self.eval_set = self._held_out(c.eval_data, c.eval_cache)  # every epoch
         self.test_set = self._held_out(c.test_data, c.test_cache)  # once, at the end
-        if self.caches and self.caches[0].target_format == "sampled":
-            self.loss = SampledKDLoss(c.alpha, self.temperature)
+        format_loss = self.caches[0].format.loss(c.alpha, self.temperature) if self.caches else None
+        if format_loss is not None:  # a format that feeds one loss of its own (sampled draws)
+            self.loss = format_loss
         elif c.method == "ensemble":
             self.loss = EnsembleKDLoss(c.alpha, self.temperature, c.weights or None, c.ensemble_mode)
         else:
@@ -305,7 +306,7 @@ class Trainer:
         if not self.token_level:
             self._check_label_range(data)
         caches = [self._open_cache(cache_ref, data)] if cache_ref else []
-        if caches and caches[0].target_format != "topk":
+        if caches and not caches[0].format.exact_logp:
             raise CacheError(
                 f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it"
             )
@@ -338,7 +339,7 @@ class Trainer:
                     f"caches disagree: {first.key} is {first.kind} with {first.num_classes} outputs, "
                     f"{cache.key} is {cache.kind} with {cache.num_classes}; an ensemble needs one output space"
                 )
-        if any(cache.target_format == "sampled" for cache in self.caches) and self.config.method == "ensemble":
+        if any(cache.format.drawn for cache in self.caches) and self.config.method == "ensemble":
             raise CacheError(
                 "--method ensemble mixes top-k caches; sampled caches train with --method kd or progressive"
             )

@@ -249,11 +249,11 @@ def test_disk_full_while_caching_names_what_was_kept(base, tmp_path, monkeypatch
     real = fmt.write_shard
     calls = []
 
-    def full_after_one(table: pa.Table, path: Path) -> dict:
+    def full_after_one(table: pa.Table, path: Path, options: dict | None = None) -> dict:
         calls.append(path)
         if len(calls) > 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, path)
+        return real(table, path, options)
 
     monkeypatch.setattr(fmt, "write_shard", full_after_one)
     args = [

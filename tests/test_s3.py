@@ -103,11 +103,11 @@ def test_kill_and_resume_on_s3_equals_an_uninterrupted_cache(classifier_setup, s
     whole = cache_teacher.run(_config(classifier_setup, f"{s3}/whole", shard_size=64), **QUIET)
     real_write, written = fmt.write_shard, []
 
-    def dies_after_two(table, path):
+    def dies_after_two(table, path, options=None):
         if len(written) == 2:
             raise KeyboardInterrupt  # the process is stopped between shards
         written.append(path.name)
-        return real_write(table, path)
+        return real_write(table, path, options)
 
     monkeypatch.setattr(fmt, "write_shard", dies_after_two)
     with pytest.raises(KeyboardInterrupt):

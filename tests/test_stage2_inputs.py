@@ -226,7 +226,11 @@ def test_report_and_caches_show_on_a_sampled_cache(tmp_path) -> None:
     report = _cli("report", "sampled", "--out", tmp_path / "report", *roots)
     assert report.exit_code == 0 and "Traceback" not in report.output, report.output
     page = (tmp_path / "report" / "report.md").read_text()
-    assert "16 sampled draws" in page and "Reliability diagram skipped" in page and "16 draws per example" in page
+    assert (
+        "16 draws (sampled targets)" in page
+        and "Reliability diagram skipped" in page
+        and "16 draws per example" in page
+    )
     assert "| distinct ids drawn |" in page and "| top draw's frequency |" in page
     assert not (tmp_path / "report" / "reliability.png").exists()
     assert not (tmp_path / "report" / "tail_mass.png").exists()
