@@ -337,10 +337,12 @@ def print_report(result: dict) -> None:
     s = result["summary"]
     t = result["setup"]
     print(
-        f"\nteacher: {t['teacher']} (V = {t['vocab']}, {t['weight_mflops_per_position']:.1f} MFLOP/position in weight matmuls)"
+        f"\nteacher: {t['teacher']} (V = {t['vocab']}, "
+        f"{t['weight_mflops_per_position']:.1f} MFLOP/position in weight matmuls)"
     )
     print(
-        f"data: {t['sequences']} sequences, {t['positions']} positions ({t['min_len']}..{t['max_len']} tokens, {t['tokens']} tokens), "
+        f"data: {t['sequences']} sequences, {t['positions']} positions "
+        f"({t['min_len']}..{t['max_len']} tokens, {t['tokens']} tokens), "
         f"batch {t['batch_size']}, threads {t['threads'] or 'auto'}, {t['rounds']} interleaved rounds"
     )
     print(
@@ -348,14 +350,16 @@ def print_report(result: dict) -> None:
         f"(rounds: {', '.join(f'{v:.0f}' for v in s['bare_positions_per_second']['rounds'])})"
     )
     print(
-        f"\n{'k':>3} {'pipeline pos/s':>15} {'ratio':>6} {'per round':>20} {'steady ratio':>13} {'per round':>20} {'startup s':>10} "
+        f"\n{'k':>3} {'pipeline pos/s':>15} {'ratio':>6} {'per round':>20} "
+        f"{'steady ratio':>13} {'per round':>20} {'startup s':>10} "
         f"{'B/pos disk':>11} {'B/pos logical':>14}"
     )
     for k, r in s["k"].items():
         rounds, steady = (", ".join(f"{v:.2f}" for v in r[name]) for name in ("ratio_rounds", "steady_ratio_rounds"))
         print(
-            f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>20} {r['steady_ratio']:>13.3f} "
-            f"{steady:>20} {r['startup_seconds']:>10.2f} {r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}"
+            f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>20} "
+            f"{r['steady_ratio']:>13.3f} {steady:>20} {r['startup_seconds']:>10.2f} "
+            f"{r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}"
         )
     last = list(s["k"].values())[-1]
     cols = ", ".join(f"{c} {b:.1f}" for c, b in last["column_bytes_per_position"].items())
@@ -363,7 +367,8 @@ def print_report(result: dict) -> None:
     if result.get("placement"):
         runs = result["placement"]
         print(
-            f"\ntop-k placement at k = {result['placement_k']}: one subprocess per run, {len(next(iter(runs.values())))} interleaved round(s); "
+            f"\ntop-k placement at k = {result['placement_k']}: one subprocess per run, "
+            f"{len(next(iter(runs.values())))} interleaved round(s); "
             "medians; peak RSS of the process (VmHWM), and during the batches alone (VmHWM restarted after loading)"
         )
         print(
@@ -376,7 +381,8 @@ def print_report(result: dict) -> None:
             ratio = f"{_median(rate) / _median(bare):.3f}" if bare else "-"
             per_round = ", ".join(f"{a / b:.3f}" for a, b in zip(rate, bare)) if bare else "-"
             print(
-                f"{name:>14} {_median(rate):>8.0f} {ratio:>8} {per_round:>24} {_median([r['peak_rss_mib'] for r in rs]):>13.0f} "
+                f"{name:>14} {_median(rate):>8.0f} {ratio:>8} {per_round:>24} "
+                f"{_median([r['peak_rss_mib'] for r in rs]):>13.0f} "
                 f"{_median([r['batch_peak_rss_mib'] for r in rs]):>12.0f} "
                 f"{_median([r['import_rss_mib'] for r in rs]):>18.0f}"
             )
@@ -398,7 +404,8 @@ def main() -> None:
         "--positions",
         type=int,
         default=24_000,
-        help="token positions in the dataset (sized for an idle 2-core machine: ~20 s per bare measurement of the synthetic teacher; use fewer on a loaded one)",
+        help="token positions in the dataset (sized for an idle 2-core machine: "
+        "~20 s per bare measurement of the synthetic teacher; use fewer on a loaded one)",
     )
     p.add_argument("--min-len", type=int, default=32, help="shortest sequence, tokens")
     p.add_argument("--max-len", type=int, default=128, help="longest sequence, tokens")
@@ -406,7 +413,8 @@ def main() -> None:
         "--tokens",
         choices=("auto", "random", "text"),
         default="auto",
-        help="sequence contents: random ids, or stdlib docstrings through the tokenizer.json next to --teacher (auto: text when there is one)",
+        help="sequence contents: random ids, or stdlib docstrings through the tokenizer.json next to --teacher "
+        "(auto: text when there is one)",
     )
     p.add_argument("--top-k", type=int, nargs="+", default=list(KS), help="k values measured in every round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (bare, then the pipeline at each k)")
@@ -508,7 +516,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "date": time.strftime("%Y-%m-%d"),
     }
     print(
-        f"{setup['teacher']}: {positions} positions in {len(batches)} batches ({setup['padding_fraction']:.1%} padding)",
+        f"{setup['teacher']}: {positions} positions in {len(batches)} batches "
+        f"({setup['padding_fraction']:.1%} padding)",
         flush=True,
     )
     bare_teacher.session.run([bare_teacher.info.logits_output], batches[0][0])  # warm the session's arena once
@@ -525,7 +534,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
                 )
             entry["pipeline"][str(k)] = run
             print(
-                f" | k={k} {run['positions_per_second']:.0f} pos/s ({run['positions_per_second'] / entry['bare']['positions_per_second']:.3f})",
+                f" | k={k} {run['positions_per_second']:.0f} pos/s "
+                f"({run['positions_per_second'] / entry['bare']['positions_per_second']:.3f})",
                 end="",
                 flush=True,
             )
@@ -539,7 +549,8 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         for variant in args.placement:
             placement[variant].append(run_child(variant, config(args.placement_k, "torch", workdir), workdir))
             print(
-                f" | {variant} {placement[variant][-1]['positions_per_second']:.0f} pos/s, {placement[variant][-1]['peak_rss_mib']:.0f} MiB",
+                f" | {variant} {placement[variant][-1]['positions_per_second']:.0f} pos/s, "
+                f"{placement[variant][-1]['peak_rss_mib']:.0f} MiB",
                 end="",
                 flush=True,
             )

@@ -363,7 +363,10 @@ class Catalog:
 
     def _create_positions_view(self) -> None:
         selects = [self.positions_sql(c) for c in self.caches if c.status == "complete"]
-        empty = f"SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, {view_columns(None)} WHERE false"
+        empty = (
+            "SELECT NULL::VARCHAR AS cache_key, NULL::BIGINT AS id, NULL::INTEGER AS position, "
+            f"{view_columns(None)} WHERE false"
+        )
         try:
             self.con.execute("CREATE VIEW positions AS " + (" UNION ALL ".join(selects) if selects else empty))
         except duckdb.Error as exc:
@@ -451,7 +454,8 @@ class Catalog:
         return entry
 
     def run(self, ref: str) -> RunEntry:
-        """A run by path, by name under the runs root (e.g. default/kd), or by a unique trailing part of its name (kd)."""
+        """A run by path, by name under the runs root (e.g. default/kd), or by a unique trailing part of its name
+        (kd)."""
         wanted = storage.location(ref).resolve()
         for run in self.runs:
             if run.path.resolve() == wanted or run.name == ref:

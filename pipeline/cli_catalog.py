@@ -110,11 +110,14 @@ def caches() -> None:
     """Find, inspect, verify and clean the caches under the cache root."""
 
 
-_CACHE_LIST_SQL = """
-    SELECT key, teacher || ' ' || teacher_sha256[1:8] AS teacher, parse_filename(dataset_path) || ' ' || dataset_fingerprint[1:8] AS dataset,
-           kind, top_k AS k, temperature AS T, target_format AS format, num_positions AS positions,
-           format_bytes(bytes_on_disk) AS size, replace(created[1:16], 'T', ' ') AS created, status, runs
-    FROM caches ORDER BY created, key"""
+_CACHE_LIST_SQL = (
+    "\n"
+    "    SELECT key, teacher || ' ' || teacher_sha256[1:8] AS teacher,"
+    " parse_filename(dataset_path) || ' ' || dataset_fingerprint[1:8] AS dataset,\n"
+    "           kind, top_k AS k, temperature AS T, target_format AS format, num_positions AS positions,\n"
+    "           format_bytes(bytes_on_disk) AS size, replace(created[1:16], 'T', ' ') AS created, status, runs\n"
+    "    FROM caches ORDER BY created, key"
+)
 
 
 @caches.command("list")
@@ -126,7 +129,8 @@ def caches_list(cache_dir, runs_dir, out_format) -> None:
     catalog = Catalog(cache_dir, runs_dir)
     if not catalog.caches:
         log(
-            f"no caches under {catalog.cache_root} (choose another with --cache-dir or $KD_CACHE_DIR; create one with `pipeline cache-teacher`)"
+            f"no caches under {catalog.cache_root} "
+            "(choose another with --cache-dir or $KD_CACHE_DIR; create one with `pipeline cache-teacher`)"
         )
         return
     click.echo(render(*catalog.sql(_CACHE_LIST_SQL), out_format))
@@ -175,21 +179,26 @@ def caches_show(key, cache_dir, runs_dir, as_json) -> None:
     lines = [
         f"cache      {entry.key}  ({entry.status})",
         f"path       {entry.path}",
-        f"teacher    {t['name']}  sha256 {t['sha256'][:12]}  {t['kind']}, {t['num_classes']} classes/vocabulary, output '{t['logits_output']}'",
+        f"teacher    {t['name']}  sha256 {t['sha256'][:12]}  {t['kind']}, {t['num_classes']} classes/vocabulary, "
+        f"output '{t['logits_output']}'",
         f"dataset    {d['path']}  fingerprint {d['fingerprint'][:12]}  {d['num_rows']} rows",
         f"targets    {target_format.name} v{m['format_version']}: {what} at T={m['temperature']:g}; "
         f"hidden: {', '.join(f'{n} {s}' for n, s in m.get('hidden', {}).items()) or 'none'}",
-        f"positions  {m['num_positions']} in {len(m['shards'])} shard(s), {m['bytes']} bytes ({m['bytes_per_position']:.1f} bytes/position)",
-        f"created    {m.get('created')}  on {', '.join(m.get('providers', []))}  in {m.get('run', {}).get('seconds', float('nan')):.2f}s",
+        f"positions  {m['num_positions']} in {len(m['shards'])} shard(s), {m['bytes']} bytes "
+        f"({m['bytes_per_position']:.1f} bytes/position)",
+        f"created    {m.get('created')}  on {', '.join(m.get('providers', []))}  "
+        f"in {m.get('run', {}).get('seconds', float('nan')):.2f}s",
         f"runs       {len(users)}" + (f" ({', '.join(u[0] for u in users)})" if users else ""),
         "",
     ]
     if probe:
         lines += [
-            f"fidelity probe (manifest; the first {probe['positions']} positions, dense teacher vs. cache, measured at cache time):",
+            f"fidelity probe (manifest; the first {probe['positions']} positions, "
+            "dense teacher vs. cache, measured at cache time):",
             *(
                 [
-                    f"  KL(teacher || reconstructed from cache)  mean {probe['kl_mean']:.3g}  max {probe['kl_max']:.3g} nats"
+                    f"  KL(teacher || reconstructed from cache)  mean {probe['kl_mean']:.3g}  "
+                    f"max {probe['kl_max']:.3g} nats"
                 ]
                 if "kl_mean" in probe
                 else []
@@ -232,7 +241,8 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
     for entry in entries:
         if not keys and entry.status == "incomplete":  # not named: a leftover, not a failure
             click.echo(
-                f"skip  {entry.key}  incomplete (no manifest): resume it with the same cache-teacher command, or `pipeline caches gc`"
+                f"skip  {entry.key}  incomplete (no manifest): "
+                "resume it with the same cache-teacher command, or `pipeline caches gc`"
             )
             continue
         try:
@@ -245,7 +255,8 @@ def caches_verify(keys, cache_dir, runs_dir, fast) -> None:
         check = "schema, row counts, list sizes" + ("" if fast else ", sha256")
         note = "" if cache.checksummed else " (no manifest checksum: written before checksums; rebuild to add one)"
         click.echo(
-            f"ok    {entry.key}  {len(cache.shards)} shard(s), {cache.manifest['num_positions']} positions: {check} match the manifest{note}"
+            f"ok    {entry.key}  {len(cache.shards)} shard(s), {cache.manifest['num_positions']} positions: "
+            f"{check} match the manifest{note}"
         )
     if failed:
         raise click.ClickException(f"{failed} of {len(entries)} cache(s) failed verification")
@@ -343,7 +354,8 @@ def runs_list(cache_dir, runs_dir, out_format) -> None:
     catalog = Catalog(cache_dir, runs_dir)
     if not catalog.runs:
         log(
-            f"no runs under {catalog.runs_root} (train-student --out writes one; choose another with --runs-dir or $KD_RUNS_DIR)"
+            f"no runs under {catalog.runs_root} "
+            "(train-student --out writes one; choose another with --runs-dir or $KD_RUNS_DIR)"
         )
         return
     columns, rows = catalog.sql("""
@@ -421,7 +433,8 @@ def query(sql, cache_dir, runs_dir, out_format) -> None:
 @_roots
 @errors_to_click
 def report(run_refs, out, cache_dir, runs_dir) -> None:
-    """Plots (learning curves, final metrics, teacher reliability, tail mass) and a Markdown page. Prints report.md last."""
+    """Plots (learning curves, final metrics, teacher reliability, tail mass) and a Markdown page.
+    Prints report.md last."""
     from pathlib import Path
 
     from pipeline.report import write_report

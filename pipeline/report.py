@@ -215,7 +215,8 @@ def plot_tail_mass(catalog: Catalog, entry: CacheEntry, path: Path, bins: int = 
     if top > 0:
         w = top / bins
         _, rows = catalog.sql(
-            f"SELECT least(floor(tail_mass / {w}), {bins - 1})::INTEGER AS b, count(*) FROM ({source}) GROUP BY b ORDER BY b"
+            f"SELECT least(floor(tail_mass / {w}), {bins - 1})::INTEGER AS b, count(*) "
+            f"FROM ({source}) GROUP BY b ORDER BY b"
         )
         ax.bar([(b + 0.5) * w for b, _ in rows], [c for _, c in rows], width=w * 0.95, color="C1", edgecolor="black")
         ax.set_xlim(0, top * 1.02)
@@ -229,7 +230,8 @@ def plot_tail_mass(catalog: Catalog, entry: CacheEntry, path: Path, bins: int = 
             arrowprops={"arrowstyle": "->"},
         )
     ax.set_title(
-        f"Tail mass of cache {entry.key} (k={k} of V={vocab}, T={m['temperature']:g})\nmean {mean:.3g}, max {top:.3g}, {n} positions"
+        f"Tail mass of cache {entry.key} (k={k} of V={vocab}, T={m['temperature']:g})\n"
+        f"mean {mean:.3g}, max {top:.3g}, {n} positions"
     )
     ax.set_xlabel("tail mass: teacher probability outside the cached top-k")
     ax.set_ylabel("positions")
@@ -327,8 +329,10 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         if table:
             s = plot_reliability(entry, table, out / "reliability.png")
             lines += [
-                f"Reliability at the cache's T={m['temperature']:g} (confidence is the top-1 probability at that temperature, "
-                f"so T > 1 reads under-confident): accuracy {s['accuracy']:.4f}, ECE {s['ece']:.4f} over {s['examples']} labelled examples.",
+                f"Reliability at the cache's T={m['temperature']:g} "
+                "(confidence is the top-1 probability at that temperature, "
+                f"so T > 1 reads under-confident): accuracy {s['accuracy']:.4f}, ECE {s['ece']:.4f} "
+                f"over {s['examples']} labelled examples.",
                 "",
                 "![teacher reliability diagram](reliability.png)",
                 "",
@@ -336,8 +340,8 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
                 "|---|---|---|---|",
             ]
             lines += [
-                f"| {r['bin'] / RELIABILITY_BINS:.1f}–{(r['bin'] + 1) / RELIABILITY_BINS:.1f} | {r['n']} | {r['confidence']:.4f} | "
-                f"{r['accuracy']:.4f} |"
+                f"| {r['bin'] / RELIABILITY_BINS:.1f}–{(r['bin'] + 1) / RELIABILITY_BINS:.1f} | {r['n']} | "
+                f"{r['confidence']:.4f} | {r['accuracy']:.4f} |"
                 for r in table
             ]
         else:

@@ -498,7 +498,8 @@ def resolve_cache(ref: str, root: str | Path | ObjectPath) -> Path | ObjectPath:
     matches = sorted(p for p in root.glob(ref + "*") if p.is_dir()) if root.is_dir() and ref else []
     if not matches:
         raise CacheError(
-            f"no cache matches '{ref}': not a directory, and no key under {root} starts with it. List caches with `pipeline caches list`."
+            f"no cache matches '{ref}': not a directory, and no key under {root} starts with it. "
+            "List caches with `pipeline caches list`."
         )
     if len(matches) > 1:
         names = ", ".join(p.name for p in matches[:5])

@@ -99,7 +99,8 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
         )
     if not get_format(config.target_format).drawn and info.num_classes is not None and config.top_k > info.num_classes:
         raise TeacherError(
-            f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; use --top-k <= {info.num_classes}"
+            f"top_k {config.top_k} is larger than the teacher's {info.num_classes} classes; "
+            f"use --top-k <= {info.num_classes}"
         )
     _check_tokenizer(config.teacher, dataset)
     fingerprint = dataset.fingerprint()

@@ -255,7 +255,8 @@ class TrainStudentConfig:
                 out.append(f"{name}: {getattr(self, name)} must be >= 1")
         if self.stage_epochs < 0 or self.workers < 0 or self.threads < 0:
             out.append(
-                f"stage_epochs ({self.stage_epochs}), workers ({self.workers}) and threads ({self.threads}) must be >= 0"
+                f"stage_epochs ({self.stage_epochs}), workers ({self.workers}) and threads ({self.threads}) "
+                "must be >= 0"
             )
         if self.top_k < 0:
             out.append(f"top_k: {self.top_k} must be >= 1 (or 0 for every cached id)")

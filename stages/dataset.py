@@ -63,7 +63,8 @@ class Dataset:
         for f, pf in zip(self.files[1:], self._parquet[1:]):
             if not pf.schema_arrow.equals(self.schema):
                 raise DatasetError(
-                    f"{f} has a different schema from {self.files[0]}; every file of a dataset needs the same columns and types"
+                    f"{f} has a different schema from {self.files[0]}; "
+                    "every file of a dataset needs the same columns and types"
                 )
         if ID_COLUMN not in self.schema.names:
             raise DatasetError(f"dataset {self.path} has no '{ID_COLUMN}' column; every row needs a unique id")

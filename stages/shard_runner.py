@@ -123,7 +123,8 @@ class ShardRunner:
             shapes = {column[i].shape for i in idx}
             if len(shapes) > 1:
                 raise DatasetError(
-                    f"column '{inp.name}' has rows of different shapes {sorted(shapes)[:3]}; a classifier input needs one shape"
+                    f"column '{inp.name}' has rows of different shapes {sorted(shapes)[:3]}; "
+                    "a classifier input needs one shape"
                 )
             batch = np.stack([column[i] for i in idx])
         else:
@@ -132,7 +133,8 @@ class ShardRunner:
         got = batch.shape[1:]
         if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got)):
             raise DatasetError(
-                f"column '{inp.name}' has rows of shape {list(got)} but the teacher expects {list(inp.shape[1:])} per example"
+                f"column '{inp.name}' has rows of shape {list(got)} "
+                f"but the teacher expects {list(inp.shape[1:])} per example"
             )
         return batch.astype(inp.dtype, copy=False)
 
@@ -163,7 +165,8 @@ class ShardRunner:
         for name, h in zip(self.teacher.info.hidden, hidden):
             if mask is not None and h.shape[:2] != mask.shape:
                 raise TeacherError(
-                    f"hidden tensor '{name}' has shape {list(h.shape)}; a token-level teacher's hidden states must be [batch, seq, ...]"
+                    f"hidden tensor '{name}' has shape {list(h.shape)}; "
+                    "a token-level teacher's hidden states must be [batch, seq, ...]"
                 )
             per_row = list(h.shape[2:] if mask is not None else h.shape[1:])
             self.hidden_shapes.setdefault(name, per_row)
@@ -302,7 +305,8 @@ class ShardRunner:
             example = first
         return (
             f"the teacher produced NaN or infinite logits for id {ids[int(idx[example])].as_py()} "
-            f"({int(bad.sum())} position(s) in this batch). Check the model and its input values; nothing was cached for this shard."
+            f"({int(bad.sum())} position(s) in this batch). "
+            "Check the model and its input values; nothing was cached for this shard."
         )
 
     def _assemble(self, ids: pa.Array, pieces: list[tuple[np.ndarray, dict]]) -> pa.Table:

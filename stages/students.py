@@ -289,9 +289,11 @@ def _build_custom(
         with torch.no_grad():
             raw = model(probe)
     except Exception as exc:  # the user's code: any failure means it does not keep the protocol
+        probe_shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in probe.items())
         raise ConfigError(
-            f"student {target!r} failed on a probe batch {{name: tensor}} = {{{', '.join(f'{k}: {list(v.shape)}' for k, v in probe.items())}}}: "
-            f"{type(exc).__name__}: {exc}. A student's forward takes a dict of input tensors named like the dataset's columns."
+            f"student {target!r} failed on a probe batch {{name: tensor}} = {{{probe_shapes}}}: "
+            f"{type(exc).__name__}: {exc}. "
+            "A student's forward takes a dict of input tensors named like the dataset's columns."
         ) from exc
     model.train(was_training)
     out = _as_output(raw, target)

@@ -486,7 +486,8 @@ class Trainer:
             else ""
         )
         raise ConfigError(
-            f"the student has {width} outputs but the cache's teacher has {teacher}: they differ by {width - teacher}{hint}"
+            f"the student has {width} outputs but the cache's teacher has {teacher}: "
+            f"they differ by {width - teacher}{hint}"
         )
 
     def _layer_map(self) -> list[tuple[int, str]]:

@@ -210,7 +210,8 @@ def test_run_without_metrics_and_unknown_run(world):
 def test_query_joins_two_teachers_positions_and_reports_sql_errors(world):
     a, b = world["full"].path.name, world["top3"].path.name
     sql = f"""SELECT avg((x.topk_ids[1] = y.topk_ids[1])::DOUBLE) AS agreement, count(*) AS n
-              FROM positions x JOIN positions y USING (id, position) WHERE x.cache_key = '{a}' AND y.cache_key = '{b}'"""
+              FROM positions x JOIN positions y USING (id, position)
+              WHERE x.cache_key = '{a}' AND y.cache_key = '{b}'"""
     result = cli(world, "query", sql, "--format", "json")
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)
