@@ -23,6 +23,7 @@ from stages import cache_teacher, distributed
 from stages.config import CacheTeacherConfig
 from stages.errors import CacheError, ConfigError, DistributedError
 from tests import teachers
+from tests.torchrun import rank_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,19 +175,6 @@ def test_torchrun_two_ranks_write_the_single_process_cache(tmp_path) -> None:
     assert "worker 0 of 2: cached 300 positions in 8 shard(s)" in err
 
 
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of torchrun's worker of ``rank`` (its child with RANK=rank in its environment)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            status = (proc / "status").read_text()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if f"PPid:\t{launcher}\n" in status and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
-    return None
-
-
 @pytest.mark.slow
 def test_torchrun_kill_of_one_rank_fails_the_job_and_a_rerun_resumes(tmp_path) -> None:
     args = _cache_args(tmp_path, tmp_path / "killed", rows=4000, shard_size=10)
@@ -195,7 +183,7 @@ def test_torchrun_kill_of_one_rank_fails_the_job_and_a_rerun_resumes(tmp_path) -
     while time.time() < deadline and job.poll() is None:
         found = list((tmp_path / "killed").glob("*/" + fmt.WORKER_JOURNAL.format(1)))
         if found and len(found[0].read_text().splitlines()) >= 3:
-            journal, victim = found[0], _rank_pid(job.pid, 1)
+            journal, victim = found[0], rank_pid(job.pid, 1)
             break
         time.sleep(0.01)
     assert journal is not None and victim is not None, "rank 1 never wrote a shard"

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from stages import cache_teacher, checkpoint, distributed, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
+from tests.torchrun import rank_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = {"progress": False, "log": lambda m: None}
@@ -125,19 +126,6 @@ def test_even_steps_weight_each_rank_by_its_share(tmp_path) -> None:
     assert got[1] == [(3, 2 * 3 / 7), (3, 0.0), (3, 0.0)], "the last batch again, adding nothing"
 
 
-def _rank_pid(launcher: int, rank: int) -> int | None:
-    """The pid of torchrun's worker of ``rank`` (its child with RANK=rank in its environment)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            status = (proc / "status").read_text()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if f"PPid:\t{launcher}\n" in status and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
-    return None
-
-
 @pytest.mark.slow
 def test_kill_of_one_rank_then_every_rank_resumes_from_rank_zeros_checkpoint(kd_setup) -> None:
     s = kd_setup
@@ -152,7 +140,7 @@ def test_kill_of_one_rank_then_every_rank_resumes_from_rank_zeros_checkpoint(kd_
     victim, deadline = None, time.time() + 120
     while time.time() < deadline and job.poll() is None and victim is None:
         if len(checkpoint.paths(s["tmp"] / "killed")) >= 2:  # steps 5 and 10 (or later) written by rank 0
-            victim = _rank_pid(job.pid, 1)
+            victim = rank_pid(job.pid, 1)
         time.sleep(0.05)
     assert victim is not None, "rank 0 never wrote a checkpoint"
     os.kill(victim, signal.SIGKILL)
