@@ -30,7 +30,7 @@ from stages.export_teacher import read_card
 from stages.formats import get_format
 from stages.shard_runner import ShardRunner
 from stages.storage import ObjectPath
-from stages.teacher import CLASSIFIER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
+from stages.teacher import CLASSIFIER, CUDA_PROVIDER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
 _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
@@ -299,7 +299,7 @@ def choose_postprocess(postprocess: str, target_format: str, provider: str) -> s
     if get_format(target_format).drawn:
         return "torch"
     if postprocess == "auto":
-        return "graph" if provider == "CUDAExecutionProvider" else "torch"
+        return "graph" if provider == CUDA_PROVIDER else "torch"
     return postprocess
 
 

@@ -27,7 +27,7 @@ from stages.errors import TeacherError
 CLASSIFIER = "classifier"
 TOKEN = "token"
 TOPK_IDS, TOPK_LOGP, TOPK_LOGZ = "kd_topk_ids", "kd_topk_logp", "kd_logz"
-_CUDA = "CUDAExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
 
@@ -282,15 +282,15 @@ class Teacher:
         if device == "cpu":
             wanted = [_CPU]
         elif device == "cuda":
-            if _CUDA not in available:
+            if CUDA_PROVIDER not in available:
                 raise TeacherError(
                     f"--device cuda: this onnxruntime build has no CUDA provider (available: {available}). "
                     "Install onnxruntime-gpu, or use --device auto/cpu."
                 )
-            wanted = [_CUDA, _CPU]
+            wanted = [CUDA_PROVIDER, _CPU]
         else:
-            wanted = [p for p in (_CUDA, _CPU) if p in available]
-        wanted = [(p, {"device_id": device_id}) if p == _CUDA else p for p in wanted]
+            wanted = [p for p in (CUDA_PROVIDER, _CPU) if p in available]
+        wanted = [(p, {"device_id": device_id}) if p == CUDA_PROVIDER else p for p in wanted]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
@@ -308,7 +308,7 @@ class Teacher:
         except Exception as exc:  # ORT raises its own exception types from the C++ side
             raise TeacherError(f"ONNX Runtime could not load {path}: {exc}") from exc
         self.providers = self.session.get_providers()
-        if device == "cuda" and _CUDA not in self.providers:
+        if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise TeacherError(
                 "--device cuda: ONNX Runtime could not load CUDA (drivers, CUDA or cuDNN libraries missing) and fell "
                 f"back to {self.providers}. Fix the CUDA install or use --device cpu."
