@@ -69,7 +69,24 @@ def _own_cache(base: dict, tmp: Path, which: str = "vec_cache") -> Path:
     return copy
 
 
-def _train(base: dict, tmp: Path, data: Path, *extra) -> list:
+def _edited_top_k(base: dict, tmp: Path) -> Path:
+    """A cache copy whose manifest says top_k 3 where its shards hold 5 (the issue's hand edit)."""
+    cache = _own_cache(base, tmp)
+    manifest = json.loads((cache / fmt.MANIFEST).read_text())
+    manifest["top_k"] = 3
+    (cache / fmt.MANIFEST).write_text(json.dumps(manifest))
+    return cache
+
+
+def _truncated_shard(base: dict, tmp: Path) -> tuple[Path, Path]:
+    """A cache copy whose first shard is cut to 100 bytes."""
+    cache = _own_cache(base, tmp)
+    shard = next(cache.glob("shard-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    return cache, shard
+
+
+def _train(tmp: Path, data: Path, *extra) -> list:
     return ["train-student", "--data", data, "--out", tmp / "run", "--epochs", "1", "--quiet", *extra]
 
 
@@ -131,42 +148,32 @@ def cache_teacher_on_missing_cuda(base, tmp):
 
 
 def edited_manifest_verify(base, tmp):
-    cache = _own_cache(base, tmp)
-    manifest = json.loads((cache / fmt.MANIFEST).read_text())
-    manifest["top_k"] = 3
-    (cache / fmt.MANIFEST).write_text(json.dumps(manifest))
+    cache = _edited_top_k(base, tmp)
     return ["caches", "verify", cache.name, "--cache-dir", tmp / "caches"], ["manifest.json"]
 
 
 def edited_manifest_train(base, tmp):
-    cache = _own_cache(base, tmp)
-    manifest = json.loads((cache / fmt.MANIFEST).read_text())
-    manifest["top_k"] = 3
-    (cache / fmt.MANIFEST).write_text(json.dumps(manifest))
-    return _train(base, tmp, base["vec"], "--cache", cache), ["manifest.json", "changed"]
+    cache = _edited_top_k(base, tmp)
+    return _train(tmp, base["vec"], "--cache", cache), ["manifest.json", "changed"]
 
 
 def truncated_shard_train(base, tmp):
-    cache = _own_cache(base, tmp)
-    shard = next(cache.glob("shard-*.parquet"))
-    shard.write_bytes(shard.read_bytes()[:100])
-    return _train(base, tmp, base["vec"], "--cache", cache), [shard.name]
+    cache, shard = _truncated_shard(base, tmp)
+    return _train(tmp, base["vec"], "--cache", cache), [shard.name]
 
 
 def truncated_shard_verify(base, tmp):
-    cache = _own_cache(base, tmp)
-    shard = next(cache.glob("shard-*.parquet"))
-    shard.write_bytes(shard.read_bytes()[:100])
+    cache, shard = _truncated_shard(base, tmp)
     return ["caches", "verify", cache.name, "--cache-dir", tmp / "caches"], [shard.name]
 
 
 def cache_of_another_dataset(base, tmp):
     teachers.write_vectors(tmp / "other.parquet", base["x"] + 1, np.arange(ROWS) % CLASSES)
-    return _train(base, tmp, tmp / "other.parquet", "--cache", base["vec_cache"]), ["another dataset"]
+    return _train(tmp, tmp / "other.parquet", "--cache", base["vec_cache"]), ["another dataset"]
 
 
 def unknown_cache_key(base, tmp):
-    return _train(base, tmp, base["vec"], "--cache", "0123abcd", "--cache-dir", base["caches"]), ["no cache matches"]
+    return _train(tmp, base["vec"], "--cache", "0123abcd", "--cache-dir", base["caches"]), ["no cache matches"]
 
 
 def label_outside_the_teachers_classes(base, tmp):
@@ -176,26 +183,26 @@ def label_outside_the_teachers_classes(base, tmp):
     cache = _ok(
         "cache-teacher", "--teacher", base["clf"], "--data", tmp / "bad.parquet", *_at({"caches": tmp / "caches"})
     )
-    return _train(base, tmp, tmp / "bad.parquet", "--cache", cache), [f"label {CLASSES + 2}"]
+    return _train(tmp, tmp / "bad.parquet", "--cache", cache), [f"label {CLASSES + 2}"]
 
 
 def student_family_that_does_not_fit(base, tmp):
-    return _train(base, tmp, base["seq"], "--cache", base["seq_cache"], "--student", "mlp"), ["mlp", "causal-lm"]
+    return _train(tmp, base["seq"], "--cache", base["seq_cache"], "--student", "mlp"), ["mlp", "causal-lm"]
 
 
 def unknown_student_input(base, tmp):
-    return _train(base, tmp, base["vec"], "--alpha", "0", "--inputs", "pixels"), ["pixels", "['x']"]
+    return _train(tmp, base["vec"], "--alpha", "0", "--inputs", "pixels"), ["pixels", "['x']"]
 
 
 def empty_dataset_train(base, tmp):
     teachers.write_vectors(tmp / "empty.parquet", base["x"][:0], np.arange(0))
-    return _train(base, tmp, tmp / "empty.parquet", "--alpha", "0"), ["has no rows"]
+    return _train(tmp, tmp / "empty.parquet", "--alpha", "0"), ["has no rows"]
 
 
 def train_on_missing_cuda(base, tmp):
     if torch.cuda.is_available():
         pytest.skip("checks the message given when torch has no CUDA")
-    return _train(base, tmp, base["vec"], "--alpha", "0", "--device", "cuda"), ["--device cuda", "--device cpu"]
+    return _train(tmp, base["vec"], "--alpha", "0", "--device", "cuda"), ["--device cuda", "--device cpu"]
 
 
 def unknown_config_key(base, tmp):
