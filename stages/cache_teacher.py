@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -200,6 +202,10 @@ def _fill(
     journal.write_text("".join(json.dumps(done[s]) + "\n" for s in sorted(done)))  # drop a torn tail
 
     device_id = group.local_rank if group is not None else 0  # each rank on its own host's GPU
+    # The host kernel loads while ONNX Runtime builds the session (~0.5 s each); with in-graph top-k it is not used.
+    warm = threading.Thread(target=_warm_up_kernel, daemon=True) if config.postprocess != "graph" else None
+    if warm is not None:
+        warm.start()
     teacher = _load_teacher(config, handed.pop(), topk_in_graph=config.postprocess == "graph", device_id=device_id)
     postprocess = choose_postprocess(config.postprocess, config.target_format, teacher.provider)
     if postprocess == "graph" and not teacher.topk_in_graph:  # auto, and CUDA really runs: add the top-k head
@@ -223,6 +229,8 @@ def _fill(
         desc="cache-teacher",
     )
     runner = ShardRunner(teacher, dataset, config, info.kind)
+    if warm is not None:
+        warm.join()
     for s in (s for s in mine if s not in done):
         shard_started = time.perf_counter()
         start, stop = examples(s)
@@ -294,13 +302,17 @@ def choose_postprocess(postprocess: str, target_format: str, provider: str) -> s
     """Where top-k runs, decided once the session has loaded and says which provider really runs.
 
     ``auto`` picks "graph" only on the CUDA provider, where keeping the full logits on the device pays; on CPU
-    "torch" is faster (benchmarks/cache_throughput.py). Sampled targets need the full logits: always "torch".
+    "host" is faster (benchmarks/cache_throughput.py). Sampled targets need the full logits: always "host".
     """
     if get_format(target_format).drawn:
-        return "torch"
+        return "host"
     if postprocess == "auto":
-        return "graph" if provider == CUDA_PROVIDER else "torch"
+        return "graph" if provider == CUDA_PROVIDER else "host"
     return postprocess
+
+
+def _warm_up_kernel() -> None:
+    importlib.import_module("stages.topk_kernel").warm_up()  # numba's import is half of the ~1 s
 
 
 def _load_teacher(config: CacheTeacherConfig, inspected: tuple, topk_in_graph: bool, device_id: int) -> Teacher:

@@ -18,7 +18,7 @@ from stages.errors import ConfigError
 from stages.formats import ENCODINGS, FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
-POSTPROCESS = ("auto", "torch", "graph")
+POSTPROCESS = ("auto", "host", "graph")
 METHODS = ("kd", "ensemble", "progressive")
 LR_SCHEDULES = ("constant", "cosine")
 TARGET_FORMATS = tuple(FORMATS)
@@ -50,7 +50,9 @@ class CacheTeacherConfig:
     hidden: list[str] = field(default_factory=list)  # intermediate tensors to cache as float16
     logits_output: str = ""  # teacher output holding logits; empty = the first output
     shard_size: int = 0  # examples per shard (the resume unit); 0 = 16384 for classifiers, 512 for token teachers
-    postprocess: str = "auto"  # where top-k runs: torch (fast on CPU), graph (in ONNX; keeps logits on GPU)
+    # where top-k runs: host (one pass over the logits on the CPU, fastest there), graph (TopK in the ONNX graph:
+    # only [.., k] leaves the GPU); auto: graph where CUDA really runs, else host. "torch", its old name, means host.
+    postprocess: str = "auto"
     pad_token_id: int = 0  # fills padded token inputs; padded positions are never cached
     probe_positions: int = 512  # positions on which dense fidelity statistics are measured at cache time
     target_format: str = "topk"  # topk: the k most likely ids; sampled: ids drawn from the teacher, with counts
@@ -62,6 +64,10 @@ class CacheTeacherConfig:
     num_workers: int = 1  # launcher-free jobs (SLURM array, Kubernetes) that split the shards; torchrun sets its own
     worker_index: int = 0  # this launcher-free job's index in [0, num_workers): it writes shards s with s % W == I
     dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others before the job fails
+
+    def __post_init__(self) -> None:
+        if self.postprocess == "torch":  # the name of host until it replaced torch.topk; saved configs say it
+            self.postprocess = "host"
 
     def problems(self) -> list[str]:
         out = []
@@ -97,7 +103,7 @@ class CacheTeacherConfig:
         elif drawn and self.encoding != "fp32":
             out.append(f"encoding: {self.encoding} applies to top-k log-probs; sampled targets store counts")
         if drawn and self.postprocess == "graph":
-            out.append("postprocess: graph computes top-k only; sampled targets need --postprocess torch")
+            out.append("postprocess: graph computes top-k only; sampled targets need --postprocess host")
         if len(set(self.hidden)) != len(self.hidden):
             out.append(f"hidden: {self.hidden} names a tensor twice")
         if self.num_workers < 1 or not 0 <= self.worker_index < self.num_workers:

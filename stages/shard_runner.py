@@ -16,10 +16,8 @@ from stages.errors import DatasetError, TeacherError
 from stages.formats import by_id, fixed_list, get_format
 from stages.teacher import CLASSIFIER, Teacher
 
-# Post-processing works on row blocks of the logits so its memory does not grow with batch x V.
-_TOPK_BLOCK_BYTES = 64 << 20  # top-k runs in place; torch.topk slows down on blocks below ~32 MiB (measured)
-# The probe and sampled draws copy their rows and make a few [rows, V] temporaries; smaller blocks pay torch's
-# per-call overhead (the probe took 2x the CPU time at 4 MiB than at 16 MiB, V = 262,144).
+# Sampled draws (and logits that are not float32, for the kernel) copy their rows in blocks, so memory does not
+# grow with batch x V; smaller blocks pay torch's per-call overhead (2x the CPU time at 4 MiB than at 16 MiB).
 _DENSE_BLOCK_BYTES = 16 << 20
 
 
@@ -161,7 +159,6 @@ class ShardRunner:
             else (lambda a, flat=False: a)
         )
         result = {} if mask is None else {"counts": mask.sum(1)}
-        # Hidden states first: the top-k below overwrites the logits, and a hidden output may be the same tensor.
         for name, h in zip(self.teacher.info.hidden, hidden):
             if mask is not None and h.shape[:2] != mask.shape:
                 raise TeacherError(
@@ -188,14 +185,11 @@ class ShardRunner:
             draws = [targets.sample_counts(z, temperature, uniforms[at]) for at, z in _dense_blocks(flat, real)]
             drawn, counts = (torch.cat(parts) for parts in zip(*draws))
             result |= {"sample_ids": drawn.to(torch.int32).numpy(), "sample_counts": counts.to(torch.int16).numpy()}
-        if self.probe_left > 0:  # before the top-k, which overwrites the raw logits the probe reads
-            self._probe(flat, real[: self.probe_left], *((drawn, counts) if sampled else ()))
-
         if self.teacher.topk_in_graph:
-            top_ids, logp, logz = (select(torch.from_numpy(a)) for a in main)
+            top_ids, logp, logz = (select(a) for a in main)
             if self.num_classes is None:
                 raise TeacherError(
-                    "in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess torch"
+                    "in-graph top-k needs a teacher whose vocabulary axis is fixed; use --postprocess host"
                 )
         else:
             vocab = flat.shape[-1]
@@ -203,27 +197,17 @@ class ShardRunner:
                 raise TeacherError(
                     f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}"
                 )
-            # In place in ORT's output buffer (this call owns it; ORT's CPU outputs are writable): no [positions, V]
-            # temporary. In row blocks, so logits of another dtype are converted a block at a time. Top-k over a few
-            # padded rows costs less than gathering the real ones out of [B*S, V] (benchmarks/README.md); only the
-            # [.., k] results are selected.
-            step = max(1, _TOPK_BLOCK_BYTES // (4 * vocab))
-            blocks = [
-                targets.topk_log_probs(flat[lo : lo + step], k, temperature, dense.flags.writeable)
-                for lo in range(0, len(flat), step)
-            ]
-            top_ids, logp, logz = (select(torch.cat(parts), flat=True) for parts in zip(*blocks))
-        bad = ~torch.isfinite(logz) | torch.isnan(logp).any(-1)
+            # One read of each real position's logits (topk_kernel): padding rows are skipped, nothing is copied.
+            top_ids, logp, logz = _kernel_topk(flat, real, k, temperature)
+        # numpy from here: torch's thread pool costs more than these [positions, k] sums (measured 30 ms a call).
+        tail = targets.tail_mass_array(logp, self.num_classes)
+        if self.probe_left > 0:
+            self._probe(flat, real[: self.probe_left], top_ids, logp, logz, tail, *((drawn, counts) if sampled else ()))
+        bad = ~np.isfinite(logz) | np.isnan(logp).any(-1)
         if bad.any():
             raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
         if not sampled:
-            tail = targets.tail_mass(logp, self.num_classes)
-            result |= {
-                "ids": top_ids.to(torch.int32).numpy(),
-                "logp": logp.numpy(),
-                "logz": logz.numpy(),
-                "tail": tail.numpy(),
-            }
+            result |= {"ids": top_ids.astype(np.int32), "logp": logp, "logz": logz, "tail": tail}
         return result
 
     def _uniforms(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -236,27 +220,30 @@ class ShardRunner:
             keys = (np.repeat(rows, mask.sum(1)).astype(np.uint64) << np.uint64(24)) + position[mask].astype(np.uint64)
         return targets.hashed_uniforms(keys, self.config.samples, self.config.sample_seed)
 
-    def _probe(self, flat: torch.Tensor, rows: torch.Tensor, drawn=None, counts=None) -> None:
+    def _probe(self, flat: torch.Tensor, rows: torch.Tensor, ids, logp, logz, tail, drawn=None, counts=None) -> None:
         """Dense statistics on the first positions: what the cache loses (KL), entropy, confidence.
 
-        Reads the raw logits a few rows at a time and reduces them itself. With sampled targets (``drawn``,
-        ``counts`` of these rows) the tail is the teacher's mass outside the distinct ids drawn, and there is no KL.
+        ``ids``, ``logp``, ``logz``, ``tail``: the batch's top-k arrays for its real positions, whose first
+        ``len(rows)`` these are.
+        With sampled targets (``drawn``, ``counts`` of these rows; ``ids`` their top-1) the tail is the teacher's
+        mass outside the distinct ids drawn, and there is no KL.
         """
-        T = float(self.config.temperature)
-        k = 1 if drawn is not None else self.config.top_k
-        for at, z in _dense_blocks(flat, rows):
-            top_ids, logp, _ = targets.topk_log_probs(z, k, T)
-            if drawn is None:
-                tail = targets.tail_mass(logp, self.num_classes)
-                self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp).tolist()
-                self._probe_encoding(top_ids.to(torch.int32).numpy(), logp.numpy(), tail.numpy())
-            else:
+        T, n = float(self.config.temperature), len(rows)
+        ids, logp, logz, tail = ids[:n], logp[:n], logz[:n], tail[:n]
+        if drawn is None:
+            entropy, kl = _kernel_statistics(flat, rows, T, ids, tail)
+            self.probe_stats["kl"] += kl.tolist()
+            self.probe_stats["entropy"] += entropy.tolist()
+            self._probe_encoding(ids.astype(np.int32), logp, tail)
+        else:
+            for at, z in _dense_blocks(flat, rows):
                 covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
-                tail = 1 - covered.sum(-1).float()
-            self.probe_stats["entropy"] += targets.entropy(z, T).tolist()
-            self.probe_stats["top1"] += logp[:, 0].exp().tolist()
+                self.probe_stats["tail"] += (1 - covered.sum(-1).float()).tolist()
+                self.probe_stats["entropy"] += targets.entropy(z, T).tolist()
+        self.probe_stats["top1"] += np.exp(logp[:, 0]).tolist()
+        if drawn is None:
             self.probe_stats["tail"] += tail.tolist()
-        self.probe_left -= len(rows)
+        self.probe_left -= n
 
     def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray) -> None:
         """What the encoding loses: KL from the exact top-k + tail to the decoded top-k + the same (exact) tail,
@@ -297,8 +284,8 @@ class ShardRunner:
         return summary
 
     @staticmethod
-    def _nonfinite_message(bad: torch.Tensor, mask, ids: pa.Array, idx: np.ndarray) -> str:
-        first = int(torch.nonzero(bad)[0])
+    def _nonfinite_message(bad: np.ndarray, mask, ids: pa.Array, idx: np.ndarray) -> str:
+        first = int(np.flatnonzero(bad)[0])
         if mask is not None:
             example = int(np.repeat(np.arange(len(idx)), mask.sum(1))[first])
         else:
@@ -344,3 +331,32 @@ def _dense_blocks(flat: torch.Tensor, rows: torch.Tensor):
     for lo in range(0, max(len(rows), 1), step):  # one empty block when there are no rows: empty results, not none
         at = slice(lo, min(lo + step, len(rows)))
         yield at, flat.index_select(0, rows[at]).float()
+
+
+def _float32_blocks(flat: torch.Tensor, rows: torch.Tensor):
+    """Yield (slice of ``rows``, float32 [N, V] array, row indices into it) covering ``rows``: float32 logits are
+    read where they lie (one block); other dtypes are converted _DENSE_BLOCK_BYTES at a time."""
+    if flat.dtype == torch.float32 and flat.is_contiguous():
+        yield slice(0, len(rows)), flat.numpy(), rows.numpy()
+        return
+    for at, z in _dense_blocks(flat, rows):
+        yield at, z.contiguous().numpy(), np.arange(len(z))
+
+
+def _kernel_topk(flat: torch.Tensor, rows: torch.Tensor, k: int, temperature: float):
+    """topk_kernel.topk_log_probs over the given rows of the flat logits, whatever their float dtype."""
+    from stages import topk_kernel  # numba: imported by cache-teacher's warm-up thread, not by every command
+
+    parts = [topk_kernel.topk_log_probs(z, at_rows, k, temperature) for _, z, at_rows in _float32_blocks(flat, rows)]
+    return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+
+
+def _kernel_statistics(flat: torch.Tensor, rows: torch.Tensor, temperature: float, ids, tail):
+    """topk_kernel.dense_statistics (entropy, KL) of the given rows, whatever the logits' float dtype."""
+    from stages import topk_kernel
+
+    parts = [
+        topk_kernel.dense_statistics(z, at_rows, temperature, ids[at], tail[at])
+        for at, z, at_rows in _float32_blocks(flat, rows)
+    ]
+    return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]

@@ -64,6 +64,20 @@ def tail_mass(logp: Tensor, vocab_size: int) -> Tensor:
     return (-torch.expm1(torch.logsumexp(logp.to(dtype), dim=-1))).clamp(0.0, 1.0)
 
 
+def tail_mass_array(logp: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``tail_mass`` for the cache writer's numpy arrays: the same formula, in float64, returned as float32.
+
+    logp [N, k] -> [N]. NaN rows give NaN (the writer reports them).
+    """
+    if logp.shape[-1] >= vocab_size:
+        return np.zeros(logp.shape[:-1], np.float32)
+    x = logp.astype(np.float64)
+    top = x.max(axis=-1, keepdims=True) if x.shape[-1] else np.zeros(x.shape[:-1] + (1,))
+    with np.errstate(invalid="ignore", over="ignore"):
+        lse = top[..., 0] + np.log(np.exp(x - top).sum(axis=-1))
+    return np.clip(-np.expm1(lse), 0.0, 1.0).astype(np.float32)
+
+
 def entropy(logits: Tensor, temperature: float) -> Tensor:
     """Entropy (nats) of softmax(logits / T) over the full vocabulary. logits [N, V] -> [N]."""
     logq = _log_softmax(logits, temperature)

@@ -182,7 +182,7 @@ def add_topk_head(model: onnx.ModelProto, logits: str, k: int, temperature: floa
     """Append ``logZ = ReduceLogSumExp(z/T)`` and ``TopK(z/T) - logZ`` to the graph (in place)."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
-        raise TeacherError(f"in-graph top-k needs ONNX opset >= 13; the teacher uses {opset}. Use --postprocess torch.")
+        raise TeacherError(f"in-graph top-k needs ONNX opset >= 13; the teacher uses {opset}. Use --postprocess host.")
     scaled = f"{logits}__kd_scaled"
     nodes = [
         helper.make_node(

@@ -50,7 +50,7 @@ def _check_rows(table: pa.Table, logits: np.ndarray, k: int, t: float) -> None:
     np.testing.assert_allclose(table.column("tail_mass").to_numpy(), 1 - np.exp(logp).sum(1), atol=1e-5)
 
 
-@pytest.mark.parametrize("postprocess", ["torch", "graph"])
+@pytest.mark.parametrize("postprocess", ["host", "graph"])
 def test_classifier_round_trip(classifier_setup, postprocess) -> None:
     result = _run(
         classifier_setup,
@@ -77,7 +77,7 @@ def test_classifier_round_trip(classifier_setup, postprocess) -> None:
     assert m["fidelity"]["kl_mean"] >= 0 and 0 < m["fidelity"]["tail_mass_mean"] < 1
 
 
-@pytest.mark.parametrize("postprocess", ["torch", "graph"])
+@pytest.mark.parametrize("postprocess", ["host", "graph"])
 def test_token_round_trip_with_padding(token_setup, postprocess) -> None:
     # Batches of 7 mixed lengths force padding; cached values must equal each sequence run alone, unpadded.
     result = _run(
@@ -275,17 +275,17 @@ def test_device_auto_reports_the_provider_that_ran(classifier_setup) -> None:
     assert result.exit_code == 0
     manifest = json.loads((Path(result.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).read_text())
     assert manifest["providers"][0] in result.stderr
-    assert manifest["postprocess"] == ["graph" if manifest["providers"] == ["CUDAExecutionProvider"] else "torch"]
+    assert manifest["postprocess"] == ["graph" if manifest["providers"] == ["CUDAExecutionProvider"] else "host"]
     assert f"top-k in {manifest['postprocess'][0]}" in result.stderr
 
 
 def test_auto_postprocess_is_decided_by_the_provider_that_loaded() -> None:
     choose = cache_teacher.choose_postprocess
     assert choose("auto", "topk", "CUDAExecutionProvider") == "graph"
-    assert choose("auto", "topk", "CPUExecutionProvider") == "torch"
+    assert choose("auto", "topk", "CPUExecutionProvider") == "host"
     assert choose("graph", "topk", "CPUExecutionProvider") == "graph"  # asked for explicitly: kept
-    assert choose("torch", "topk", "CUDAExecutionProvider") == "torch"
-    assert choose("auto", "sampled", "CUDAExecutionProvider") == "torch"  # sampling needs the full logits
+    assert choose("host", "topk", "CUDAExecutionProvider") == "host"
+    assert choose("auto", "sampled", "CUDAExecutionProvider") == "host"  # sampling needs the full logits
 
 
 def test_a_cache_being_written_is_refused_while_its_lock_is_held(classifier_setup) -> None:

@@ -1,0 +1,311 @@
+"""The cache's targets in one pass over the logits: top-k, the log-partition and the probe's statistics (CPU).
+
+The definitions are the torch functions of ``stages.targets`` (``topk_log_probs``, ``entropy``,
+``cache_fidelity_kl``); this module computes the same quantities the way a CPU computes them fastest, and the
+tests hold it to those definitions. Why a kernel: the teacher's logits are ``[positions, V]`` float32, far
+larger than the caches, so each pass over them is a trip to main memory; torch's ``topk`` plus a log-sum-exp made
+five (topk, max, subtract, exp, sum) and cost about a quarter of a small teacher's time (benchmarks/README.md).
+
+Here each row is read from memory once, in groups of ``_GROUP`` logits held in L1: a group's maximum updates the
+row's running maximum (the running sum of exponentials is rescaled when it rises, as in an online softmax), then
+the group's exponentials are added. The k-th largest group maximum is a threshold no top-k logit lies below
+(at least k logits reach it: the maxima themselves), so the top-k is chosen among the few groups whose maximum
+reaches it, re-read from cache. Exponentials use ``exp(x) = 2^n * 2^f`` with a polynomial for ``2^f``, which
+the compiler vectorises (libm's ``exp`` does not vectorise here); its relative error is below 2e-7, and the
+sum is kept in float64, so logZ is within 1e-6 of a float64 reference (tests/test_topk_kernel.py).
+
+Ties between equal logits go to the lower id (torch's ``topk`` leaves their order unspecified). A row with a
+NaN or +inf logit gets a NaN log-partition, which the caller reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+_GROUP = 64  # logits per group: 4 AVX-512 registers; smaller groups cost more maxima, larger more candidates
+_CHUNK = 1024  # exponentials summed in float32 before the float64 total: ~1e-7 relative, and vectorised
+# Floating-point reassociation lets the compiler split sums and maxima across vector lanes; no "nnan"/"ninf":
+# a NaN or infinity in the logits must reach the log-partition so the row is reported, not hidden.
+_FAST = {"reassoc", "contract", "arcp", "nsz"}
+_LOG2E = 1.4426950408889634
+# 2^f = e^(f ln 2) for |f| <= 1/2: Taylor coefficients (ln 2)^i / i!, degree 6 (remainder < 1.2e-7 relative).
+_C = [np.float32(math.log(2) ** i / math.factorial(i)) for i in range(7)]
+_C0, _C1, _C2, _C3, _C4, _C5, _C6 = _C
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """An int32's bits read as a float32 (2^n from its exponent field), which vectorises unlike ``math.ldexp``."""
+    signature = types.float32(types.int32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp2_nonpositive(t):
+    """2^t for float32 t <= 0 (NaN stays NaN). Below -126 it returns 2^-126: such a term is < 1e-38 of the
+    row's largest, which contributes 1."""
+    u = t if not (t < np.float32(-126.0)) else np.float32(-126.0)
+    n = np.int32(u - np.float32(0.5))  # truncation toward 0 of u - 1/2 (u <= 0): the nearest integer to u
+    f = u - np.float32(n)  # in (-1/2, 1/2]
+    p = _C6
+    p = p * f + _C5
+    p = p * f + _C4
+    p = p * f + _C3
+    p = p * f + _C2
+    p = p * f + _C1
+    p = p * f + _C0
+    return p * _float_from_bits((n + np.int32(127)) << 23)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _group_max(group):
+    """The maximum of _GROUP logits (NaN ignored): eight independent lanes, so the compares pipeline."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = np.float32(-np.inf)
+    for j in range(0, _GROUP, 8):
+        v = group[j]
+        m0 = v if v > m0 else m0
+        v = group[j + 1]
+        m1 = v if v > m1 else m1
+        v = group[j + 2]
+        m2 = v if v > m2 else m2
+        v = group[j + 3]
+        m3 = v if v > m3 else m3
+        v = group[j + 4]
+        m4 = v if v > m4 else m4
+        v = group[j + 5]
+        m5 = v if v > m5 else m5
+        v = group[j + 6]
+        m6 = v if v > m6 else m6
+        v = group[j + 7]
+        m7 = v if v > m7 else m7
+    m0 = m1 if m1 > m0 else m0
+    m2 = m3 if m3 > m2 else m2
+    m4 = m5 if m5 > m4 else m4
+    m6 = m7 if m7 > m6 else m6
+    m0 = m2 if m2 > m0 else m0
+    m4 = m6 if m6 > m4 else m4
+    return m4 if m4 > m0 else m0
+
+
+@njit(inline="always", fastmath=_FAST)
+def _group_maxima(row, gmax):
+    """The maxima of the row's groups of _GROUP logits (into gmax) and the row's maximum."""
+    v = row.shape[0]
+    full = v // _GROUP
+    m = np.float32(-np.inf)
+    for g in range(full):
+        gm = _group_max(row[g * _GROUP : (g + 1) * _GROUP])
+        gmax[g] = gm
+        m = gm if gm > m else m
+    if full * _GROUP < v:  # the last, partial group
+        gm = np.float32(-np.inf)
+        for j in range(full * _GROUP, v):
+            gm = row[j] if row[j] > gm else gm
+        gmax[full] = gm
+        m = gm if gm > m else m
+    return m
+
+
+@njit(inline="always", fastmath=_FAST)
+def _sum_exp2(row, m, scale):
+    """sum(2^((row - m) * scale)) in float64 (m: the row's maximum, so every power is <= 1), over float32
+    partial sums of _CHUNK terms. The inner loops have a fixed trip count: with a bound like min(lo + _CHUNK, V)
+    the compiler does not vectorise them (3.5x slower, measured)."""
+    v = row.shape[0]
+    full = v // _CHUNK
+    total = 0.0
+    for q in range(full):
+        chunk = row[q * _CHUNK : (q + 1) * _CHUNK]
+        part = np.float32(0.0)
+        for j in range(_CHUNK):
+            part += _exp2_nonpositive((chunk[j] - m) * scale)
+        total += part
+    part = np.float32(0.0)
+    for j in range(full * _CHUNK, v):
+        part += _exp2_nonpositive((row[j] - m) * scale)
+    return total + part
+
+
+@njit(inline="always", fastmath=_FAST)
+def _tail_terms(row, m, scale, c, below):
+    """With x = (row - m) * scale - c (log2 p when c = log2 of _sum_exp2): (sum of x 2^x over the row, the same
+    and the sum of 2^x over the logits below ``below``, how many logits equal ``below``), as _sum_exp2 sums.
+    The tail's sums are taken over the tail itself, not as the whole less the top-k, which would cancel."""
+    v = row.shape[0]
+    full = v // _CHUNK
+    total, tail, tail_p, ties = 0.0, 0.0, 0.0, 0
+    for q in range(full + 1):
+        lo = q * _CHUNK
+        chunk = row[lo : lo + _CHUNK] if q < full else row[lo:v]
+        part, part_tail, part_p, part_ties = np.float32(0.0), np.float32(0.0), np.float32(0.0), 0
+        if q < full:
+            for j in range(_CHUNK):
+                x = (chunk[j] - m) * scale - c
+                p = _exp2_nonpositive(x)
+                part += p * x
+                low = chunk[j] < below
+                part_tail += p * x if low else np.float32(0.0)
+                part_p += p if low else np.float32(0.0)
+                part_ties += chunk[j] == below
+        else:
+            for j in range(v - lo):
+                x = (chunk[j] - m) * scale - c
+                p = _exp2_nonpositive(x)
+                part += p * x
+                low = chunk[j] < below
+                part_tail += p * x if low else np.float32(0.0)
+                part_p += p if low else np.float32(0.0)
+                part_ties += chunk[j] == below
+        total += part
+        tail += part_tail
+        tail_p += part_p
+        ties += part_ties
+    return total, tail, tail_p, ties
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _topk_rows(z, rows, k, scale, ids, vals, maxes, sums):
+    """For each ``rows[i]`` of ``z``: top-k ids and logits (descending, ties by id), max and sum of exponentials."""
+    v = z.shape[1]
+    groups = (v + _GROUP - 1) // _GROUP
+    gmax = np.empty(groups, np.float32)
+    cand_v = np.empty(v, np.float32)
+    cand_i = np.empty(v, np.int64)
+    for i in range(rows.shape[0]):
+        row = z[rows[i]]
+        m = _group_maxima(row, gmax)  # the one read from memory; the passes below find the row in cache
+        maxes[i] = m
+        sums[i] = _sum_exp2(row, m, scale)
+        thr = np.float32(-np.inf) if k >= groups else np.partition(gmax, groups - k)[groups - k]
+        n = 0
+        for g in range(groups):
+            if gmax[g] >= thr:
+                for j in range(g * _GROUP, min(g * _GROUP + _GROUP, v)):
+                    if row[j] >= thr:
+                        cand_v[n] = row[j]
+                        cand_i[n] = j
+                        n += 1
+        order = np.argsort(-cand_v[:n], kind="mergesort")  # stable: equal logits keep ascending ids
+        for t in range(k):
+            if t < n:
+                ids[i, t] = cand_i[order[t]]
+                vals[i, t] = cand_v[order[t]]
+            else:  # fewer candidates than k only when NaNs fill the row; its NaN logZ reports it
+                ids[i, t] = 0
+                vals[i, t] = np.nan
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def _plogp_rows(z, rows, scale, ids, out):
+    """For each row, with log2 p = (z - max) * scale - log2(sum of 2^((z - max) * scale)) (ids[i, 0] is the
+    largest logit, ids[i, -1] the k-th): out[i] = (sum of p log2 p over the vocabulary, the same over the ids not
+    in ``ids``, their total p). The normaliser is summed again here, in float64: recovering it from the stored
+    float32 logZ would shift every log p by logZ's rounding (~4e-6 at logZ ~ 40)."""
+    k = ids.shape[1]
+    for i in range(rows.shape[0]):
+        row = z[rows[i]]
+        m, kth = row[ids[i, 0]], row[ids[i, k - 1]]
+        c = np.float32(math.log2(_sum_exp2(row, m, scale)))
+        total, tail, tail_p, ties = _tail_terms(row, m, scale, c, kth)
+        for t in range(k):  # logits equal to the k-th that the top-k did not keep are in the tail too
+            ties -= row[ids[i, t]] == kth
+        x = (kth - m) * scale - c
+        p = _exp2_nonpositive(x)
+        out[i, 0] = total
+        out[i, 1] = tail + ties * np.float64(p * x)
+        out[i, 2] = tail_p + ties * np.float64(p)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _parallel(kernel, logits: np.ndarray, rows: np.ndarray, constants: tuple, per_row: list[np.ndarray]) -> None:
+    """``kernel(logits, rows, *constants, *per_row)`` with the rows (and the per-row arrays, outputs included)
+    split into contiguous parts, one per core; the kernels release the GIL."""
+    global _pool
+    threads = min(_threads(), max(1, len(rows) // 4))  # a few rows per thread at least, or the split costs more
+    if threads == 1:
+        kernel(logits, rows, *constants, *per_row)
+        return
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(threads, thread_name_prefix="topk")
+    bounds = np.linspace(0, len(rows), threads + 1).astype(int)
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    futures = [_pool.submit(kernel, logits, rows[p], *constants, *(a[p] for a in per_row)) for p in parts]
+    for f in futures:
+        f.result()
+
+
+def topk_log_probs(logits: np.ndarray, rows: np.ndarray, k: int, temperature: float):
+    """Top-k ids and full-vocabulary log-probabilities at ``temperature`` of the given rows of ``logits``.
+
+    Args:
+        logits: [N, V] float32, C-contiguous; not modified.
+        rows: [n] int64 indices into its rows (the real positions; padding is skipped, not copied).
+        k: 1 <= k <= V. temperature: T > 0.
+    Returns:
+        ids [n, k] int64 by descending probability (ties by id), logp [n, k] float32, logz [n] float32, as
+        ``stages.targets.topk_log_probs`` defines them; logZ is NaN where the row holds NaN or +inf.
+    """
+    n = len(rows)
+    ids, vals = np.empty((n, k), np.int64), np.empty((n, k), np.float32)
+    maxes, sums = np.empty(n, np.float32), np.empty(n, np.float64)
+    scale = np.float32(_LOG2E / temperature)  # exponentials in base 2: z * log2(e) / T
+    _parallel(_topk_rows, logits, np.ascontiguousarray(rows, np.int64), (k, scale), [ids, vals, maxes, sums])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        logz = maxes.astype(np.float64) / temperature + np.log(sums)
+        logp = vals.astype(np.float64) / temperature - logz[:, None]
+    return ids, logp.astype(np.float32), logz.astype(np.float32)
+
+
+def dense_statistics(
+    logits: np.ndarray, rows: np.ndarray, temperature: float, ids: np.ndarray, tail: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fidelity probe's entropy and KL of the given rows, as ``stages.targets.entropy`` and
+    ``cache_fidelity_kl`` define them, from one more read of each row.
+
+    With x = log p (T, the full vocabulary): entropy = -sum p x; the cache stands for its top-k exactly and the
+    stored tail mass tau spread over the V - k other ids, so KL = sum over the other ids of p (x - log(tau / (V - k))).
+    A row whose stored tail rounds to 0 (float32 log-probs of a near-certain top-k) gets KL 0 rather than an
+    infinity for the ~1e-8 of mass the reconstruction cannot place.
+
+    Args:
+        ids [n, k], tail [n]: the top-k ``topk_log_probs`` gave for these rows, and their stored tail mass.
+    Returns:
+        entropy [n], kl [n] float64 (nats).
+    """
+    n, v, k = len(rows), logits.shape[1], ids.shape[1]
+    out = np.empty((n, 3), np.float64)
+    scale = np.float32(_LOG2E / temperature)
+    rows = np.ascontiguousarray(rows, np.int64)
+    _parallel(_plogp_rows, logits, rows, (scale,), [np.ascontiguousarray(ids), out])
+    ln2 = math.log(2)
+    entropy = -out[:, 0] * ln2
+    tau = tail.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        spread = np.where(tau > 0, np.log(tau / max(v - k, 1)), 0.0)
+    kl = np.where((tau > 0) & (k < v), out[:, 1] * ln2 - out[:, 2] * spread, 0.0)
+    return entropy, np.maximum(kl, 0.0)
+
+
+def warm_up() -> None:
+    """Load (or, the first time on a machine, compile: ~10 s) both kernels; numba caches the machine code beside
+    this module. Loading takes ~0.5 s, which cache-teacher spends while ONNX Runtime builds the session."""
+    logits = np.zeros((2, 3), np.float32)
+    ids, _, _ = topk_log_probs(logits, np.arange(2), 1, 1.0)
+    dense_statistics(logits, np.arange(2), 1.0, ids, np.zeros(2, np.float32))
