@@ -69,9 +69,15 @@ class RunOutputs:
         return False, replace
 
     def record(
-        self, caches: list[fmt.Cache], temperature: float, hidden_map: list[tuple[int, str]], parameters: int
+        self,
+        caches: list[fmt.Cache],
+        temperature: float,
+        hidden_map: list[tuple[int, str]],
+        parameters: int,
+        world_size: int,
     ) -> dict:
-        """config.json: the resolved configuration (absolute paths, caches by path) and the caches' identities."""
+        """config.json: the resolved configuration (absolute paths, caches by path), the caches' identities and the
+        ranks the run trains on (``world_size``: with the per-rank batch, the global batch)."""
         c = self.config
 
         def absolute(path: str) -> str:
@@ -108,11 +114,12 @@ class RunOutputs:
             }
             for cache in caches
         ]
-        return {"config": resolved, "caches": identities, "student_parameters": parameters}
+        return {"config": resolved, "caches": identities, "student_parameters": parameters, "world_size": world_size}
 
     def check_same_run(self, record: dict) -> None:
-        """A resumed run goes on only under the options it started with."""
+        """A resumed run goes on only under the options it started with, on as many ranks."""
         run_dir.check_same_run(self.out, record["config"], ignore=_NOT_COMPARED)
+        run_dir.check_same_ranks(self.out, record["world_size"], self.config.batch_size)
 
     def replace(self) -> None:
         """Remove the run --overwrite replaces: only once every check passed, so a failed setup leaves it as it was."""

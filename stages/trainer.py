@@ -94,7 +94,8 @@ class Trainer:
             self.loss = EnsembleKDLoss(c.alpha, inputs.temperature, c.weights or None, c.ensemble_mode)
         else:
             self.loss = KDLoss(c.alpha, inputs.temperature, c.renormalize)
-        record = self.outputs.record(self.caches, inputs.temperature, self.hidden_map, count_parameters(self.model))
+        parameters = count_parameters(self.model)
+        record = self.outputs.record(self.caches, inputs.temperature, self.hidden_map, parameters, self.world_size)
         if resuming:
             self.outputs.check_same_run(record)
         if replace:  # only now that every check passed: a failed setup leaves the old run as it was

@@ -268,6 +268,14 @@ def test_finished_runs_are_kept_and_resumes_must_match(classifier_setup, tmp_pat
     (out / run_dir.METRICS).unlink()  # now it reads as interrupted after its last epoch
     with pytest.raises(ConfigError, match=r"other options \(lr: 0.001 there, 0.01 now\).*--config"):
         train_student.run(_config(classifier_setup, out, cache, epochs=1, lr=0.01, export_onnx=False), **QUIET)
+    record = run_dir.read_config(out)
+    assert record["world_size"] == 1
+    run_dir.write_config(out, record | {"world_size": 2})  # as if torchrun had started it on 2 ranks
+    refused = CliRunner().invoke(main, ["train-student", "--resume", "--out", str(out), "--quiet"])
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "started on 2 rank(s) (global batch 64) and is being resumed on 1 (global batch 32)" in refused.output
+    assert "resume it on 2 (torchrun with 2 processes in all), or pass --overwrite" in refused.output
+    run_dir.write_config(out, record)
     resumed = CliRunner().invoke(main, ["train-student", "--resume", "--out", str(out), "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     assert run_dir.status(out) == run_dir.COMPLETE
