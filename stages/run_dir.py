@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from stages.cache_format import write_json_atomic
+from stages.cache_write import write_json_atomic
 from stages.errors import ConfigError
 
 CONFIG = "config.json"
