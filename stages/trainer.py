@@ -36,6 +36,8 @@ _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
+    """One process's share of a run: ``setup``, ``follow_rank_zero`` (torchrun), ``train``, ``save``, ``close``."""
+
     def __init__(self, config: TrainStudentConfig, progress: bool, log, group: distributed.Group | None = None):
         self.config = config
         self.progress = progress
@@ -64,7 +66,6 @@ class Trainer:
         self.token_level = inputs.token_level
         self.caches = inputs.caches
         self.meter = LossMeter(self.token_level)
-
         if c.threads:
             torch.set_num_threads(c.threads)
         random.seed(c.seed)
@@ -112,7 +113,7 @@ class Trainer:
         if state is not None:
             self._restore(state)
         self._note(
-            f"student {c.student} ({count_parameters(self.model):,} parameters) on {self.device} reading "
+            f"student {c.student} ({parameters:,} parameters) on {self.device} reading "
             f"{'+'.join(inputs.columns)}; method {c.method}, alpha {c.alpha}, T {inputs.temperature}; "
             f"{self.train_loader.num_examples} training examples"
         )
