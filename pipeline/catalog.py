@@ -48,6 +48,7 @@ CACHE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("status", pa.string()),
+        ("problem", pa.string()),  # why it is unreadable, or its missing shards (None when sound or incomplete)
         ("complete", pa.bool_()),
         ("path", pa.string()),
         ("teacher", pa.string()),
@@ -128,6 +129,11 @@ class CacheEntry:
     manifest: dict | None
     bytes_on_disk: int
     problem: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The problem's first line, less the "cache PATH" it starts with: a listing names the cache already."""
+        return self.problem.split("\n", 1)[0].removeprefix(f"cache {self.path}").lstrip(": ")
 
     def shard_files(self) -> list[Path | ObjectPath]:
         return [self.path / s["file"] for s in self.manifest["shards"]] if self.manifest else []
@@ -248,6 +254,7 @@ def _cache_row(entry: CacheEntry, uses: int) -> dict:
     return {
         "key": entry.key,
         "status": entry.status,
+        "problem": entry.reason or None,
         "complete": entry.status == "complete",
         "path": str(entry.path),
         "teacher": teacher.get("name"),

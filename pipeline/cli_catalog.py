@@ -115,7 +115,8 @@ _CACHE_LIST_SQL = (
     "    SELECT key, teacher || ' ' || teacher_sha256[1:8] AS teacher,"
     " parse_filename(dataset_path) || ' ' || dataset_fingerprint[1:8] AS dataset,\n"
     "           kind, top_k AS k, temperature AS T, target_format AS format, num_positions AS positions,\n"
-    "           format_bytes(bytes_on_disk) AS size, replace(created[1:16], 'T', ' ') AS created, status, runs\n"
+    "           format_bytes(bytes_on_disk) AS size, replace(created[1:16], 'T', ' ') AS created, status, runs,\n"
+    "           problem\n"
     "    FROM caches ORDER BY created, key"
 )
 
@@ -125,7 +126,8 @@ _CACHE_LIST_SQL = (
 @_format_option
 @errors_to_click
 def caches_list(cache_dir, runs_dir, out_format) -> None:
-    """One row per cache: key, teacher, dataset, kind, k, T, positions, size, created, status, runs that used it."""
+    """One row per cache: key, teacher, dataset, kind, k, T, positions, size, created, status, runs that used it,
+    and the problem of a cache that is not sound (the first line of what `caches verify` says)."""
     catalog = Catalog(cache_dir, runs_dir)
     if not catalog.caches:
         log(
@@ -133,7 +135,9 @@ def caches_list(cache_dir, runs_dir, out_format) -> None:
             "(choose another with --cache-dir or $KD_CACHE_DIR; create one with `pipeline cache-teacher`)"
         )
         return
-    click.echo(render(*catalog.sql(_CACHE_LIST_SQL), out_format))
+    columns, rows = catalog.sql(_CACHE_LIST_SQL)
+    # problem: why a cache is unreadable or which shards are missing; a column only when some cache has one
+    click.echo(render(*_drop_empty(columns, rows, keep=len(columns) - 1), out_format))
 
 
 def _stats_lines(stats: dict) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stages.errors import DistributedError, PipelineError
+from stages.errors import ConfigError, DistributedError, PipelineError
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,21 @@ def init(timeout: float, backend: str = "gloo") -> Group | None:
                 "Launch with torchrun, which sets these, and check that every rank can reach the master."
             ) from exc
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), timeout)
+
+
+def device(want: str, group: Group | None) -> torch.device:
+    """The device this process trains on: ``want`` (--device cpu, cuda or auto), and under torchrun its own GPU."""
+    if want == "cuda" and not torch.cuda.is_available():
+        why = "this build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(
+            f"--device cuda: torch has no CUDA here (torch {torch.__version__}: {why}); use --device cpu or auto"
+        )
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if group is None:
+        return torch.device("cuda")
+    torch.cuda.set_device(group.local_rank)  # NCCL's device for this rank: its own GPU
+    return torch.device("cuda", group.local_rank)
 
 
 def close(group: Group | None) -> None:

@@ -28,7 +28,7 @@ import onnx
 import torch
 from torch import nn
 
-from stages.cache_format import write_json_atomic
+from stages.cache_write import write_json_atomic
 from stages.errors import ConfigError, TeacherError
 from stages.hf_source import check_local, has_weights, is_gguf, load_tokenizer, require_transformers, tokenizer_sha256
 

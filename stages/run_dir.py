@@ -1,7 +1,8 @@
 """The run directory of ``train-student --out``: its file names, writer, reader and status. Nobody else spells them.
 
-    config.json             the resolved configuration (absolute paths, cache keys), written at start: a directory
-                            holding it is a run. It is a valid ``--config`` file (the options sit under "config").
+    config.json             the resolved configuration (absolute paths, cache keys) and the world size (ranks),
+                            written at start: a directory holding it is a run. It is a valid ``--config`` file
+                            (the options sit under "config").
     metrics.csv             a "step" row every --log-every optimizer steps and an "epoch" row at each epoch's end
                             (epoch means and the eval figures), appended while the run trains
     checkpoints/step-N.pt   the exact training state every --checkpoint-every steps and at each epoch end (the last
@@ -25,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from stages.cache_format import write_json_atomic
+from stages.cache_write import write_json_atomic
 from stages.errors import ConfigError
 
 CONFIG = "config.json"
@@ -114,6 +115,20 @@ def check_same_run(path: Path, config: dict, ignore: tuple[str, ...]) -> None:
             f"run directory {path} holds an interrupted run with other options ({detail}). Resume it with its own "
             f"options (--config {path / CONFIG}), or pass --overwrite to start over"
         )
+
+
+def check_same_ranks(path: Path, world_size: int, batch_size: int) -> None:
+    """An interrupted run resumes only on as many ranks as it started on: --batch-size is per rank, so another
+    count would change the global batch (and with it the steps and the schedule) halfway through."""
+    started = read_config(path).get("world_size")
+    if started is None or started == world_size:  # a run recorded before config.json held its ranks: unknown
+        return
+    launch = "one process, without torchrun" if started == 1 else f"torchrun with {started} processes in all"
+    raise ConfigError(
+        f"run directory {path} was started on {started} rank(s) (global batch {started * batch_size}) and is being "
+        f"resumed on {world_size} (global batch {world_size * batch_size}); resume it on {started} ({launch}), "
+        "or pass --overwrite to start over"
+    )
 
 
 def read_config(path: Path) -> dict:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.errors import ConfigError
+from stages.hf_students import is_hf_spec
 from stages.student_models import (
     CausalLMOptions,
     CausalLMStudent,
@@ -110,7 +111,8 @@ def build_student(
     return _build_custom(family, kwargs, num_outputs, shapes, vocab_size, wider_outputs)
 
 
-# What each built-in family reads and predicts: the data it fits, checked by ``check_family_fits``.
+# What each kind of student reads and predicts: the data it fits, checked by ``check_family_fits``. A kind
+# missing here says so itself: an ``hf:`` model's config names its task, your own builder gets its sizes.
 VECTOR, SEQUENCE, TOKEN = "vector", "sequence", "token"
 _FITS = {"mlp": VECTOR, "cnn1d": VECTOR, "transformer": SEQUENCE, "causal-lm": TOKEN}
 _DATA = {
@@ -121,13 +123,18 @@ _DATA = {
 _USE = {VECTOR: "mlp or cnn1d", SEQUENCE: "transformer (sequence classifier)", TOKEN: "causal-lm"}
 
 
+def student_kind(spec: str) -> str:
+    """The kind of student a spec names: a built-in family, "hf" for ``hf:DIR``, or your ``module:function``."""
+    return "hf" if is_hf_spec(spec) else parse_student_spec(spec)[0]
+
+
 def check_family_fits(spec: str, data: str, columns: list[str]) -> None:
-    """Refuse a built-in family that cannot read this data, naming the family that can.
+    """Refuse a student that cannot read this data, naming the family that can.
 
     data: VECTOR, SEQUENCE or TOKEN (what the dataset's inputs and the cache's kind make it); columns: the
-    dataset's input columns, for the message. Your own ``module:function`` builders are not checked here.
+    dataset's input columns, for the message. Kinds that decide for themselves (``_FITS``) pass.
     """
-    family = parse_student_spec(spec)[0]
+    family = student_kind(spec)
     if _FITS.get(family, data) == data:
         return
     raise ConfigError(

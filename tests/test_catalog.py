@@ -82,6 +82,27 @@ def test_caches_list_shows_each_cache_with_its_runs(world):
     assert any(world["full"].path.name in line for line in table.splitlines()[2:5])
 
 
+def test_caches_list_says_why_a_cache_is_unreadable_or_short_of_shards(world):
+    """The listing gives the first line of what `caches verify` says, without the cache's path it already names."""
+    fine = cli(world, "caches", "list").output
+    assert "problem" not in fine.splitlines()[0]  # no cache has one: no column
+    manifest = world["full"].path / "manifest.json"
+    edited = json.loads(manifest.read_text()) | {"top_k": 3}
+    manifest.write_text(json.dumps(edited))
+    (world["top3"].path / "shard-00000.parquet").unlink()
+    rows = {r["key"]: r for r in json.loads(cli(world, "caches", "list", "--format", "json").output)}
+    full, top3 = rows[world["full"].path.name], rows[world["top3"].path.name]
+    assert full["status"] == "unreadable" and full["problem"].startswith("manifest.json was changed after")
+    assert str(world["full"].path) not in full["problem"] and "\n" not in full["problem"]
+    assert (top3["status"], top3["problem"]) == ("missing shards", "shard-00000.parquet")
+    table = cli(world, "caches", "list").output.splitlines()
+    assert table[0].split()[-1] == "problem"
+    line = next(line for line in table if line.startswith(world["full"].path.name))
+    assert "unreadable" in line and "manifest.json was changed after" in line
+    verify = cli(world, "caches", "verify", world["full"].path.name).output
+    assert full["problem"] in verify  # the same words as verify's, which goes on to the fix
+
+
 def test_caches_show_statistics_agree_with_the_shards_and_the_probe(world):
     for result, k in ((world["full"], 10), (world["top3"], 3)):
         out = cli(world, "caches", "show", result.path.name[:5], "--json")

@@ -26,6 +26,7 @@ from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.dataset import Dataset
 from stages.errors import CacheError, DatasetError, TeacherError
 from stages.teacher import ExternalFile, inspect, teacher_identity
+from stages.trainer import Trainer
 from tests import teachers
 
 
@@ -297,9 +298,9 @@ def test_labels_column_makes_a_sequence_dataset_a_classification_task(tmp_path) 
         data=str(tmp_path / "seq.parquet"), alpha=0.0, out=str(tmp_path / "run"), student="transformer", epochs=1,
         export_onnx=False, cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
-    trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
+    trainer = Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
-    assert not trainer.token_level and trainer.num_outputs == 3
+    assert not trainer.token_level and trainer.inputs.num_outputs == 3
 
 
 def test_label_columns_that_cannot_be_used_are_refused_up_front(classifier_setup, tmp_path) -> None:

@@ -13,7 +13,17 @@ import torch
 from stages import export
 from stages.errors import ConfigError, PipelineError
 from stages.export import export_onnx
-from stages.students import StudentOutput, build_student, count_parameters, parse_student_spec
+from stages.students import (
+    SEQUENCE,
+    TOKEN,
+    VECTOR,
+    StudentOutput,
+    build_student,
+    check_family_fits,
+    count_parameters,
+    parse_student_spec,
+    student_kind,
+)
 
 B, F, S, V = 3, 40, 7, 50  # batch, features, sequence length, token vocabulary
 
@@ -138,6 +148,22 @@ def test_bad_specs_name_the_bad_value(spec, words):
         build_student(spec, num_outputs=2, input_dim=F, vocab_size=V)
     for word in words:
         assert word in str(info.value)
+
+
+def test_family_fit_is_checked_per_kind_of_student():
+    """Built-in families are held to the data they read; hf: models and your own builders decide for themselves."""
+    assert [student_kind(s) for s in ("mlp", "causal-lm:layers=1", "hf:data/hf students/mini", "pkg.mod:make")] == [
+        "mlp",
+        "causal-lm",
+        "hf",
+        "pkg.mod:make",
+    ]
+    for data in (VECTOR, SEQUENCE, TOKEN):
+        check_family_fits("hf:data/hf students/mini?task=causal-lm", data, ["input_ids"])  # not a module:function
+        check_family_fits("pkg.mod:make", data, ["x"])
+    check_family_fits("causal-lm", TOKEN, ["input_ids"])
+    with pytest.raises(ConfigError, match="student 'mlp' reads float vectors .* use causal-lm"):
+        check_family_fits("mlp", TOKEN, ["input_ids"])
 
 
 def test_options_dict_merges_with_spec_and_rejects_duplicates():

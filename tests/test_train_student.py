@@ -14,6 +14,7 @@ from pipeline.cli import main
 from stages import cache_format as fmt
 from stages import cache_teacher, run_dir, train_student
 from stages.config import CacheTeacherConfig, TrainStudentConfig
+from stages.trainer import Trainer
 from tests import teachers
 
 QUIET = {"progress": False, "log": lambda m: None}
@@ -177,7 +178,7 @@ def test_progressive_stages_move_the_right_parameters(classifier_setup, tmp_path
         stage_epochs=1,
         freeze_earlier=True,
     )
-    trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
+    trainer = Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
     assert trainer.hidden_map == [(0, "hidden"), (1, "hidden")]
 
@@ -247,11 +248,9 @@ def test_cross_entropy_only_lm_needs_no_cache(token_setup, tmp_path) -> None:
         and 0 <= scored["test_agreement"] <= 1
         and scored["test_kl"] > 0
     )
-    bare = train_student.Trainer(
-        TrainStudentConfig(**base, out=str(tmp_path / "bare")), progress=False, log=lambda m: None
-    )
+    bare = Trainer(TrainStudentConfig(**base, out=str(tmp_path / "bare")), progress=False, log=lambda m: None)
     bare.setup()
-    assert bare.token_level and bare.num_outputs == max(max(seq) for seq in token_setup["seqs"]) + 1
+    assert bare.token_level and bare.inputs.num_outputs == max(max(seq) for seq in token_setup["seqs"]) + 1
 
 
 def test_cosine_schedule_with_warmup(classifier_setup, tmp_path) -> None:
@@ -259,7 +258,7 @@ def test_cosine_schedule_with_warmup(classifier_setup, tmp_path) -> None:
     config = _config(
         classifier_setup, tmp_path / "cos", cache=[str(cache)], lr=0.01, lr_schedule="cosine", warmup_steps=3, epochs=3
     )
-    trainer = train_student.Trainer(config, progress=False, log=lambda m: None)
+    trainer = Trainer(config, progress=False, log=lambda m: None)
     trainer.setup()
     optimizer, schedule = trainer._optimizer(list(trainer.model.parameters()), config.epochs)
     steps = sum(trainer.train_loader.count_batches(epoch) for epoch in (1, 2, 3))  # the stage's epochs are 1..3

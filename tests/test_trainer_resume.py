@@ -20,8 +20,10 @@ from pipeline.catalog import Catalog
 from pipeline.cli import main
 from stages import cache_format as fmt
 from stages import cache_teacher, checkpoint, run_dir, train_student
+from stages import trainer as trainer_module
 from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.errors import ConfigError
+from stages.trainer import Trainer
 
 QUIET = {"progress": False, "log": lambda m: None}
 TIMING = {"seconds", "elapsed", "examples_per_s", "tokens_per_s", "train_seconds"}  # wall clock: never equal
@@ -94,7 +96,7 @@ def test_interrupted_runs_resume_to_identical_weights_and_metrics(classifier_set
     points = {  # where the first process stops: mid-epoch between checkpoints, after a checkpoint, at the end
         "step": (torch.optim.AdamW, "step", 7, True),
         "checkpoint": (checkpoint, "save", 3, False),
-        "eval": (train_student, "evaluate", 2, True),
+        "eval": (trainer_module, "evaluate", 2, True),
         "final metrics": (run_dir, "write_metrics", 1, True),
     }
     for name, (target, attr, call, before) in points.items():
@@ -132,20 +134,21 @@ def test_progressive_run_resumes_inside_a_hidden_stage_and_after_one(classifier_
 
 _CHILD = """
 import json, os, signal, sys
-from stages import checkpoint, train_student
+import torch
+from stages import checkpoint, train_outputs, train_student
 from stages.config import TrainStudentConfig
 point, count = sys.argv[2], int(sys.argv[3])
 calls = []
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 if point == "step":  # SIGKILL inside the optimizer step number `count`
-    original = train_student.torch.optim.AdamW.step
+    original = torch.optim.AdamW.step
     def step(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == count:
             die()
         return original(self, *args, **kwargs)
-    train_student.torch.optim.AdamW.step = step
+    torch.optim.AdamW.step = step
 elif point == "checkpoint":  # SIGKILL with checkpoint number `count` written to its temp name, not yet renamed
     original = checkpoint.os.replace
     def replace(src, dst):
@@ -155,7 +158,7 @@ elif point == "checkpoint":  # SIGKILL with checkpoint number `count` written to
         return original(src, dst)
     checkpoint.os.replace = replace
 elif point == "export":
-    train_student.export_onnx = die
+    train_outputs.export_onnx = die
 train_student.run(TrainStudentConfig(**json.loads(sys.argv[1])), progress=False, log=lambda m: None)
 """
 
@@ -265,6 +268,14 @@ def test_finished_runs_are_kept_and_resumes_must_match(classifier_setup, tmp_pat
     (out / run_dir.METRICS).unlink()  # now it reads as interrupted after its last epoch
     with pytest.raises(ConfigError, match=r"other options \(lr: 0.001 there, 0.01 now\).*--config"):
         train_student.run(_config(classifier_setup, out, cache, epochs=1, lr=0.01, export_onnx=False), **QUIET)
+    record = run_dir.read_config(out)
+    assert record["world_size"] == 1
+    run_dir.write_config(out, record | {"world_size": 2})  # as if torchrun had started it on 2 ranks
+    refused = CliRunner().invoke(main, ["train-student", "--resume", "--out", str(out), "--quiet"])
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "started on 2 rank(s) (global batch 64) and is being resumed on 1 (global batch 32)" in refused.output
+    assert "resume it on 2 (torchrun with 2 processes in all), or pass --overwrite" in refused.output
+    run_dir.write_config(out, record)
     resumed = CliRunner().invoke(main, ["train-student", "--resume", "--out", str(out), "--quiet"])
     assert resumed.exit_code == 0, resumed.output
     assert run_dir.status(out) == run_dir.COMPLETE
@@ -298,7 +309,7 @@ def test_grad_accum_matches_a_larger_batch_and_clipping_bounds_the_norm(classifi
 
 def test_bf16_runs_end_to_end_with_the_forward_in_bf16(classifier_setup, tmp_path) -> None:
     cache = _cache(classifier_setup, top_k=4)
-    trainer = train_student.Trainer(
+    trainer = Trainer(
         _config(classifier_setup, tmp_path / "bf16", cache, precision="bf16", epochs=2, export_onnx=True), **QUIET
     )
     dtypes = set()
@@ -339,13 +350,13 @@ def test_token_run_logs_tokens_per_second_and_bars_count_exact_steps(token_setup
     cache = _cache(token_setup, top_k=8)
     bars = []
 
-    class Bar(train_student.tqdm):
+    class Bar(trainer_module.tqdm):
         def close(self) -> None:
             if not self.disable:  # tqdm closes itself again on deletion, disabled by then
                 bars.append((self.desc, self.total, self.n))
             super().close()
 
-    monkeypatch.setattr(train_student, "tqdm", Bar)
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
     config = TrainStudentConfig(
         data=str(token_setup["data"]),
         cache=[str(cache)],
