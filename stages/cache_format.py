@@ -67,7 +67,7 @@ from stages.manifest_checks import manifest_problem
 from stages.storage import ObjectPath
 
 FORMAT_VERSION = 1  # hashed into every key: fixed, so caches keep their keys as formats are added
-READ_VERSIONS = (1, 2)  # manifest format_versions this reader knows: 2 = the fp16 and int8 encodings
+READ_VERSIONS = (1, 2, 3)  # manifest format_versions this reader knows: 2 = fp16 and int8, 3 = top-p lists
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 JOURNAL = "progress.jsonl"

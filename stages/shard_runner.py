@@ -3,6 +3,8 @@ and assemble the shard's Arrow table with one row per position, in dataset order
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -13,7 +15,7 @@ from stages import targets
 from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
-from stages.formats import by_id, fixed_list, get_format
+from stages.formats import by_id, config_format, fixed_list
 from stages.teacher import CLASSIFIER, Teacher
 
 # Post-processing works on row blocks of the logits so its memory does not grow with batch x V.
@@ -39,7 +41,7 @@ class ShardRunner:
         }
         names = teacher.input_names
         self.columns = [ID_COLUMN] + [n for n in names if n in dataset.columns]
-        self.format = get_format(config.target_format, config.encoding)
+        self.format = config_format(config)
         self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, self.format)
 
     def run(self, start: int, stop: int, bar: tqdm) -> tuple[pa.Table, dict | None]:
@@ -217,7 +219,10 @@ class ShardRunner:
         if bad.any():
             raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
         if not sampled:
-            tail = targets.tail_mass(logp, self.num_classes)
+            top_ids, logp, valid = self._top_p(top_ids, logp)
+            if valid is not None:
+                result["kept"] = valid.sum(-1).numpy()
+            tail = targets.tail_mass(logp, self.num_classes, valid)
             result |= {
                 "ids": top_ids.to(torch.int32).numpy(),
                 "logp": logp.numpy(),
@@ -225,6 +230,15 @@ class ShardRunner:
                 "tail": tail.numpy(),
             }
         return result
+
+    def _top_p(self, ids: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A top-p cache's prefix of each position's top-k: (ids, logp, valid [N, k] bool), the slots after the
+        prefix made padding (id 0, log-prob -inf); a fixed-k cache's top-k unchanged, with valid None."""
+        if not self.format.ragged:
+            return ids, logp, None
+        kept = targets.top_p_lengths(logp, self.config.top_p, self.config.min_k)
+        valid = torch.arange(ids.shape[-1]) < kept.unsqueeze(-1)
+        return ids.masked_fill(~valid, 0), logp.masked_fill(~valid, -math.inf), valid
 
     def _uniforms(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """One uniform per draw, keyed by (global row, position): independent of batching and resume."""
@@ -247,9 +261,15 @@ class ShardRunner:
         for at, z in _dense_blocks(flat, rows):
             top_ids, logp, _ = targets.topk_log_probs(z, k, T)
             if drawn is None:
-                tail = targets.tail_mass(logp, self.num_classes)
-                self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp).tolist()
-                self._probe_encoding(top_ids.to(torch.int32).numpy(), logp.numpy(), tail.numpy())
+                top_ids, logp, valid = self._top_p(top_ids, logp)  # what the cache keeps
+                tail = targets.tail_mass(logp, self.num_classes, valid)
+                self.probe_stats["kl"] += targets.cache_fidelity_kl(z, T, top_ids, logp, valid).tolist()
+                self._probe_encoding(
+                    top_ids.to(torch.int32).numpy(),
+                    logp.numpy(),
+                    tail.numpy(),
+                    None if valid is None else valid.numpy(),
+                )
             else:
                 covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
                 tail = 1 - covered.sum(-1).float()
@@ -258,14 +278,16 @@ class ShardRunner:
             self.probe_stats["tail"] += tail.tolist()
         self.probe_left -= len(rows)
 
-    def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray) -> None:
+    def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray, valid: np.ndarray | None) -> None:
         """What the encoding loses: KL from the exact top-k + tail to the decoded top-k + the same (exact) tail,
         and the largest |delta log p| over the ids the teacher gives any probability (matched by id: an encoding
-        may order ids of equal decoded probability otherwise)."""
-        decoded_ids, decoded = self.format.unpack(self.format.pack(ids, logp), tail)
+        may order ids of equal decoded probability otherwise; a top-p cache's padding, id 0 at -inf, sorts after
+        a kept id 0 in both)."""
+        decoded_ids, decoded = self.format.unpack(self.format.pack(ids, logp, valid), tail, valid)
         exact, decoded = by_id(ids, logp), by_id(decoded_ids, decoded)
         p = np.exp(exact)
-        diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
+        with np.errstate(invalid="ignore"):  # -inf - -inf at padding: NaN, dropped by the where
+            diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
         self.probe_stats["enc_kl"] += (p * diff).sum(1).tolist()
         self.probe_stats["enc_dlogp"] += np.abs(diff).max(1, initial=0.0).tolist()
 
