@@ -84,6 +84,25 @@ def test_tail_mass_with_padding_is_the_mass_outside_the_kept_ids(n: int, v: int,
     assert torch.isfinite(leaf.grad).all() and (leaf.grad[~valid] == 0).all()
 
 
+def test_the_reconstructed_distribution_of_a_padded_row_is_that_of_its_kept_ids() -> None:
+    """What the fidelity probe compares against: row by row, the kept ids exact and the tail spread uniformly
+    over the V - kept others, whatever id the padding holds."""
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(size=(5, 9)) * 2).float()
+    ids, logp, _ = targets.topk_log_probs(logits, 9, 1.0)
+    kept = torch.tensor([1, 3, 9, 5, 2])
+    valid = torch.arange(9) < kept[:, None]
+    dense = targets.reconstruct_log_probs(ids.masked_fill(~valid, 0), logp.masked_fill(~valid, -math.inf), 9, valid)
+    kl = targets.cache_fidelity_kl(logits, 1.0, ids.masked_fill(~valid, 0), logp.masked_fill(~valid, -math.inf), valid)
+    for r, c in enumerate(kept.tolist()):
+        own = targets.reconstruct_log_probs(ids[r : r + 1, :c], logp[r : r + 1, :c], 9)
+        torch.testing.assert_close(dense[r : r + 1], own)
+        torch.testing.assert_close(
+            kl[r : r + 1], targets.cache_fidelity_kl(logits[r : r + 1], 1.0, ids[r : r + 1, :c], logp[r : r + 1, :c])
+        )
+    assert kl[2] == 0  # every id kept
+
+
 # ---- every encoding on ragged lists -------------------------------------------------------------------------
 @FAST
 @given(st.integers(1, 30), st.integers(1, 48), st.floats(0.05, 30.0), st.integers(0, 2**31))
@@ -309,6 +328,11 @@ def test_top_p_caches_hold_the_fixed_caches_rows_truncated(top_p_caches: dict) -
         # A loader prefix keeps min(top_k, kept) ids per position.
         _, logp4, valid4 = _loaded(cache, data, top_k=4)
         np.testing.assert_array_equal(valid4, truncated[:, :4])
+    # The fidelity probe measures what the top-p cache keeps: it loses more than the full top-16 does.
+    probes = {n: c.manifest["fidelity"] for n, c in caches.items()}
+    assert probes["fp32"]["kl_mean"] > probes["fixed"]["kl_mean"] > 0
+    assert probes["fp32"]["tail_mass_mean"] > probes["fixed"]["tail_mass_mean"]
+    assert probes["fp32"]["encoding_kl_mean"] == 0 and 0 < probes["int8"]["encoding_kl_mean"] < 1e-3
     # The fp32 top-p cache is smaller than the fixed one, int8 smaller still.
     sizes = {n: c.manifest["bytes_per_position"] for n, c in caches.items()}
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"] < sizes["fixed"]
