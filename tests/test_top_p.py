@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from torch import Tensor
 
 from pipeline.cli import main
-from stages import targets
+from stages import cache_teacher, targets, train_student
 from stages.cache_format import MANIFEST_CHECKSUM, open_cache, write_manifest
+from stages.config import CacheTeacherConfig, TrainStudentConfig
 from stages.dataset import Dataset
 from stages.errors import CacheError, ConfigError
 from stages.formats import ENCODINGS, INT8_LEVELS, TOP_P_ENCODINGS, by_id
@@ -468,3 +469,21 @@ def test_min_k_above_the_automatic_top_k_is_refused(classifier_setup: dict) -> N
     ]
     got = CliRunner().invoke(main, [*args, "--top-p", "0.5", "--min-k", "12"])
     assert got.exit_code == 1 and "min_k 12 is more than the 10 ids --top-k 0 chose" in got.output, got.output
+
+
+def test_a_classifier_trains_on_a_top_p_cache_alone_and_as_an_ensemble_of_itself(classifier_setup: dict) -> None:
+    """Vector batches carry the mask too: KD on the cache equals the ensemble of the cache with itself."""
+    s = classifier_setup
+    config = CacheTeacherConfig(
+        teacher=str(s["teacher"]), data=str(s["data"]), cache_dir=str(s["cache_dir"]), top_p=0.6, min_k=2
+    )
+    cache = open_cache(cache_teacher.run(config, progress=False, log=lambda m: None).path)
+    kept = pa.concat_tables(cache.iter_tables(["topk_ids"])).column(0).to_pylist()
+    assert cache.top_k == 10 and min(map(len, kept)) == 2 and max(map(len, kept)) > 2
+    base = dict(data=str(s["data"]), cache_dir=str(s["cache_dir"]), student="mlp", epochs=1, export_onnx=False)
+    quiet = {"progress": False, "log": lambda m: None}
+    alone = train_student.run(TrainStudentConfig(out=str(s["cache_dir"] / "kd"), cache=[cache.key], **base), **quiet)
+    pair = TrainStudentConfig(out=str(s["cache_dir"] / "ens"), cache=[cache.key] * 2, method="ensemble", **base)
+    both = train_student.run(pair, **quiet)
+    assert np.isfinite(alone["train_kd"]) and alone["train_kd"] > 0
+    assert both["train_kd"] == pytest.approx(alone["train_kd"], rel=1e-6)
