@@ -32,6 +32,7 @@ __all__ = [
     "FORMATS",
     "INT8_LEVELS",
     "Sampled",
+    "TOP_P_ENCODINGS",
     "TargetFormat",
     "TopK",
     "TopKFp16",

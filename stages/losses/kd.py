@@ -53,7 +53,7 @@ class KDLoss(SoftTargetLoss):
         log_partition = None  # the top-k-only KL never sums over the full vocabulary
         ids, valid = teacher.listed_ids(), teacher.slots()
         if self.renormalize:
-            # Padding slots (top-p caches) are out of the student's renormalised top-k as of the teacher's.
+            # Padding slots (top-p caches) leave the student's renormalised top-k, as they leave the teacher's.
             log_q = (x.gather(-1, ids) / self.temperature).masked_fill(~valid, -math.inf).log_softmax(dim=-1)
             kd = top_kl(log_p.log_softmax(dim=-1), log_q)
         else:
