@@ -99,6 +99,12 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
     help="Top-k ids and log-probs on disk: fp32 (exact), fp16 (~2e-6 KD-loss change), int8 (1-byte codes, ~2e-4).",
 )
 @_cache_option(
+    "--top-p",
+    type=float,
+    help="Keep per position the fewest top ids whose probability reaches P (--top-k the most); 1: off.",
+)
+@_cache_option("--min-k", type=int, help="With --top-p: the fewest ids a position keeps.")
+@_cache_option(
     "--num-workers", type=int, help="Launcher-free: independent jobs that split the shards (not under torchrun)."
 )
 @_cache_option("--worker-index", type=int, help="Launcher-free: this job's index, 0 .. num-workers - 1.")

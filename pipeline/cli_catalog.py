@@ -144,6 +144,7 @@ def _stats_lines(stats: dict) -> list[str]:
     names = {
         "tail_mass": "tail mass",
         "top1_prob": "top-1 probability",
+        "kept_ids": "ids kept (top-p)",
         "entropy_lower": "entropy >= (bound, nats)",
         "entropy_upper": "entropy <= (bound, nats)",
         "distinct_ids": "distinct ids drawn",

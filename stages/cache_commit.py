@@ -25,7 +25,7 @@ from stages import storage
 from stages.config import CacheTeacherConfig, load_config, to_dict
 from stages.dataset import FINGERPRINT_OF, ID_COLUMN, Dataset
 from stages.errors import CacheError
-from stages.formats import get_format
+from stages.formats import config_format
 from stages.storage import ObjectPath
 from stages.teacher import TeacherInfo, inspect
 
@@ -157,7 +157,7 @@ def _manifest(config, dataset, info: TeacherInfo, request, done, learnt, run) ->
         w = workers.setdefault(e.get("worker", 0), {"worker": e.get("worker", 0), "providers": set(), "shards": 0})
         w["providers"].add(e["provider"])
         w["shards"] += 1
-    target_format = get_format(config.target_format, config.encoding)
+    target_format = config_format(config)
     return {
         "format_version": target_format.format_version,
         "key": fmt.cache_key(request),

@@ -37,6 +37,8 @@ list<int16> (how often each was drawn; they sum to ``samples``).
 
 Top-k caches in the fp16 or int8 encoding (manifest ``encoding``, ``format_version`` 2) store ids and log-probs
 in the columns of their class in ``stages.formats.topk``; every reader decodes them back to the layout above.
+Top-p caches (manifest ``top_p`` and ``min_k``, ``format_version`` 3, any encoding) hold min_k..top_k values per
+position in those list columns: each position's smallest prefix of its top-k reaching probability top_p.
 
 Encodings: zstd; dictionary encoding only for ``id``; float16 is written PLAIN (DuckDB cannot read
 float16 written with BYTE_STREAM_SPLIT).
@@ -79,7 +81,7 @@ from stages.manifest_checks import manifest_problem
 from stages.storage import ObjectPath
 
 FORMAT_VERSION = 1  # hashed into every key: fixed, so caches keep their keys as formats are added
-READ_VERSIONS = (1, 2)  # manifest format_versions this reader knows: 2 = the fp16 and int8 encodings
+READ_VERSIONS = (1, 2, 3)  # manifest format_versions this reader knows: 2 = fp16 and int8, 3 = top-p lists
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest_sha256"  # absent from caches written before checksums (see open_cache)
 REQUEST = "request.json"

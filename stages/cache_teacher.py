@@ -29,7 +29,7 @@ from stages.config import CacheTeacherConfig, to_dict
 from stages.dataset import Dataset
 from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
 from stages.export_teacher import read_card
-from stages.formats import get_format
+from stages.formats import config_format, get_format
 from stages.shard_runner import ShardRunner
 from stages.storage import ObjectPath
 from stages.teacher import CLASSIFIER, CUDA_PROVIDER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
@@ -40,7 +40,7 @@ _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown
 
 def request_for(info: TeacherInfo, fingerprint: str, config: CacheTeacherConfig) -> dict:
     """Everything that determines the cached content, and nothing that does not (batch size, device, threads)."""
-    target_format = get_format(config.target_format, config.encoding)
+    target_format = config_format(config)
     request = {
         "target_format": target_format.name,
         "teacher_sha256": info.sha256,
@@ -89,6 +89,11 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
     del model
     if config.top_k == 0:  # auto: every class of a small classifier (exact), else a 32-wide top-k
         config = dataclasses.replace(config, top_k=min(info.num_classes or _AUTO_K, _AUTO_K))
+        if config.min_k > config.top_k:  # config.problems() compared min_k with an explicit top_k only
+            raise ConfigError(
+                f"min_k {config.min_k} is more than the {config.top_k} ids --top-k 0 chose for this teacher; "
+                f"give --top-k >= {config.min_k} or a smaller --min-k"
+            )
     missing = [
         i.name
         for i in info.inputs

@@ -61,6 +61,10 @@ class CacheTeacherConfig:
     # top-k log-probs on disk: fp32 exact; fp16 (|error| <= 2^-11 |log p|); int8 (8-bit codes, the top-k rescaled to
     # 1 - tail_mass, the tail exact). fp32 stays the default: exact, and the key of every existing cache.
     encoding: str = "fp32"
+    # top-p: keep per position the smallest prefix of the top-k whose probability reaches top_p, at least min_k
+    # and at most top_k ids (ragged lists; the tail mass stays exact). 1.0: off, exactly top_k ids as before.
+    top_p: float = 1.0
+    min_k: int = 1  # top-p: the fewest ids a position keeps
     num_workers: int = 1  # launcher-free jobs (SLURM array, Kubernetes) that split the shards; torchrun sets its own
     worker_index: int = 0  # this launcher-free job's index in [0, num_workers): it writes shards s with s % W == I
     dist_timeout: float = DIST_TIMEOUT  # torchrun: seconds a rank waits for the others before the job fails
@@ -102,6 +106,16 @@ class CacheTeacherConfig:
             out.append(f"encoding: {self.encoding!r} must be one of {tuple(ENCODINGS)}")
         elif drawn and self.encoding != "fp32":
             out.append(f"encoding: {self.encoding} applies to top-k log-probs; sampled targets store counts")
+        if not 0 < self.top_p <= 1:  # also rejects NaN
+            out.append(f"top_p: {self.top_p} must be in (0, 1] (the probability each position's kept ids reach)")
+        elif self.top_p < 1 and drawn:
+            out.append("top_p: applies to top-k targets; sampled targets keep every distinct id drawn")
+        if self.min_k < 1:
+            out.append(f"min_k: {self.min_k} must be >= 1 (every position keeps at least its top-1)")
+        elif self.top_k > 0 and self.min_k > self.top_k:
+            out.append(f"min_k: {self.min_k} must be <= top_k {self.top_k} (top_k is the most ids a position keeps)")
+        if self.min_k != 1 and self.top_p == 1:
+            out.append(f"min_k: {self.min_k} applies with top_p < 1; without --top-p every position keeps top_k ids")
         if drawn and self.postprocess == "graph":
             out.append("postprocess: graph computes top-k only; sampled targets need --postprocess host")
         if len(set(self.hidden)) != len(self.hidden):

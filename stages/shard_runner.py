@@ -3,6 +3,8 @@ and assemble the shard's Arrow table with one row per position, in dataset order
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -13,7 +15,7 @@ from stages import targets
 from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
-from stages.formats import by_id, fixed_list, get_format
+from stages.formats import by_id, config_format, fixed_list
 from stages.teacher import CLASSIFIER, Teacher
 
 # Sampled draws (and logits that are not float32, for the kernel) copy their rows in blocks, so memory does not
@@ -37,7 +39,7 @@ class ShardRunner:
         }
         names = teacher.input_names
         self.columns = [ID_COLUMN] + [n for n in names if n in dataset.columns]
-        self.format = get_format(config.target_format, config.encoding)
+        self.format = config_format(config)
         self.schema = fmt.shard_schema(dataset.schema.field(ID_COLUMN).type, teacher.info.hidden, self.format)
 
     def run(self, start: int, stop: int, bar: tqdm) -> tuple[pa.Table, dict | None]:
@@ -180,6 +182,7 @@ class ShardRunner:
         )
         if flat is not None and self.num_classes is None:
             self.num_classes = flat.shape[-1]
+        drawn = counts = None
         if sampled:
             uniforms = torch.from_numpy(self._uniforms(idx, mask))
             draws = [targets.sample_counts(z, temperature, uniforms[at]) for at, z in _dense_blocks(flat, real)]
@@ -200,15 +203,28 @@ class ShardRunner:
             # One read of each real position's logits (topk_kernel): padding rows are skipped, nothing is copied.
             top_ids, logp, logz = _kernel_topk(flat, real, k, temperature)
         # numpy from here: torch's thread pool costs more than these [positions, k] sums (measured 30 ms a call).
-        tail = targets.tail_mass_array(logp, self.num_classes)
+        full_k = top_ids, logp  # the probe measures the top-k as computed, then what the cache keeps of it
+        top_ids, logp, valid = self._top_p(top_ids, logp)
+        tail = targets.tail_mass_array(logp, self.num_classes, valid)
         if self.probe_left > 0:
-            self._probe(flat, real[: self.probe_left], top_ids, logp, logz, tail, *((drawn, counts) if sampled else ()))
-        bad = ~np.isfinite(logz) | np.isnan(logp).any(-1)
+            self._probe(flat, real[: self.probe_left], *full_k, top_ids, logp, valid, tail, drawn, counts)
+        bad = ~np.isfinite(logz) | np.isnan(full_k[1]).any(-1)
         if bad.any():
             raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
         if not sampled:
+            if valid is not None:
+                result["kept"] = valid.sum(-1)
             result |= {"ids": top_ids.astype(np.int32), "logp": logp, "logz": logz, "tail": tail}
         return result
+
+    def _top_p(self, ids: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """A top-p cache's prefix of each position's top-k: (ids, logp, valid [N, k] bool), the slots after the
+        prefix made padding (id 0, log-prob -inf); a fixed-k cache's top-k unchanged, with valid None."""
+        if self.format.drawn or not self.format.ragged:  # sampled formats have no prefix to cut
+            return ids, logp, None
+        kept = targets.top_p_lengths(torch.from_numpy(logp), self.config.top_p, self.config.min_k).numpy()
+        valid = np.arange(ids.shape[-1]) < kept[:, None]
+        return np.where(valid, ids, 0), np.where(valid, logp, -math.inf).astype(np.float32), valid
 
     def _uniforms(self, idx: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         """One uniform per draw, keyed by (global row, position): independent of batching and resume."""
@@ -220,39 +236,43 @@ class ShardRunner:
             keys = (np.repeat(rows, mask.sum(1)).astype(np.uint64) << np.uint64(24)) + position[mask].astype(np.uint64)
         return targets.hashed_uniforms(keys, self.config.samples, self.config.sample_seed)
 
-    def _probe(self, flat: torch.Tensor, rows: torch.Tensor, ids, logp, logz, tail, drawn=None, counts=None) -> None:
+    def _probe(self, flat: torch.Tensor, rows: torch.Tensor, top_ids, top_logp, ids, logp, valid, tail, drawn, counts):
         """Dense statistics on the first positions: what the cache loses (KL), entropy, confidence.
 
-        ``ids``, ``logp``, ``logz``, ``tail``: the batch's top-k arrays for its real positions, whose first
-        ``len(rows)`` these are.
-        With sampled targets (``drawn``, ``counts`` of these rows; ``ids`` their top-1) the tail is the teacher's
-        mass outside the distinct ids drawn, and there is no KL.
+        The batch's arrays for its real positions, whose first ``len(rows)`` these are: ``top_ids``/``top_logp``
+        the top-k as computed; ``ids``, ``logp``, ``valid``, ``tail`` what the cache keeps of it (a top-p cache's
+        prefix, padded). With sampled targets (``drawn``, ``counts`` of these rows; the top-k is their top-1)
+        the tail is the teacher's mass outside the distinct ids drawn, and there is no KL.
         """
         T, n = float(self.config.temperature), len(rows)
-        ids, logp, logz, tail = ids[:n], logp[:n], logz[:n], tail[:n]
+        ids, logp, tail, top_logp = ids[:n], logp[:n], tail[:n], top_logp[:n]
+        valid = None if valid is None else valid[:n]
         if drawn is None:
-            entropy, kl = _kernel_statistics(flat, rows, T, ids, tail)
+            kept = None if valid is None else valid.sum(-1)
+            entropy, kl = _kernel_statistics(flat, rows, T, top_ids[:n], tail, kept)
             self.probe_stats["kl"] += kl.tolist()
             self.probe_stats["entropy"] += entropy.tolist()
-            self._probe_encoding(ids.astype(np.int32), logp, tail)
+            self._probe_encoding(ids.astype(np.int32), logp, tail, valid)
         else:
             for at, z in _dense_blocks(flat, rows):
                 covered = torch.log_softmax(z.double() / T, -1).gather(1, drawn[at]).exp() * (counts[at] > 0)
                 self.probe_stats["tail"] += (1 - covered.sum(-1).float()).tolist()
                 self.probe_stats["entropy"] += targets.entropy(z, T).tolist()
-        self.probe_stats["top1"] += np.exp(logp[:, 0]).tolist()
+        self.probe_stats["top1"] += np.exp(top_logp[:, 0]).tolist()
         if drawn is None:
             self.probe_stats["tail"] += tail.tolist()
         self.probe_left -= n
 
-    def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray) -> None:
+    def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray, valid: np.ndarray | None) -> None:
         """What the encoding loses: KL from the exact top-k + tail to the decoded top-k + the same (exact) tail,
         and the largest |delta log p| over the ids the teacher gives any probability (matched by id: an encoding
-        may order ids of equal decoded probability otherwise)."""
-        decoded_ids, decoded = self.format.unpack(self.format.pack(ids, logp), tail)
+        may order ids of equal decoded probability otherwise; a top-p cache's padding, id 0 at -inf, sorts after
+        a kept id 0 in both)."""
+        decoded_ids, decoded = self.format.unpack(self.format.pack(ids, logp, valid), tail, valid)
         exact, decoded = by_id(ids, logp), by_id(decoded_ids, decoded)
         p = np.exp(exact)
-        diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
+        with np.errstate(invalid="ignore"):  # -inf - -inf at padding: NaN, dropped by the where
+            diff = np.where(p > 0, exact - decoded, 0.0)  # an id of probability 0 adds nothing to the KL
         self.probe_stats["enc_kl"] += (p * diff).sum(1).tolist()
         self.probe_stats["enc_dlogp"] += np.abs(diff).max(1, initial=0.0).tolist()
 
@@ -351,12 +371,12 @@ def _kernel_topk(flat: torch.Tensor, rows: torch.Tensor, k: int, temperature: fl
     return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
 
 
-def _kernel_statistics(flat: torch.Tensor, rows: torch.Tensor, temperature: float, ids, tail):
+def _kernel_statistics(flat: torch.Tensor, rows: torch.Tensor, temperature: float, ids, tail, kept):
     """topk_kernel.dense_statistics (entropy, KL) of the given rows, whatever the logits' float dtype."""
     from stages import topk_kernel
 
     parts = [
-        topk_kernel.dense_statistics(z, at_rows, temperature, ids[at], tail[at])
+        topk_kernel.dense_statistics(z, at_rows, temperature, ids[at], tail[at], None if kept is None else kept[at])
         for at, z, at_rows in _float32_blocks(flat, rows)
     ]
     return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]

@@ -1,4 +1,4 @@
-"""Pure math of soft targets: temperature, top-k, log-partition, tail mass, fidelity.
+"""Pure math of soft targets: temperature, top-k, top-p lengths, log-partition, tail mass, fidelity.
 
 Everything here works on plain tensors and touches no files, so it is tested alone (tests/test_targets.py).
 
@@ -12,6 +12,8 @@ which is what re-tempering at another T needs.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ def topk_log_probs(logits: Tensor, k: int, temperature: float, in_place: bool = 
     return ids, logp, logz
 
 
-def tail_mass(logp: Tensor, vocab_size: int) -> Tensor:
+def tail_mass(logp: Tensor, vocab_size: int, valid: Tensor | None = None) -> Tensor:
     """Probability mass outside the cached ids: ``1 - sum exp(logp)``, in [0, 1].
 
     Computed as ``-expm1(logsumexp(logp))`` so a tiny tail keeps its relative precision. When the cache
@@ -55,27 +57,49 @@ def tail_mass(logp: Tensor, vocab_size: int) -> Tensor:
 
     Args:
         logp: [..., k] full-vocabulary log-probabilities.
+        valid: [..., k] bool, the slots that hold an id (a top-p cache keeps a prefix per position; the other
+            slots are padding and count as probability 0), or None for all of them.
     Returns:
         [...] in the dtype of ``logp`` upcast to at least float32 (float64 stays float64, for gradcheck).
     """
     dtype = torch.promote_types(logp.dtype, torch.float32)
-    if logp.shape[-1] >= vocab_size:
-        return torch.zeros(logp.shape[:-1], dtype=dtype, device=logp.device)
-    return (-torch.expm1(torch.logsumexp(logp.to(dtype), dim=-1))).clamp(0.0, 1.0)
+    if valid is None:
+        if logp.shape[-1] >= vocab_size:
+            return torch.zeros(logp.shape[:-1], dtype=dtype, device=logp.device)
+        return (-torch.expm1(torch.logsumexp(logp.to(dtype), dim=-1))).clamp(0.0, 1.0)
+    # exp(-inf) = 0: the padding adds nothing to the sum, so the tail stays exact row by row.
+    tail = (-torch.expm1(torch.logsumexp(logp.to(dtype).masked_fill(~valid, -math.inf), dim=-1))).clamp(0.0, 1.0)
+    return tail.masked_fill(valid.sum(dim=-1) >= vocab_size, 0.0)
 
 
-def tail_mass_array(logp: np.ndarray, vocab_size: int) -> np.ndarray:
-    """``tail_mass`` for the cache writer's numpy arrays: the same formula, in float64, returned as float32.
+def top_p_lengths(logp: Tensor, p: float, min_k: int) -> Tensor:
+    """How many of each row's ids a top-p cache keeps: the smallest prefix whose probability reaches ``p``,
+    at least ``min_k`` and at most all k of them (a top-k whose whole mass is below ``p`` is kept whole).
 
-    logp [N, k] -> [N]. NaN rows give NaN (the writer reports them).
+    Args:
+        logp: [N, k] full-vocabulary log-probabilities by descending probability; p in (0, 1]; 1 <= min_k <= k.
+    Returns:
+        [N] int64 in [min_k, k].
     """
-    if logp.shape[-1] >= vocab_size:
-        return np.zeros(logp.shape[:-1], np.float32)
+    # float64: a float32 running sum drifts by ~k ulps, which would move prefixes whose mass is near p.
+    cumulative = logp.double().exp().cumsum(dim=-1)
+    # The sums are non-decreasing, so the prefixes below p are the first ones; one more id reaches p.
+    return ((cumulative < p).sum(dim=-1) + 1).clamp(min_k, logp.shape[-1])
+
+
+def tail_mass_array(logp: np.ndarray, vocab_size: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """``tail_mass`` for the cache writer's numpy arrays: the same formula and ``valid`` mask, in float64,
+    returned as float32. logp [N, k] -> [N]. NaN rows give NaN (the writer reports them).
+    """
+    kept = np.full(logp.shape[:-1], logp.shape[-1]) if valid is None else valid.sum(-1)
     x = logp.astype(np.float64)
-    top = x.max(axis=-1, keepdims=True) if x.shape[-1] else np.zeros(x.shape[:-1] + (1,))
+    if valid is not None:
+        x = np.where(valid, x, -np.inf)  # padding adds probability 0
+    top = x.max(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", over="ignore"):
         lse = top[..., 0] + np.log(np.exp(x - top).sum(axis=-1))
-    return np.clip(-np.expm1(lse), 0.0, 1.0).astype(np.float32)
+    tail = np.clip(-np.expm1(lse), 0.0, 1.0)
+    return np.where(kept >= vocab_size, 0.0, tail).astype(np.float32)  # every id cached: 0, not a rounding residue
 
 
 def entropy(logits: Tensor, temperature: float) -> Tensor:
@@ -84,36 +108,40 @@ def entropy(logits: Tensor, temperature: float) -> Tensor:
     return -logq.exp().mul_(logq).sum(dim=-1)  # in place: two [N, V] temporaries at a time
 
 
-def reconstruct_log_probs(ids: Tensor, logp: Tensor, vocab_size: int) -> Tensor:
+def reconstruct_log_probs(ids: Tensor, logp: Tensor, vocab_size: int, valid: Tensor | None = None) -> Tensor:
     """The dense distribution a cache entry stands for: top-k exact, tail spread uniformly.
 
     Args:
         ids: [N, k] int64; logp: [N, k] full-vocabulary log-probabilities.
+        valid: [N, k] bool, the slots that hold an id (a top-p cache's prefix), or None for all.
     Returns:
         [N, V] float32 log-probabilities (each row sums to 1). With k == V it equals the teacher's exactly.
     """
     logp = logp.float()
     n, k = logp.shape
-    tau = tail_mass(logp, vocab_size)
-    if k < vocab_size:
-        fill = torch.log(tau / (vocab_size - k)).unsqueeze(-1)
-    else:
-        fill = torch.full((n, 1), float("-inf"))
-    dense = fill.expand(n, vocab_size).clone()
+    tau = tail_mass(logp, vocab_size, valid)
+    kept = torch.full((n,), k) if valid is None else valid.sum(-1)
+    # log(0) = -inf where no id is uncached (and the tail is 0 by definition).
+    fill = torch.log(tau / (vocab_size - kept).clamp(min=1)).masked_fill(kept >= vocab_size, -math.inf)
+    dense = fill.unsqueeze(-1).expand(n, vocab_size).clone()
+    if valid is not None:  # a padding slot writes its position's top-1 again instead of id 0
+        ids, logp = torch.where(valid, ids, ids[:, :1]), torch.where(valid, logp, logp[:, :1])
     dense.scatter_(1, ids.long(), logp)
     return dense
 
 
-def cache_fidelity_kl(logits: Tensor, temperature: float, ids: Tensor, logp: Tensor) -> Tensor:
+def cache_fidelity_kl(
+    logits: Tensor, temperature: float, ids: Tensor, logp: Tensor, valid: Tensor | None = None
+) -> Tensor:
     """KL(teacher dense at T || distribution reconstructed from the cache), per position, in nats.
 
     This is the information the cache loses: 0 when k == V, small when the tail is small.
-    logits [N, V] -> [N].
+    logits [N, V] -> [N]; ``valid`` as in ``reconstruct_log_probs``.
     """
     vocab_size = logits.shape[-1]
     log_teacher = _log_softmax(logits, temperature)
     # p * (log_teacher - log_cached), in place so that two [N, V] temporaries live at a time, not six.
-    terms = reconstruct_log_probs(ids, logp, vocab_size).neg_().add_(log_teacher)
+    terms = reconstruct_log_probs(ids, logp, vocab_size, valid).neg_().add_(log_teacher)
     p = log_teacher.exp_()
     # Where the teacher gives an id zero mass the term is 0 whatever the cache says; xlogy-style guard.
     return terms.mul_(p).masked_fill_(~(p > 0), 0.0).sum(dim=-1).clamp_min(0.0)

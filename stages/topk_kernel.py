@@ -207,14 +207,14 @@ def _topk_rows(z, rows, k, scale, ids, vals, maxes, sums):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def _plogp_rows(z, rows, scale, ids, out):
-    """For each row, with log2 p = (z - max) * scale - log2(sum of 2^((z - max) * scale)) (ids[i, 0] is the
-    largest logit, ids[i, -1] the k-th): out[i] = (sum of p log2 p over the vocabulary, the same over the ids not
-    in ``ids``, their total p). The normaliser is summed again here, in float64: recovering it from the stored
-    float32 logZ would shift every log p by logZ's rounding (~4e-6 at logZ ~ 40)."""
-    k = ids.shape[1]
+def _plogp_rows(z, rows, scale, ids, kept, out):
+    """For each row, with log2 p = (z - max) * scale - log2(sum of 2^((z - max) * scale)) and the cache keeping
+    the first kept[i] of ``ids`` (ids[i, 0] the largest logit): out[i] = (sum of p log2 p over the vocabulary,
+    the same over the ids not kept, their total p). The normaliser is summed again here, in float64: recovering
+    it from the stored float32 logZ would shift every log p by logZ's rounding (~4e-6 at logZ ~ 40)."""
     for i in range(rows.shape[0]):
         row = z[rows[i]]
+        k = kept[i]
         m, kth = row[ids[i, 0]], row[ids[i, k - 1]]
         c = np.float32(math.log2(_sum_exp2(row, m, scale)))
         total, tail, tail_p, ties = _tail_terms(row, m, scale, c, kth)
@@ -274,7 +274,12 @@ def topk_log_probs(logits: np.ndarray, rows: np.ndarray, k: int, temperature: fl
 
 
 def dense_statistics(
-    logits: np.ndarray, rows: np.ndarray, temperature: float, ids: np.ndarray, tail: np.ndarray
+    logits: np.ndarray,
+    rows: np.ndarray,
+    temperature: float,
+    ids: np.ndarray,
+    tail: np.ndarray,
+    kept: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The fidelity probe's entropy and KL of the given rows, as ``stages.targets.entropy`` and
     ``cache_fidelity_kl`` define them, from one more read of each row.
@@ -286,19 +291,21 @@ def dense_statistics(
 
     Args:
         ids [n, k], tail [n]: the top-k ``topk_log_probs`` gave for these rows, and their stored tail mass.
+        kept [n]: how many of the ids the cache keeps (a top-p cache's prefix); None: all k.
     Returns:
         entropy [n], kl [n] float64 (nats).
     """
-    n, v, k = len(rows), logits.shape[1], ids.shape[1]
+    n, v = len(rows), logits.shape[1]
+    k = np.full(n, ids.shape[1], np.int64) if kept is None else np.asarray(kept, np.int64)
     out = np.empty((n, 3), np.float64)
     scale = np.float32(_LOG2E / temperature)
     rows = np.ascontiguousarray(rows, np.int64)
-    _parallel(_plogp_rows, logits, rows, (scale,), [np.ascontiguousarray(ids), out])
+    _parallel(_plogp_rows, logits, rows, (scale,), [np.ascontiguousarray(ids), k, out])
     ln2 = math.log(2)
     entropy = -out[:, 0] * ln2
     tau = tail.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        spread = np.where(tau > 0, np.log(tau / max(v - k, 1)), 0.0)
+        spread = np.where(tau > 0, np.log(tau / np.maximum(v - k, 1)), 0.0)
     kl = np.where((tau > 0) & (k < v), out[:, 1] * ln2 - out[:, 2] * spread, 0.0)
     return entropy, np.maximum(kl, 0.0)
 

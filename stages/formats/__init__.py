@@ -11,6 +11,8 @@ methods that build tensors import the losses when called.
 
 from __future__ import annotations
 
+from typing import Any
+
 from stages.errors import CacheError
 from stages.formats.base import (
     DEFAULT_FORMAT,
@@ -30,11 +32,13 @@ __all__ = [
     "FORMATS",
     "INT8_LEVELS",
     "Sampled",
+    "TOP_P_ENCODINGS",
     "TargetFormat",
     "TopK",
     "TopKFp16",
     "TopKInt8",
     "by_id",
+    "config_format",
     "fixed_list",
     "flat",
     "format_of",
@@ -45,24 +49,35 @@ __all__ = [
 ]
 
 ENCODINGS: dict[str, TopK] = {e.encoding: e for e in (TopK(), TopKFp16(), TopKInt8())}
+TOP_P_ENCODINGS: dict[str, TopK] = {e.encoding: type(e)(ragged=True) for e in ENCODINGS.values()}
 FORMATS: dict[str, TargetFormat] = {f.name: f for f in (ENCODINGS["fp32"], Sampled())}
 
 
-def get_format(name: str, encoding: str = "fp32") -> TargetFormat:
-    """The format called ``name``, top-k in ``encoding`` (config.problems() has refused unknown names from users)."""
+def get_format(name: str, encoding: str = "fp32", top_p: bool = False) -> TargetFormat:
+    """The format called ``name``, top-k in ``encoding``, with ragged top-p lists if ``top_p``
+    (config.problems() has refused unknown names and top-p sampled caches from users)."""
     if name == TopK.name and encoding in ENCODINGS:
-        return ENCODINGS[encoding]
-    if name in FORMATS and encoding == "fp32":
+        return (TOP_P_ENCODINGS if top_p else ENCODINGS)[encoding]
+    if name in FORMATS and encoding == "fp32" and not top_p:
         return FORMATS[name]
     raise CacheError(
-        f"unknown target format {name!r} in encoding {encoding!r}; this pipeline reads {sorted(FORMATS)}, "
-        f"top-k in {sorted(ENCODINGS)}"
+        f"unknown target format {name!r} in encoding {encoding!r}{' with top-p' if top_p else ''}; this pipeline "
+        f"reads {sorted(FORMATS)}, top-k in {sorted(ENCODINGS)} (top-p only for top-k)"
     )
 
 
+def config_format(config: Any) -> TargetFormat:
+    """The format a cache-teacher config writes."""
+    return get_format(config.target_format, config.encoding, config.top_p < 1)
+
+
 def format_of(manifest: dict) -> TargetFormat:
-    """A cache's format, from its manifest (a manifest without an encoding predates them: fp32)."""
-    return get_format(manifest.get("target_format", DEFAULT_FORMAT), manifest.get("encoding", "fp32"))
+    """A cache's format, from its manifest (a manifest without an encoding predates them: fp32; one without top_p
+    predates top-p: fixed k)."""
+    top_p = manifest.get("top_p")
+    return get_format(
+        manifest.get("target_format", DEFAULT_FORMAT), manifest.get("encoding", "fp32"), top_p is not None
+    )
 
 
 def view_columns(of: TargetFormat | None) -> str:

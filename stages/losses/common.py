@@ -27,6 +27,9 @@ class SoftTargets:
     logz: [*P] float, ``logsumexp(z / temperature)`` over the full vocabulary (z: the teacher's logits).
     temperature: the temperature the cache was written at.
     vocab_size: V, the size of the teacher's output vocabulary (number of classes for a classifier).
+    valid: [*P, k] bool, the slots that hold an id, or None for all. A top-p cache keeps a prefix of each
+        position's top-k; the loader pads it to k with invalid slots (id 0, logp -inf), which count as
+        probability 0 for the teacher and are left out of the student's kept mass.
     """
 
     ids: Tensor
@@ -34,13 +37,19 @@ class SoftTargets:
     logz: Tensor
     temperature: float
     vocab_size: int
+    valid: Tensor | None = None
 
     def __post_init__(self) -> None:
-        ids, logp, logz = self.ids, self.logp, self.logz
+        ids, logp, logz, valid = self.ids, self.logp, self.logz, self.valid
         if ids.dim() < 2 or ids.dtype != torch.int64 or logp.shape != ids.shape or logz.shape != ids.shape[:-1]:
             raise ConfigError(
                 "SoftTargets needs ids [N, k] int64, logp [N, k] and logz [N]; got ids "
                 f"{ids.dtype} {tuple(ids.shape)}, logp {tuple(logp.shape)}, logz {tuple(logz.shape)}"
+            )
+        if valid is not None and (valid.dtype != torch.bool or valid.shape != ids.shape):
+            raise ConfigError(
+                f"SoftTargets' valid mask must be bool of the ids' shape {tuple(ids.shape)}; got {valid.dtype} "
+                f"{tuple(valid.shape)}"
             )
         if not 1 <= self.k <= self.vocab_size:
             raise ConfigError(f"SoftTargets has k={self.k} ids per position for V={self.vocab_size}; need 1 <= k <= V")
@@ -52,11 +61,27 @@ class SoftTargets:
 
     def tail(self) -> Tensor:
         """[*P] mass outside the top-k, in [0, 1], in the dtype of ``logp`` upcast to at least fp32."""
-        return tail_mass(self.logp, self.vocab_size)
+        return tail_mass(self.logp, self.vocab_size, self.valid)
+
+    def slots(self) -> Tensor:
+        """[*P, k] bool: the slots that hold an id (all of them unless ``valid`` says otherwise)."""
+        return torch.ones_like(self.ids, dtype=torch.bool) if self.valid is None else self.valid
+
+    def uncached(self) -> Tensor:
+        """[*P] int64: how many of the V ids each position does not list."""
+        return self.vocab_size - self.slots().sum(dim=-1)
+
+    def listed_ids(self) -> Tensor:
+        """ids [*P, k] with each invalid slot repeating the position's top-1 id (always valid), so a loss that
+        knocks the listed ids out of the student's vocabulary never knocks out the padding's id 0."""
+        if self.valid is None:
+            return self.ids
+        return torch.where(self.valid, self.ids, self.ids[..., :1])
 
     def index(self, rows: Tensor) -> SoftTargets:
         """The targets of the selected positions (``rows``: a bool mask of shape P, or int64 indices)."""
-        return SoftTargets(self.ids[rows], self.logp[rows], self.logz[rows], self.temperature, self.vocab_size)
+        valid = None if self.valid is None else self.valid[rows]
+        return SoftTargets(self.ids[rows], self.logp[rows], self.logz[rows], self.temperature, self.vocab_size, valid)
 
     def to(self, device: torch.device) -> SoftTargets:
         """The same targets on ``device`` (non-blocking: the loader's tensors come from pinned or CPU memory)."""
@@ -66,6 +91,7 @@ class SoftTargets:
             self.logz.to(device, non_blocking=True),
             self.temperature,
             self.vocab_size,
+            None if self.valid is None else self.valid.to(device, non_blocking=True),
         )
 
 
@@ -93,6 +119,8 @@ def uncached_logp(targets: SoftTargets) -> Tensor:
     -inf when there is no tail (k == V, or a tail that rounded to 0).
     """
     tail = targets.tail()
+    if targets.valid is not None:  # each position's own count; where it is 0 so is the tail (log 0 = -inf)
+        return tail.log() - targets.uncached().clamp(min=1).to(tail.dtype).log()
     if targets.k == targets.vocab_size:  # no uncached ids: log(0 / 0) would be NaN
         return torch.full_like(tail, -math.inf)
     return tail.log() - math.log(targets.vocab_size - targets.k)
@@ -115,12 +143,17 @@ def retemper(targets: SoftTargets, temperature: float) -> SoftTargets:
         return targets
     ratio = targets.temperature / temperature
     # Both terms below are z / T shifted by the same per-row constant ratio * logz, which cancels in logp.
-    top = ratio * upcast(targets.logp)
-    uncached = targets.vocab_size - targets.k
-    bucket = ratio * uncached_logp(targets) + (math.log(uncached) if uncached else -math.inf)  # all V - k tail ids
+    top = ratio * upcast(targets.logp)  # padding slots: ratio * -inf = -inf, still probability 0
+    if targets.valid is None:
+        uncached = targets.vocab_size - targets.k
+        log_uncached = math.log(uncached) if uncached else -math.inf
+    else:
+        log_uncached = targets.uncached().to(top.dtype).log()  # log 0 = -inf: no bucket
+    bucket = ratio * uncached_logp(targets) + log_uncached  # all V - k tail ids
     log_partition = torch.logsumexp(torch.cat([top, bucket.unsqueeze(-1)], dim=-1), dim=-1)
     logz = ratio * upcast(targets.logz) + log_partition
-    return SoftTargets(targets.ids, top - log_partition.unsqueeze(-1), logz, temperature, targets.vocab_size)
+    logp = top - log_partition.unsqueeze(-1)
+    return SoftTargets(targets.ids, logp, logz, temperature, targets.vocab_size, targets.valid)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

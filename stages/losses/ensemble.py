@@ -57,7 +57,7 @@ def _check_teachers(teachers: Sequence[SoftTargets]) -> None:
 def _union(teachers: Sequence[SoftTargets]) -> tuple[Tensor, Tensor]:
     """All teachers' ids side by side, ids [N, K] (K = sum of k), and valid [N, K] bool marking the first
     occurrence of each distinct id, so that the valid slots list the union once."""
-    ids = torch.cat([t.ids for t in teachers], dim=-1)
+    ids = torch.cat([t.listed_ids() for t in teachers], dim=-1)  # a padding slot repeats an id listed before it
     # A stable sort keeps equal ids in their original order, so the head of each run is the first occurrence.
     sorted_ids, order = ids.sort(dim=-1, stable=True)
     run_head = torch.ones_like(ids, dtype=torch.bool)
@@ -68,7 +68,8 @@ def _union(teachers: Sequence[SoftTargets]) -> tuple[Tensor, Tensor]:
 def _logp_at(teacher: SoftTargets, ids: Tensor, uncached: Tensor) -> Tensor:
     """The teacher's log-probability of each of ``ids`` [N, K] -> [N, K]: its cached value for ids in its
     top-k, ``uncached`` [N] for the rest. Binary search per row, so memory stays O(N K)."""
-    sorted_ids, order = teacher.ids.sort(dim=-1)
+    # Stable: of an id listed twice (a top-p padding slot repeats the top-1), the search finds the first, valid one.
+    sorted_ids, order = teacher.listed_ids().sort(dim=-1, stable=True)
     slot = torch.searchsorted(sorted_ids, ids).clamp(max=teacher.k - 1)  # ids above the largest land at k
     cached = sorted_ids.gather(-1, slot) == ids
     logp = upcast(teacher.logp).gather(-1, order.gather(-1, slot))
@@ -84,8 +85,9 @@ def _log_mixture(teachers: Sequence[SoftTargets], weights: Sequence[float]) -> t
     # Teacher m's mass outside the union: its uniform tail share times the V - |U| ids no teacher cached.
     # Summing these directly, rather than 1 - sum P, keeps a small tail precise.
     outside = teachers[0].vocab_size - valid.sum(dim=-1)
+    # A teacher with no uncached ids has no tail (0 / 1 below), and no share to give.
     tail = sum(
-        (w * t.tail() * outside / (t.vocab_size - t.k) for t, w in zip(teachers, weights) if t.k < t.vocab_size),
+        (w * t.tail() * outside / t.uncached().clamp(min=1) for t, w in zip(teachers, weights)),
         start=torch.zeros_like(log_p[:, 0]),
     )
     return ids, log_p.masked_fill(~valid, -math.inf), valid, tail

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import torch
+import math
+
 from torch import Tensor
 
 from stages.losses.common import (
@@ -50,11 +51,12 @@ class KDLoss(SoftTargetLoss):
         teacher = retemper(targets, self.temperature)
         log_p = teacher.logp.to(x.dtype)
         log_partition = None  # the top-k-only KL never sums over the full vocabulary
+        ids, valid = teacher.listed_ids(), teacher.slots()
         if self.renormalize:
-            log_q = (x.gather(-1, teacher.ids) / self.temperature).log_softmax(dim=-1)
+            # Padding slots (top-p caches) leave the student's renormalised top-k, as they leave the teacher's.
+            log_q = (x.gather(-1, ids) / self.temperature).masked_fill(~valid, -math.inf).log_softmax(dim=-1)
             kd = top_kl(log_p.log_softmax(dim=-1), log_q)
         else:
-            every_slot = torch.ones_like(teacher.ids, dtype=torch.bool)
-            log_q, log_q_tail, log_partition = self._student_log_probs(x, teacher.ids, every_slot)
+            log_q, log_q_tail, log_partition = self._student_log_probs(x, ids, valid)
             kd = sparse_kl(log_p, teacher.tail().to(x.dtype), log_q, log_q_tail)
         return self._combine(kd, x, labels, mask, log_partition)
