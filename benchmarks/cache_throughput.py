@@ -9,12 +9,14 @@ Method:
 - bare: one ORT session built by ``stages.teacher.Teacher`` (the pipeline's own session options and threads),
   run over the pipeline's own batches (shard by shard, length-grouped, padded per batch, made by
   ``ShardRunner._batches``), timing only ``session.run`` returning the full ``[batch, seq, V]`` logits.
+- bare end to end: what a user's own script pays for the same logits, a fresh ``onnxruntime.InferenceSession``
+  from the file plus ``session.run`` over the same batches; the pipeline's end-to-end time is compared with it.
 - pipeline: ``stages.cache_teacher.run`` end to end into a fresh cache directory each time (never a cache hit).
   "end to end" is the wall time of the call, "steady" is the manifest's shard-loop time (without loading and
   hashing the teacher, creating the session, fingerprinting the dataset), which is what a long run approaches.
 - rounds are interleaved (bare, pipeline k=8, k=32, k=64, bare, ...) so load from other processes falls on
   both alike; the medians, their ratio, and the per-round ratios are printed.
-- top-k placement: ``--postprocess torch`` against ``graph`` (TopK + ReduceLogSumExp appended to the ONNX graph),
+- top-k placement: ``--postprocess host`` against ``graph`` (TopK + ReduceLogSumExp appended to the ONNX graph),
   each also without the fidelity probe (``-noprobe``: in graph mode the probe asks the session for the dense
   logits of the first batch once more), plus bare ORT; each run is its own subprocess, which reports its own
   peak RSS (VmHWM); ``--placement-rounds`` repeats the set, interleaved.
@@ -53,7 +55,7 @@ from stages.shard_runner import ShardRunner
 from stages.teacher import TOKEN, Teacher
 
 KS = (8, 32, 64)
-PLACEMENTS = ("bare", "torch", "graph", "torch-noprobe", "graph-noprobe")
+PLACEMENTS = ("bare", "host", "graph", "host-noprobe", "graph-noprobe")
 
 
 # -- teacher ------------------------------------------------------------------------------------------------
@@ -203,6 +205,23 @@ def time_bare(teacher: Teacher, batches: list[tuple[dict, int]]) -> dict:
     return {"positions": positions, "seconds": seconds, "positions_per_second": positions / seconds}
 
 
+def time_bare_end_to_end(path: Path, threads: int, batches: list[tuple[dict, int]]) -> dict:
+    """What a user's own script pays: a fresh ``onnxruntime.InferenceSession`` from the file (the pipeline's
+    thread setting), then ``session.run`` over all batches for the full logits; the wall time of both."""
+    import onnxruntime as ort
+
+    t = time.perf_counter()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    output = session.get_outputs()[0].name
+    for feeds, _ in batches:
+        session.run([output], feeds)
+    seconds = time.perf_counter() - t
+    positions = sum(n for _, n in batches)
+    return {"positions": positions, "seconds": seconds, "positions_per_second": positions / seconds}
+
+
 def time_pipeline(config: CacheTeacherConfig) -> dict:
     """``cache_teacher.run`` end to end into ``config.cache_dir`` (fresh), then the cache is removed."""
     t = time.perf_counter()
@@ -292,11 +311,11 @@ def child(spec_path: Path) -> None:
 
 
 def run_child(variant: str, base: CacheTeacherConfig, workdir: Path) -> dict:
-    """``torch``/``graph`` set --postprocess; ``-noprobe`` sets probe_positions 0; ``bare`` is session.run alone."""
+    """``host``/``graph`` set --postprocess; ``-noprobe`` sets probe_positions 0; ``bare`` is session.run alone."""
     postprocess, _, noprobe = variant.partition("-")
     config = dataclasses.replace(
         base,
-        postprocess="torch" if postprocess == "bare" else postprocess,
+        postprocess="host" if postprocess == "bare" else postprocess,
         probe_positions=0 if noprobe else base.probe_positions,
         cache_dir=str(workdir / f"cache-{variant}"),
     )
@@ -313,7 +332,12 @@ def _median(values: list[float]) -> float:
 
 def summarise(rounds: list[dict], ks: list[int]) -> dict:
     bare = [r["bare"]["positions_per_second"] for r in rounds]
-    out = {"bare_positions_per_second": {"median": _median(bare), "rounds": bare}, "k": {}}
+    bare_e2e = [r["bare_end_to_end"]["positions_per_second"] for r in rounds]
+    out = {
+        "bare_positions_per_second": {"median": _median(bare), "rounds": bare},
+        "bare_end_to_end_positions_per_second": {"median": _median(bare_e2e), "rounds": bare_e2e},
+        "k": {},
+    }
     for k in ks:
         runs = [r["pipeline"][str(k)] for r in rounds]
         e2e = [p["positions_per_second"] for p in runs]
@@ -323,6 +347,8 @@ def summarise(rounds: list[dict], ks: list[int]) -> dict:
             "steady_positions_per_second": {"median": _median(steady), "rounds": steady},
             "ratio": _median(e2e) / _median(bare),
             "ratio_rounds": [p / b for p, b in zip(e2e, bare)],
+            "end_to_end_ratio": _median(e2e) / _median(bare_e2e),
+            "end_to_end_ratio_rounds": [p / b for p, b in zip(e2e, bare_e2e)],
             "steady_ratio": _median(steady) / _median(bare),
             "steady_ratio_rounds": [p / b for p, b in zip(steady, bare)],
             "startup_seconds": _median([p["wall_seconds"] - p["steady_seconds"] for p in runs]),
@@ -345,21 +371,31 @@ def print_report(result: dict) -> None:
         f"({t['min_len']}..{t['max_len']} tokens, {t['tokens']} tokens), "
         f"batch {t['batch_size']}, threads {t['threads'] or 'auto'}, {t['rounds']} interleaved rounds"
     )
+    for name, label in (
+        ("bare_positions_per_second", "bare ORT session.run"),
+        ("bare_end_to_end_positions_per_second", "bare ORT end to end (new session + runs)"),
+    ):
+        print(
+            f"{'' if name.endswith('end_to_end_positions_per_second') else chr(10)}{label}: median "
+            f"{s[name]['median']:.0f} positions/s (rounds: {', '.join(f'{v:.0f}' for v in s[name]['rounds'])})"
+        )
     print(
-        f"\nbare ORT session.run: median {s['bare_positions_per_second']['median']:.0f} positions/s "
-        f"(rounds: {', '.join(f'{v:.0f}' for v in s['bare_positions_per_second']['rounds'])})"
+        "\nratio = pipeline end to end / bare session.run; e2e ratio = pipeline end to end / bare end to end; "
+        "steady = the pipeline's shard loop / bare session.run"
     )
     print(
-        f"\n{'k':>3} {'pipeline pos/s':>15} {'ratio':>6} {'per round':>20} "
-        f"{'steady ratio':>13} {'per round':>20} {'startup s':>10} "
-        f"{'B/pos disk':>11} {'B/pos logical':>14}"
+        f"\n{'k':>3} {'pipeline pos/s':>15} {'ratio':>6} {'per round':>17} {'e2e ratio':>10} {'per round':>17} "
+        f"{'steady ratio':>13} {'per round':>17} {'startup s':>10} {'B/pos disk':>11} {'B/pos logical':>14}"
     )
     for k, r in s["k"].items():
-        rounds, steady = (", ".join(f"{v:.2f}" for v in r[name]) for name in ("ratio_rounds", "steady_ratio_rounds"))
+        rounds, e2e, steady = (
+            ", ".join(f"{v:.2f}" for v in r[name])
+            for name in ("ratio_rounds", "end_to_end_ratio_rounds", "steady_ratio_rounds")
+        )
         print(
-            f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>20} "
-            f"{r['steady_ratio']:>13.3f} {steady:>20} {r['startup_seconds']:>10.2f} "
-            f"{r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}"
+            f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>17} "
+            f"{r['end_to_end_ratio']:>10.3f} {e2e:>17} {r['steady_ratio']:>13.3f} {steady:>17} "
+            f"{r['startup_seconds']:>10.2f} {r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}"
         )
     last = list(s["k"].values())[-1]
     cols = ", ".join(f"{c} {b:.1f}" for c, b in last["column_bytes_per_position"].items())
@@ -495,7 +531,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             postprocess=postprocess,
         )
 
-    batches = pipeline_batches(bare_teacher, config(args.top_k[0], "torch", workdir))
+    batches = pipeline_batches(bare_teacher, config(args.top_k[0], "host", workdir))
     padded = sum(f["input_ids"].size for f, _ in batches)
     positions = sum(n for _, n in batches)
     setup = {
@@ -524,10 +560,19 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
 
     rounds = []
     for r in range(args.rounds):
-        entry = {"bare": time_bare(bare_teacher, batches), "pipeline": {}}
-        print(f"round {r + 1}: bare {entry['bare']['positions_per_second']:.0f} pos/s", end="", flush=True)
+        entry = {
+            "bare": time_bare(bare_teacher, batches),
+            "bare_end_to_end": time_bare_end_to_end(teacher_path, args.threads, batches),
+            "pipeline": {},
+        }
+        print(
+            f"round {r + 1}: bare {entry['bare']['positions_per_second']:.0f} pos/s "
+            f"(end to end {entry['bare_end_to_end']['positions_per_second']:.0f})",
+            end="",
+            flush=True,
+        )
         for k in args.top_k:
-            run = time_pipeline(config(k, "torch", workdir / f"cache-r{r}-k{k}"))
+            run = time_pipeline(config(k, "host", workdir / f"cache-r{r}-k{k}"))
             if run["positions"] != positions:
                 raise RuntimeError(
                     f"the pipeline cached {run['positions']} positions, the bare batches hold {positions}"
@@ -547,7 +592,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     for r in range(args.placement_rounds if args.placement else 0):
         print(f"placement round {r + 1}:", end="", flush=True)
         for variant in args.placement:
-            placement[variant].append(run_child(variant, config(args.placement_k, "torch", workdir), workdir))
+            placement[variant].append(run_child(variant, config(args.placement_k, "host", workdir), workdir))
             print(
                 f" | {variant} {placement[variant][-1]['positions_per_second']:.0f} pos/s, "
                 f"{placement[variant][-1]['peak_rss_mib']:.0f} MiB",
