@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from stages import cache_format as fmt
-from stages import cache_teacher
+from stages import cache_teacher, shard_runner
 from stages.config import CacheTeacherConfig
 from stages.errors import CacheError
 from tests import teachers
@@ -41,7 +41,8 @@ def _check_rows(table: pa.Table, logits: np.ndarray, k: int, t: float) -> None:
     ref = torch.log_softmax(torch.from_numpy(logits).double() / t, -1)
     ids = np.asarray(table.column("topk_ids").to_pylist())
     logp = np.asarray(table.column("topk_logp").to_pylist())
-    expected_ids = torch.topk(ref, k, -1).indices.numpy()
+    # Equal logits (float16 teachers have many) go to the lower id, in the host kernel and ONNX's TopK alike.
+    expected_ids = np.argsort(-ref.numpy(), axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(ids, expected_ids)
     np.testing.assert_allclose(logp, np.take_along_axis(ref.numpy(), ids, 1), atol=1e-5)
     np.testing.assert_allclose(
@@ -96,6 +97,28 @@ def test_token_round_trip_with_padding(token_setup, postprocess) -> None:
     np.testing.assert_allclose(cached_embed, np.concatenate([o[1] for o in outs]), rtol=1e-3, atol=1e-3)
     assert result.manifest["teacher"]["kind"] == "token"
     assert result.manifest["teacher"]["num_classes"] == 50
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_logits_of_another_float_type_are_read_as_they_are(token_setup, monkeypatch, dtype) -> None:
+    """A teacher that returns float16 or float64 logits (under another output name): the cache holds the top-k of
+    those values, whatever block the host kernel converts them in."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(token_setup["teacher"])
+    elem = {np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}[dtype]
+    model.graph.node.append(helper.make_node("Cast", ["logits"], ["scores out"], to=elem))
+    old = model.graph.output[0]
+    dims = [d.dim_param or d.dim_value for d in old.type.tensor_type.shape.dim]
+    model.graph.output.remove(old)
+    model.graph.output.append(helper.make_tensor_value_info("scores out", elem, dims))
+    onnx.save(model, token_setup["teacher"])
+    monkeypatch.setattr(shard_runner, "_DENSE_BLOCK_BYTES", 3 * 4 * 50)  # converted 3 rows at a time
+    table = _read(_run(token_setup, top_k=6, temperature=0.8, batch_size=5).path)
+    outs = [teachers.token_forward(token_setup["weights"], s)[0] for s in token_setup["seqs"]]
+    logits = np.concatenate(outs).astype(dtype).astype(np.float64)
+    _check_rows(table, logits, 6, 0.8)
 
 
 def test_k_equal_vocabulary_has_zero_tail(classifier_setup) -> None:
