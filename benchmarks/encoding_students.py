@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from scipy import stats
 
 from stages import cache_format as fmt
 from stages.config import TrainStudentConfig, default_cache_root
+from stages.errors import PipelineError
 from stages.evaluate import evaluate
 from stages.run_dir import read_metrics
 from stages.train_student import Trainer
@@ -122,20 +124,31 @@ def train(args: argparse.Namespace, cache: fmt.Cache, seed: int, name: str) -> d
     cmd = train_command(args, cache, seed, out)
     header = "pipeline " + shlex.join(cmd)
     kept = read_metrics(out) is not None and log.is_file() and log.read_text().split("\n", 1)[0] == header
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     if not kept:
         log.parent.mkdir(parents=True, exist_ok=True)
         env = os.environ | {"PYTHONPATH": str(ROOT)}  # this checkout's pipeline, not an installed one
         with open(log, "w") as fh:
             fh.write(header + "\n")
             fh.flush()
-            subprocess.run(
-                [sys.executable, "-m", "pipeline", *cmd], stdout=fh, stderr=subprocess.STDOUT, check=True, env=env
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline", *cmd], stdout=fh, stderr=subprocess.STDOUT, env=env
             )
+        if done.returncode:
+            last = log.read_text().strip().splitlines()[-1]
+            raise SystemExit(f"run {name} failed (exit {done.returncode}): {last} (whole log: {log})")
     metrics = read_metrics(out)
-    wall = None if kept else time.perf_counter() - t0
+    # CPU seconds, not only wall: on a machine shared with other jobs they are what the run really cost.
+    wall, cpu = (None, None) if kept else (time.perf_counter() - t0, _children_cpu() - cpu0)
     print(f"  {name}: eval KL {metrics['eval_kl']:.4f}, train {metrics['train_seconds']:.0f} s", flush=True)
-    return scores(metrics) | {"train_seconds": metrics["train_seconds"], "wall_seconds": wall, "kept": kept}
+    timing = {"train_seconds": metrics["train_seconds"], "wall_seconds": wall, "cpu_seconds": cpu, "kept": kept}
+    return scores(metrics) | timing
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished (waited-for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def untrained(args: argparse.Namespace, cache: fmt.Cache, seed: int) -> dict[str, float]:
@@ -239,9 +252,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    if len(set(seeds)) < 2:
-        parser.error(f"--seeds {args.seeds}: give at least 2 different seeds (the paired spread needs them)")
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+        parser.error(f"--seeds {args.seeds}: give at least 2 seeds, each once (the paired spread needs them)")
+    try:
+        result = compare(
+            args, seeds, "python benchmarks/encoding_students.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+        )
+    except PipelineError as error:  # a cache or dataset the runs cannot use: its one-line reason
+        raise SystemExit(f"error: {error}") from None
+    print(markdown(result))
+    print(
+        f"wall time {result['wall_seconds']:.0f} s, CPU of the runs trained now {result['training_cpu_seconds']:.0f} s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
+
+def compare(args: argparse.Namespace, seeds: list[int], command: str) -> dict:
+    """Every run of every seed and encoding (and the control), scored, with the paired statistics."""
     t0 = time.perf_counter()
     caches = open_caches(args.cache, args.cache_dir, args.top_k)
     encodings = list(caches)
@@ -257,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs[encoding][str(seed)] = train(args, caches[encoding], seed, f"{encoding}-seed{seed}")
     control = train(args, caches[reference], seeds[0], f"{reference}-seed{seeds[0]}-again") if args.control else None
 
-    result = {
-        "command": "python benchmarks/encoding_students.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+    return {
+        "command": command,
         "caches": {
             e: {"key": c.key, "top_k": c.top_k, "bytes_per_position": c.manifest["bytes_per_position"]}
             for e, c in caches.items()
@@ -270,12 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         "control": control,
         "paired": summarise(runs, seeds, reference),
         "wall_seconds": time.perf_counter() - t0,
+        "training_cpu_seconds": _children_cpu(),  # every run trained by this invocation, setup included
     }
-    print(markdown(result))
-    print(f"wall time {result['wall_seconds']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 if __name__ == "__main__":
