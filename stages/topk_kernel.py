@@ -6,13 +6,13 @@ tests hold it to those definitions. Why a kernel: the teacher's logits are ``[po
 larger than the caches, so each pass over them is a trip to main memory; torch's ``topk`` plus a log-sum-exp made
 five (topk, max, subtract, exp, sum) and cost about a quarter of a small teacher's time (benchmarks/README.md).
 
-Here each row is read from memory once, in groups of ``_GROUP`` logits held in L1: a group's maximum updates the
-row's running maximum (the running sum of exponentials is rescaled when it rises, as in an online softmax), then
-the group's exponentials are added. The k-th largest group maximum is a threshold no top-k logit lies below
-(at least k logits reach it: the maxima themselves), so the top-k is chosen among the few groups whose maximum
-reaches it, re-read from cache. Exponentials use ``exp(x) = 2^n * 2^f`` with a polynomial for ``2^f``, which
+Here each row is read from memory once, in blocks of 64 KiB: the maxima of the block's groups of ``_GROUP``
+logits (vectorised with LLVM's ``maxnum``), then the block's exponentials while it is still in L2; when a block
+raises the row's maximum, the sum so far is rescaled, as in an online softmax. A threshold that at least k group
+maxima reach bounds the top-k from below (those maxima are logits), so the top-k is chosen among the few groups
+that reach it, re-read from cache. Exponentials use ``exp(x) = 2^n * 2^f`` with a polynomial for ``2^f``, which
 the compiler vectorises (libm's ``exp`` does not vectorise here); its relative error is 2.2e-7 at most, and the
-sum is kept in float64, so logZ is within 1e-6 of a float64 reference (tests/test_topk_kernel.py).
+sum is kept in float64, so logZ is within float32 rounding of a float64 reference (tests/test_topk_kernel.py).
 
 Ties between equal logits go to the lower id (torch's ``topk`` leaves their order unspecified). A row with a
 NaN or +inf logit gets a NaN log-partition, which the caller reports.
@@ -39,6 +39,7 @@ _BLOCK = 16 * _CHUNK
 # a NaN or infinity in the logits must reach the log-partition so the row is reported, not hidden.
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
 _LOG2E = 1.4426950408889634
+_LOWEST = np.float32(np.finfo(np.float32).min)  # the most negative finite float32
 
 
 def _exp2_coefficients(degree: int = 5) -> list[np.float32]:
@@ -184,7 +185,7 @@ def _threshold(gmax, k, m):
     """A value that at least k of the group maxima reach, and few more than k: no top-k logit lies below it (the
     k maxima reaching it are logits). Found by widening a window below the row's maximum m, then bisecting it;
     each step is one vectorised count. -inf when fewer than k groups have a finite maximum."""
-    if _count_at_least(gmax, np.float32(-np.inf)) < k or not np.isfinite(m):
+    if _count_at_least(gmax, _LOWEST) < k or not np.isfinite(m):  # too few finite maxima, or an infinite one
         return np.float32(-np.inf)
     hi, span = m, np.float32(1.0)
     lo = m - span

@@ -164,3 +164,14 @@ def test_numpy_tail_mass_is_the_torch_formula(k, extra, scale, seed) -> None:
     # The same formula on the same float32 log-probs, summed in float64 by both; the result is float32.
     want = targets.tail_mass(logp.double(), k + extra).numpy()
     np.testing.assert_allclose(targets.tail_mass_array(logp.numpy(), k + extra), want, rtol=1e-6, atol=1e-30)
+
+
+def test_rows_with_fewer_finite_groups_than_k_still_give_the_top_k() -> None:
+    """Groups of -inf (a vocabulary masked out) leave fewer finite group maxima than k: every finite logit is a
+    candidate then."""
+    z = _logits(np.random.default_rng(5), 3, 1000, 2.0)
+    z[:, 64:] = -np.inf  # one finite group of 64, k = 10 > 1 finite group maximum
+    ids, logp, logz = topk_kernel.topk_log_probs(z, np.arange(3), 10, 1.0)
+    ref_ids, ref_logp, ref_logz = _reference(z, 10, 1.0)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(logz, ref_logz, atol=1e-6)
