@@ -59,7 +59,11 @@ CACHE_SCHEMA = pa.schema(
         ("dataset_fingerprint", pa.string()),
         ("dataset_rows", pa.int64()),
         ("target_format", pa.string()),
+        ("targets", pa.string()),  # what a position holds, in words: "top-32, int8 log-probs", "64 draws"
         ("top_k", pa.int64()),
+        ("encoding", pa.string()),
+        ("top_p", pa.float64()),  # None: a fixed k per position
+        ("min_k", pa.int64()),
         ("temperature", pa.float64()),
         ("hidden", pa.list_(pa.string())),
         ("num_positions", pa.int64()),
@@ -265,7 +269,11 @@ def _cache_row(entry: CacheEntry, uses: int) -> dict:
         "dataset_fingerprint": dataset.get("fingerprint"),
         "dataset_rows": dataset.get("num_rows"),
         "target_format": m.get("target_format"),
+        "targets": _describe_targets(m),
         "top_k": m.get("top_k"),
+        "encoding": m.get("encoding", "fp32") if m else None,
+        "top_p": m.get("top_p"),
+        "min_k": m.get("min_k"),
         "temperature": m.get("temperature"),
         "hidden": sorted(m.get("hidden", {})) if m else None,
         "num_positions": m.get("num_positions"),
@@ -280,6 +288,16 @@ def _cache_row(entry: CacheEntry, uses: int) -> dict:
         "probe_tail_mass_mean": probe.get("tail_mass_mean"),
         "runs": uses,
     }
+
+
+def _describe_targets(m: dict) -> str | None:
+    """The format's own words for what each position holds; None for a cache whose manifest could not be read."""
+    if not m:
+        return None
+    try:
+        return format_of(m).describe(m)
+    except (CacheError, KeyError):  # a manifest of a format this version does not know
+        return m.get("target_format")
 
 
 def _run_row(run: RunEntry) -> dict:

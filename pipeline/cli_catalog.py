@@ -114,7 +114,7 @@ _CACHE_LIST_SQL = (
     "\n"
     "    SELECT key, teacher || ' ' || teacher_sha256[1:8] AS teacher,"
     " parse_filename(dataset_path) || ' ' || dataset_fingerprint[1:8] AS dataset,\n"
-    "           kind, top_k AS k, temperature AS T, target_format AS format, num_positions AS positions,\n"
+    "           kind, top_k AS k, targets, temperature AS T, num_positions AS positions,\n"
     "           format_bytes(bytes_on_disk) AS size, replace(created[1:16], 'T', ' ') AS created, status, runs,\n"
     "           problem\n"
     "    FROM caches ORDER BY created, key"

@@ -82,6 +82,30 @@ def test_caches_list_shows_each_cache_with_its_runs(world):
     assert any(world["full"].path.name in line for line in table.splitlines()[2:5])
 
 
+def test_caches_list_says_what_each_position_holds(world):
+    """k, encoding and top-p in the listing's words, and as columns of the catalog for SQL."""
+    compact = cache_teacher.run(
+        CacheTeacherConfig(
+            teacher=str(world["teacher"]),
+            data=str(world["data"]),
+            top_k=6,
+            top_p=0.8,
+            min_k=2,
+            encoding="int8",
+            cache_dir=str(world["root"]),
+        ),
+        progress=False,
+        log=lambda m: None,
+    )
+    rows = {r["key"]: r for r in json.loads(cli(world, "caches", "list", "--format", "json").output)}
+    assert rows[compact.path.name]["targets"] == "top-6 top-p 0.8 (at least 2), int8 log-probs"
+    assert rows[world["top3"].path.name]["targets"] == "top-3"
+    sql = f"SELECT encoding, top_p, min_k FROM caches WHERE key = '{compact.path.name}'"
+    assert json.loads(cli(world, "query", sql, "--format", "json").output) == [
+        {"encoding": "int8", "top_p": 0.8, "min_k": 2}
+    ]
+
+
 def test_caches_list_says_why_a_cache_is_unreadable_or_short_of_shards(world):
     """The listing gives the first line of what `caches verify` says, without the cache's path it already names."""
     fine = cli(world, "caches", "list").output
@@ -276,7 +300,7 @@ def test_sampled_cache_in_list_show_and_positions(token_setup, tmp_path) -> None
     listed = runner.invoke(
         main, ["caches", "list", "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")]
     )
-    assert listed.exit_code == 0 and "sampled" in listed.output
+    assert listed.exit_code == 0 and "8 draws" in listed.output  # its targets, in its format's words
     shown = runner.invoke(
         main, ["caches", "show", key[:6], "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")]
     )
