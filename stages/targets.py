@@ -20,16 +20,14 @@ import torch
 from torch import Tensor
 
 
-def topk_log_probs(logits: Tensor, k: int, temperature: float, in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k ids and full-vocabulary log-probabilities at ``temperature``.
+def topk_log_probs(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k ids and full-vocabulary log-probabilities at ``temperature``: the definition the cache writer's
+    kernel (``stages.topk_kernel``) is held to, and what the losses' tests build targets with.
 
     Args:
-        logits: [N, V] teacher logits (any float dtype; computed in fp32).
+        logits: [N, V] teacher logits (any float dtype; computed in fp32; not modified).
         k: how many ids to keep, 1 <= k <= V.
         temperature: T > 0.
-        in_place: run the log-sum-exp pass in the logits' own memory, which it overwrites (float32 logits; other
-            dtypes are converted to a float32 copy, which it overwrites instead). Otherwise the pass makes one
-            [N, V] float32 temporary.
 
     Returns:
         ids [N, k] int64 sorted by descending probability, logp [N, k] float32, logz [N] float32.
@@ -39,7 +37,7 @@ def topk_log_probs(logits: Tensor, k: int, temperature: float, in_place: bool = 
     # logZ = max/T + log(sum(exp((z - max)/T))). The top-1 value is the row max, so the separate max pass
     # that torch.logsumexp makes is saved.
     row_max = values[:, :1]
-    shifted = z.sub_(row_max) if in_place or z is not logits else z - row_max
+    shifted = z - row_max if z is logits else z.sub_(row_max)  # a converted copy may be overwritten
     if temperature != 1.0:  # x * 1.0 == x exactly: at T = 1 the pass is skipped with no change in the result
         shifted.mul_(1.0 / temperature)
     sum_exp = shifted.exp_().sum(dim=-1)

@@ -4,7 +4,7 @@ The kind of teacher follows from its logits output: rank 2 ``[batch, classes]`` 
 distribution per example); rank 3 ``[batch, seq, vocab]`` is a token-level teacher (one per position).
 
 Two ways to turn logits into cached targets:
-- ``torch``: ORT returns the full logits and ``stages.targets.topk_log_probs`` reduces them. Fastest on CPU
+- ``host``: ORT returns the full logits and ``stages.topk_kernel`` reduces them in one read. Fastest on CPU
   (benchmarks/cache_throughput.py measures both).
 - ``graph``: top-k and the log-partition are appended to a copy of the ONNX graph, so only ``[.., k]`` values,
   ids and ``logZ`` leave the session. On CUDA that keeps the full logits on the device.
