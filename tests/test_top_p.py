@@ -339,6 +339,22 @@ def test_top_p_caches_hold_the_fixed_caches_rows_truncated(top_p_caches: dict) -
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"] < sizes["fixed"]
 
 
+def test_the_top_k_in_the_graph_is_cut_to_the_same_prefixes(top_p_caches: dict, tmp_path: Path) -> None:
+    """--postprocess graph (ONNX's TopK, as on CUDA) writes the top-p cache the host kernel writes: the same key,
+    the same kept ids, log-probs within float32 rounding, and the probe of the kept prefix."""
+    setup = top_p_caches | {"cache_dir": tmp_path / "graph"}
+    key = _cache(CliRunner(), setup, "--top-p", str(P), "--min-k", str(MIN_K), "--postprocess", "graph")
+    assert key == top_p_caches["keys"]["fp32"]  # where top-k runs is not part of what the cache holds
+    graph, host = open_cache(tmp_path / "graph" / key), top_p_caches["caches"]["fp32"]
+    assert graph.manifest["postprocess"] == ["graph"] and host.manifest["postprocess"] == ["host"]
+    data = str(top_p_caches["data"])
+    (g_ids, g_logp, g_valid), (h_ids, h_logp, h_valid) = _loaded(graph, data), _loaded(host, data)
+    np.testing.assert_array_equal(g_valid, h_valid)
+    np.testing.assert_array_equal(g_ids, h_ids)
+    np.testing.assert_allclose(g_logp[g_valid], h_logp[h_valid], atol=2e-6)
+    assert graph.manifest["fidelity"]["kl_mean"] == pytest.approx(host.manifest["fidelity"]["kl_mean"], rel=1e-4)
+
+
 def test_top_p_1_is_todays_cache(top_p_caches: dict) -> None:
     again = _cache(CliRunner(), top_p_caches, "--top-p", "1.0")
     assert again == top_p_caches["keys"]["fixed"]  # the same key, so the same cache (a hit)
