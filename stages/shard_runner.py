@@ -154,12 +154,8 @@ class ShardRunner:
         n_main, n_hidden = (3 if self.teacher.topk_in_graph else 1), len(self.teacher.info.hidden)
         main, hidden, extra = outs[:n_main], outs[n_main : n_main + n_hidden], outs[n_main + n_hidden :]
         keep = None if mask is None else mask.reshape(-1)
-        # [B, S, ...] per-position outputs (or already flat [B*S, ...]) -> the real positions' rows.
-        select = (
-            (lambda a, flat=False: (a if flat else a.reshape(-1, *a.shape[2:]))[keep])
-            if keep is not None
-            else (lambda a, flat=False: a)
-        )
+        # [B, S, ...] per-position outputs -> the real positions' rows.
+        select = (lambda a: a.reshape(-1, *a.shape[2:])[keep]) if keep is not None else (lambda a: a)
         result = {} if mask is None else {"counts": mask.sum(1)}
         for name, h in zip(self.teacher.info.hidden, hidden):
             if mask is not None and h.shape[:2] != mask.shape:
@@ -363,20 +359,26 @@ def _float32_blocks(flat: torch.Tensor, rows: torch.Tensor):
         yield at, z.contiguous().numpy(), np.arange(len(z))
 
 
-def _kernel_topk(flat: torch.Tensor, rows: torch.Tensor, k: int, temperature: float):
+def _by_blocks(compute, flat: torch.Tensor, rows: torch.Tensor) -> list[np.ndarray]:
+    """``compute(logits, their row indices, slice of rows)`` over ``_float32_blocks``, its arrays concatenated."""
+    parts = [compute(z, at_rows, at) for at, z, at_rows in _float32_blocks(flat, rows)]
+    return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else list(parts[0])
+
+
+def _kernel_topk(flat: torch.Tensor, rows: torch.Tensor, k: int, temperature: float) -> list[np.ndarray]:
     """topk_kernel.topk_log_probs over the given rows of the flat logits, whatever their float dtype."""
     from stages import topk_kernel  # numba: imported by cache-teacher's warm-up thread, not by every command
 
-    parts = [topk_kernel.topk_log_probs(z, at_rows, k, temperature) for _, z, at_rows in _float32_blocks(flat, rows)]
-    return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+    return _by_blocks(lambda z, at_rows, _: topk_kernel.topk_log_probs(z, at_rows, k, temperature), flat, rows)
 
 
-def _kernel_statistics(flat: torch.Tensor, rows: torch.Tensor, temperature: float, ids, tail, kept):
+def _kernel_statistics(flat: torch.Tensor, rows: torch.Tensor, temperature: float, ids, tail, kept) -> list[np.ndarray]:
     """topk_kernel.dense_statistics (entropy, KL) of the given rows, whatever the logits' float dtype."""
     from stages import topk_kernel
 
-    parts = [
-        topk_kernel.dense_statistics(z, at_rows, temperature, ids[at], tail[at], None if kept is None else kept[at])
-        for at, z, at_rows in _float32_blocks(flat, rows)
-    ]
-    return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
+    def compute(z, at_rows, at):
+        return topk_kernel.dense_statistics(
+            z, at_rows, temperature, ids[at], tail[at], None if kept is None else kept[at]
+        )
+
+    return _by_blocks(compute, flat, rows)
