@@ -6,9 +6,9 @@ tests hold it to those definitions. Why a kernel: the teacher's logits are ``[po
 larger than the caches, so each pass over them is a trip to main memory; torch's ``topk`` plus a log-sum-exp made
 five (topk, max, subtract, exp, sum) and cost about a quarter of a small teacher's time (benchmarks/README.md).
 
-Here each row is read from memory once, in blocks of 64 KiB: the maxima of the block's groups of ``_GROUP``
-logits (vectorised with LLVM's ``maxnum``), then the block's exponentials while it is still in L2; when a block
-raises the row's maximum, the sum so far is rescaled, as in an online softmax. A threshold that at least k group
+Here each row is read from memory once: one loop takes the maxima of its groups of ``_GROUP`` logits and, at
+the same time, their exponentials against the maximum of the logits before them; when a chunk raises the row's
+maximum, the sum so far is rescaled, as in an online softmax (``_scan_row``). A threshold that at least k group
 maxima reach bounds the top-k from below (those maxima are logits), so the top-k is chosen among the few groups
 that reach it, re-read from cache. Exponentials use ``exp(x) = 2^n * 2^f`` with a polynomial for ``2^f``, which
 the compiler vectorises (libm's ``exp`` does not vectorise here); its relative error is 2.2e-7 at most, and the
@@ -32,9 +32,6 @@ from numba.extending import intrinsic
 
 _GROUP = 64  # logits per group: 4 AVX-512 registers; smaller groups cost more maxima, larger more candidates
 _CHUNK = 1024  # exponentials summed in float32 before the float64 total: ~1e-7 relative, and vectorised
-# A row is scanned in blocks of 64 KiB: each block's maxima, then its exponentials while it is still in L2 (a
-# 262,144-logit row is 1 MiB, as large as L2: a second pass over the whole row would come from L3).
-_BLOCK = 16 * _CHUNK
 # Floating-point reassociation lets the compiler split sums and maxima across vector lanes; no "nnan"/"ninf":
 # a NaN or infinity in the logits must reach the log-partition so the row is reported, not hidden.
 _FAST = {"reassoc", "contract", "arcp", "nsz"}
@@ -67,8 +64,8 @@ def _float_from_bits(typingctx, bits):
 
 @njit(inline="always", fastmath=_FAST)
 def _exp2_nonpositive(t):
-    """2^t for float32 t <= 0 (NaN stays NaN). Below -126 it returns 2^-126: such a term is < 1e-38 of the
-    row's largest, which contributes 1."""
+    """2^t for float32 t <= 1/2 (NaN stays NaN). Below -126 it returns 2^-126: such a term is < 1e-38 of the
+    row's largest, which contributes about 1."""
     u = t if not (t < np.float32(-126.0)) else np.float32(-126.0)
     n = np.int32(u - np.float32(0.5))  # truncation toward 0 of u - 1/2 (u <= 0): the nearest integer to u
     f = u - np.float32(n)  # in (-1/2, 1/2]
@@ -94,31 +91,27 @@ def _maxnum(typingctx, a, b):
     return signature, codegen
 
 
+@intrinsic
+def _maxnum_vector(typingctx, a, b):
+    """_maxnum flagged ``nnan``, so LLVM vectorises it in a loop that also sums (without the flag it does not: 13x
+    slower, measured). The flag makes a NaN operand's result undefined (on x86: one of the two operands); its
+    only use is the group maxima, and a row holding a NaN is reported by its NaN sum, never by its maxima."""
+    signature = types.float32(types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.FloatType()])
+        function = cgutils.get_or_insert_function(builder.module, fnty, "llvm.maxnum.f32")
+        return builder.call(function, args, fastmath=("nnan",))
+
+    return signature, codegen
+
+
 @njit(inline="always", fastmath=_FAST)
 def _group_max(group):
     """The maximum of _GROUP logits (NaN ignored)."""
     m = np.float32(-np.inf)
     for j in range(_GROUP):
         m = _maxnum(m, group[j])
-    return m
-
-
-@njit(inline="always", fastmath=_FAST)
-def _group_maxima(row, gmax):
-    """The maxima of the row's groups of _GROUP logits (into gmax) and the row's maximum."""
-    v = row.shape[0]
-    full = v // _GROUP
-    m = np.float32(-np.inf)
-    for g in range(full):
-        gm = _group_max(row[g * _GROUP : (g + 1) * _GROUP])
-        gmax[g] = gm
-        m = _maxnum(m, gm)
-    if full * _GROUP < v:  # the last, partial group
-        gm = np.float32(-np.inf)
-        for j in range(full * _GROUP, v):
-            gm = _maxnum(gm, row[j])
-        gmax[full] = gm
-        m = _maxnum(m, gm)
     return m
 
 
@@ -208,19 +201,74 @@ def _threshold(gmax, k, m):
 
 
 @njit(inline="always", fastmath=_FAST)
+def _group_max_exp(group, ref, scale):
+    """Over _GROUP logits, read once: their maximum and sum(2^((group - ref) * scale)) in float32. Both in one loop,
+    so the exponentials are computed while the next logits stream in from memory (1.8x faster than a pass for the
+    maxima and another for the sum, measured). A NaN may or may not win the maximum here; the sum keeps it."""
+    gm = np.float32(-np.inf)
+    part = np.float32(0.0)
+    for j in range(_GROUP):
+        x = group[j]
+        gm = _maxnum_vector(gm, x)
+        part += _exp2_nonpositive((x - ref) * scale)
+    return gm, part
+
+
+@njit(inline="always", fastmath=_FAST)
+def _has_nan(values):
+    n = 0
+    for j in range(values.shape[0]):
+        n += values[j] != values[j]
+    return n > 0
+
+
+@njit(inline="always", fastmath=_FAST)
 def _scan_row(row, scale, gmax):
     """One read of a row from memory: its group maxima (into gmax), its maximum m, and the sum of
-    2^((z - m) * scale) in float64. Block by block: when a block raises the maximum, the sum so far is rescaled."""
+    2^((z - m) * scale) in float64.
+
+    Chunk by chunk (_CHUNK logits), each term is taken against the maximum of the chunks before it, the reference
+    r: a term is then 2^t with t <= (chunk max - r) * scale, and the chunk's sum is kept when that bound is <= 1/2
+    (inside _exp2_nonpositive's range, and t as precise as against the true maximum). Otherwise the chunk, now in
+    L1, is summed again against its own maximum. The total is rescaled whenever the maximum rises."""
     v = row.shape[0]
-    m = np.float32(-np.inf)
+    full = v // _GROUP
+    per_chunk = _CHUNK // _GROUP
+    m = _group_max(row[:_GROUP]) if full > 0 else np.float32(-np.inf)  # the first reference
     total = 0.0
-    for lo in range(0, v, _BLOCK):
-        block = row[lo : min(lo + _BLOCK, v)]
-        top = _group_maxima(block, gmax[lo // _GROUP :])
-        if top > m:
-            total *= math.exp2((float(m) - float(top)) * float(scale))  # 0 while m is -inf (nothing summed)
-            m = top
-        total += _sum_exp2(block, m, scale)
+    for g in range(0, full, per_chunk):
+        end = min(g + per_chunk, full)
+        cm, part = np.float32(-np.inf), np.float32(0.0)
+        for q in range(g, end):
+            gm, p = _group_max_exp(row[q * _GROUP : (q + 1) * _GROUP], m, scale)
+            gmax[q] = gm
+            cm = _maxnum(cm, gm)
+            part += p
+        chunk = row[g * _GROUP : end * _GROUP]
+        if cm > m:
+            if (cm - m) * scale <= np.float32(0.5):
+                total = (total + part) * math.exp2((float(m) - float(cm)) * float(scale))
+            else:  # summed against too low a reference (or the chunk holds +inf, which gives NaN, as it should)
+                part = _exp2_chunk(chunk, chunk.shape[0], cm, scale)
+                total = total * math.exp2((float(m) - float(cm)) * float(scale)) + part  # 0 (or NaN) * 0 at m = -inf
+            m = cm
+        elif m > -np.inf:
+            total += part
+        elif _has_nan(chunk):  # every logit so far is -inf (probability 0; their terms would be -inf - -inf)
+            total = np.nan
+    if full * _GROUP < v:  # the last, partial group
+        rest = row[full * _GROUP :]
+        gm = np.float32(-np.inf)
+        for j in range(rest.shape[0]):
+            gm = _maxnum(gm, rest[j])
+        gmax[full] = gm
+        if gm > m:
+            total *= math.exp2((float(m) - float(gm)) * float(scale))
+            m = gm
+        if m > -np.inf:
+            total += _exp2_chunk(rest, rest.shape[0], m, scale)
+        elif _has_nan(rest):
+            total = np.nan
     return m, total
 
 

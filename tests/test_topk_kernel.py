@@ -175,3 +175,48 @@ def test_rows_with_fewer_finite_groups_than_k_still_give_the_top_k() -> None:
     ref_ids, ref_logp, ref_logz = _reference(z, 10, 1.0)
     np.testing.assert_array_equal(ids, ref_ids)
     np.testing.assert_allclose(logz, ref_logz, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    v=st.integers(1, 6000),
+    layout=st.sampled_from(["ascending", "creeping", "descending", "masked prefix", "masked suffix"]),
+    t=st.floats(0.05, 20.0),
+    scale=st.sampled_from([0.01, 1.0, 5.0, 40.0]),
+    seed=st.integers(0, 2**31),
+)
+def test_the_running_reference_of_the_one_pass_sum(v, layout, t, scale, seed) -> None:
+    """The log-partition is summed chunk by chunk against the maximum of the chunks before: logits that rise
+    steeply along the row (every chunk re-summed), that creep up (terms above the reference kept), that fall, or a
+    vocabulary masked with -inf at its start or end, all against the float64 reference."""
+    rng = np.random.default_rng(seed)
+    z = _logits(rng, 3, v, scale)
+    if layout == "ascending":
+        z = np.sort(z, axis=1)
+    elif layout == "creeping":  # the maximum rises by less than the reference's margin from chunk to chunk
+        z = (np.linspace(0.0, 0.3 * t * v / 1024, v) + rng.uniform(0, 1e-3, (3, v))).astype(np.float32)
+    elif layout == "descending":
+        z = -np.sort(-z, axis=1)
+    else:
+        masked = rng.integers(0, v, 3)  # at least one logit stays finite
+        for row, m in enumerate(masked):
+            if layout == "masked prefix":
+                z[row, :m] = -np.inf
+            else:
+                z[row, v - m :] = -np.inf
+    k = int(rng.integers(1, min(v, 40) + 1))
+    ids, logp, logz = topk_kernel.topk_log_probs(z, np.arange(3), k, t)
+    ref_ids, ref_logp, ref_logz = _reference(z, k, t)
+    np.testing.assert_array_equal(ids[np.isfinite(ref_logp)], ref_ids[np.isfinite(ref_logp)])
+    np.testing.assert_array_less(np.abs(logz - ref_logz), 2e-6 * np.maximum(1.0, np.abs(ref_logz)))
+
+
+@pytest.mark.parametrize("where", [100, 3000, 5999])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_bad_logit_among_masked_ones_still_gives_a_nan_log_partition(where, bad) -> None:
+    """While every logit so far is -inf the running sum has no reference; a NaN or +inf there must still show."""
+    z = _logits(np.random.default_rng(6), 2, 6000, 1.0)
+    z[:, :5000] = -np.inf
+    z[1, where] = bad
+    _, _, logz = topk_kernel.topk_log_probs(z, np.arange(2), 4, 1.0)
+    assert np.isfinite(logz[0]) and np.isnan(logz[1])
