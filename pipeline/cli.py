@@ -80,9 +80,9 @@ _train_option = functools.partial(_config_option, TrainStudentConfig)
 )
 @_cache_option(
     "--postprocess",
-    type=click.Choice(POSTPROCESS),
+    type=click.Choice((*POSTPROCESS, "torch")),
     help="Where top-k runs: host (one pass over the logits on the CPU), graph (TopK in the ONNX graph), or "
-    "auto (graph when CUDA really runs).",
+    "auto (graph when CUDA really runs). torch: the old name of host.",
 )
 @_cache_option("--pad-token-id", type=int, help="Id used to pad token inputs (padded positions are not cached).")
 @_cache_option("--probe-positions", type=int, help="Positions for dense fidelity statistics.")

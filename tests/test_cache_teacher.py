@@ -164,6 +164,18 @@ def test_cli_prints_cache_path_last_and_reports_hit(classifier_setup) -> None:
     assert "cache hit" in second.stderr
 
 
+def test_the_old_postprocess_name_torch_still_runs_on_the_host(classifier_setup) -> None:
+    """Scripts written before the host kernel say --postprocess torch; it means host, the same cache and key."""
+    args = ["--teacher", str(classifier_setup["teacher"]), "--data", str(classifier_setup["data"]), "--top-k", "3"]
+    args += ["--cache-dir", str(classifier_setup["cache_dir"]), "--quiet"]
+    old = CliRunner().invoke(main, ["cache-teacher", *args, "--postprocess", "torch"])
+    assert old.exit_code == 0, old.output
+    manifest = json.loads((Path(old.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).read_text())
+    assert manifest["postprocess"] == ["host"]
+    new = CliRunner().invoke(main, ["cache-teacher", *args, "--postprocess", "host"])
+    assert "cache hit" in new.stderr and new.stdout == old.stdout
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path) -> None:
     x = np.random.default_rng(3).normal(size=(3000, 8)).astype(np.float32)
     teachers.make_classifier(tmp_path / "clf.onnx")
