@@ -10,12 +10,14 @@ Method:
   run over the pipeline's own batches (shard by shard, length-grouped, padded per batch, made by
   ``ShardRunner._batches``), timing only ``session.run`` returning the full ``[batch, seq, V]`` logits.
 - bare end to end: what a user's own script pays for the same logits, a fresh ``onnxruntime.InferenceSession``
-  from the file plus ``session.run`` over the same batches; the pipeline's end-to-end time is compared with it.
+  from the file, ``session.run`` over the same batches and the session's release; the pipeline's end-to-end
+  time is compared with it.
 - pipeline: ``stages.cache_teacher.run`` end to end into a fresh cache directory each time (never a cache hit).
   "end to end" is the wall time of the call, "steady" is the manifest's shard-loop time (without loading and
   hashing the teacher, creating the session, fingerprinting the dataset), which is what a long run approaches.
-- rounds are interleaved (bare, pipeline k=8, k=32, k=64, bare, ...) so load from other processes falls on
-  both alike; the medians, their ratio, and the per-round ratios are printed.
+- rounds are interleaved (bare, pipeline k=8, k=32, k=64, then pipeline first, bare, ...: ABBA) so load from
+  other processes, and the machine's speed drifting, fall on both alike; the medians, their ratio, the
+  per-round ratios and their median ("paired") are printed.
 - top-k placement: ``--postprocess host`` against ``graph`` (TopK + ReduceLogSumExp appended to the ONNX graph),
   each also without the fidelity probe (``-noprobe``: in graph mode the probe asks the session for the dense
   logits of the first batch once more), plus bare ORT; each run is its own subprocess, which reports its own
@@ -214,7 +216,8 @@ def time_bare_warm(path: Path, threads: int, batches: list[tuple[dict, int]]) ->
 
 def time_bare_end_to_end(path: Path, threads: int, batches: list[tuple[dict, int]]) -> dict:
     """What a user's own script pays: a fresh ``onnxruntime.InferenceSession`` from the file (the pipeline's
-    thread setting), then ``session.run`` over all batches for the full logits; the wall time of both."""
+    thread setting), ``session.run`` over all batches for the full logits, and the session's release (which the
+    pipeline's wall time includes too); the wall time of all three."""
     import onnxruntime as ort
 
     t = time.perf_counter()
@@ -224,6 +227,7 @@ def time_bare_end_to_end(path: Path, threads: int, batches: list[tuple[dict, int
     output = session.get_outputs()[0].name
     for feeds, _ in batches:
         session.run([output], feeds)
+    del session
     seconds = time.perf_counter() - t
     positions = sum(n for _, n in batches)
     return {"positions": positions, "seconds": seconds, "positions_per_second": positions / seconds}
@@ -358,6 +362,13 @@ def summarise(rounds: list[dict], ks: list[int]) -> dict:
             "end_to_end_ratio_rounds": [p / b for p, b in zip(e2e, bare_e2e)],
             "steady_ratio": _median(steady) / _median(bare),
             "steady_ratio_rounds": [p / b for p, b in zip(steady, bare)],
+            # The median of the rounds' own ratios: each pairs runs made seconds apart, so it is the less
+            # affected by the machine's speed drifting between rounds.
+            "paired": {
+                "ratio": _median([p / b for p, b in zip(e2e, bare)]),
+                "end_to_end_ratio": _median([p / b for p, b in zip(e2e, bare_e2e)]),
+                "steady_ratio": _median([p / b for p, b in zip(steady, bare)]),
+            },
             "startup_seconds": _median([p["wall_seconds"] - p["steady_seconds"] for p in runs]),
             "bytes_per_position": runs[-1]["bytes_per_position"],
             "logical_bytes_per_position": 8 * k + 8,  # k int32 ids + k float32 log-probs + logZ + tail mass
@@ -403,6 +414,12 @@ def print_report(result: dict) -> None:
             f"{k:>3} {r['pipeline_positions_per_second']['median']:>15.0f} {r['ratio']:>6.3f} {rounds:>17} "
             f"{r['end_to_end_ratio']:>10.3f} {e2e:>17} {r['steady_ratio']:>13.3f} {steady:>17} "
             f"{r['startup_seconds']:>10.2f} {r['bytes_per_position']:>11.1f} {r['logical_bytes_per_position']:>14d}"
+        )
+    for k, r in s["k"].items():
+        paired = r["paired"]
+        print(
+            f"{k:>3} paired (median of the rounds' ratios): ratio {paired['ratio']:.3f}, "
+            f"e2e ratio {paired['end_to_end_ratio']:.3f}, steady ratio {paired['steady_ratio']:.3f}"
         )
     last = list(s["k"].values())[-1]
     cols = ", ".join(f"{c} {b:.1f}" for c, b in last["column_bytes_per_position"].items())
@@ -569,24 +586,30 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
 
     rounds = []
     for r in range(args.rounds):
-        entry = {
-            "bare": time_bare_warm(teacher_path, args.threads, batches),
-            "bare_end_to_end": time_bare_end_to_end(teacher_path, args.threads, batches),
-            "pipeline": {},
-        }
+        # ABBA: every other round runs the pipeline first, so a machine slowing down (or speeding up) across a
+        # round does not favour one side.
+        pipeline_first = r % 2 == 1
+        entry = {"pipeline": {}, "pipeline_first": pipeline_first}
+        for side in ("pipeline", "bare") if pipeline_first else ("bare", "pipeline"):
+            if side == "bare":
+                entry["bare"] = time_bare_warm(teacher_path, args.threads, batches)
+                entry["bare_end_to_end"] = time_bare_end_to_end(teacher_path, args.threads, batches)
+            else:
+                for k in args.top_k:
+                    entry["pipeline"][str(k)] = time_pipeline(config(k, "host", workdir / f"cache-r{r}-k{k}"))
         print(
-            f"round {r + 1}: bare {entry['bare']['positions_per_second']:.0f} pos/s "
+            f"round {r + 1}{' (pipeline first)' if pipeline_first else ''}: "
+            f"bare {entry['bare']['positions_per_second']:.0f} pos/s "
             f"(end to end {entry['bare_end_to_end']['positions_per_second']:.0f})",
             end="",
             flush=True,
         )
         for k in args.top_k:
-            run = time_pipeline(config(k, "host", workdir / f"cache-r{r}-k{k}"))
+            run = entry["pipeline"][str(k)]
             if run["positions"] != positions:
                 raise RuntimeError(
                     f"the pipeline cached {run['positions']} positions, the bare batches hold {positions}"
                 )
-            entry["pipeline"][str(k)] = run
             print(
                 f" | k={k} {run['positions_per_second']:.0f} pos/s "
                 f"({run['positions_per_second'] / entry['bare']['positions_per_second']:.3f})",
