@@ -164,6 +164,24 @@ def test_cli_prints_cache_path_last_and_reports_hit(classifier_setup) -> None:
     assert "cache hit" in second.stderr
 
 
+def test_a_teacher_handed_its_bytes_without_the_parsed_graph_still_changes_the_graph(classifier_setup) -> None:
+    """cache-teacher lets the parsed graph go before the session is built when the session needs the bytes
+    unchanged; a session that needs hidden outputs or the top-k head parses them again."""
+    from stages.teacher import TOPK_IDS, Teacher, inspect
+
+    info, _, data = inspect(classifier_setup["teacher"])
+    x = classifier_setup["x"][:5]
+    logits, hidden = teachers.classifier_forward(classifier_setup["weights"], x)
+    with_hidden = Teacher(classifier_setup["teacher"], device="cpu", hidden=["hidden"], inspected=(info, None, data))
+    out = with_hidden.run({"x": x})
+    np.testing.assert_allclose(out[0], logits, rtol=1e-5)
+    np.testing.assert_allclose(out[1], hidden, rtol=1e-5)
+    info, _, data = inspect(classifier_setup["teacher"])
+    head = Teacher(classifier_setup["teacher"], device="cpu", topk_in_graph=(3, 1.0), inspected=(info, None, data))
+    assert head._outputs[0] == TOPK_IDS
+    np.testing.assert_array_equal(head.run({"x": x})[0], np.argsort(-logits, axis=1, kind="stable")[:, :3])
+
+
 def test_the_old_postprocess_name_torch_still_runs_on_the_host(classifier_setup) -> None:
     """Scripts written before the host kernel say --postprocess torch; it means host, the same cache and key."""
     args = ["--teacher", str(classifier_setup["teacher"]), "--data", str(classifier_setup["data"]), "--top-k", "3"]
