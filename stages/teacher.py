@@ -273,7 +273,6 @@ class Teacher:
         import onnxruntime as ort
 
         self.info, model, data = inspected or inspect(path, logits_output)
-        inspected = None
         self.info.hidden = list(hidden or [])
         modified = bool(self.info.hidden) or topk_in_graph is not None
         if modified and model is None:
