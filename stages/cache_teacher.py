@@ -117,13 +117,16 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
     fingerprint = dataset.fingerprint()
     request = request_for(info, fingerprint, config)
     key = fmt.cache_key(request)
-    cache_dir = storage.location(config.cache_dir) / key
+    root = storage.location(config.cache_dir)
+    cache_dir = root / key
 
-    if (cache_dir / fmt.MANIFEST).is_file():
-        cache = fmt.open_cache(cache_dir)
+    found = cache_dir if (cache_dir / fmt.MANIFEST).is_file() else _legacy_cache(root, request, dataset)
+    if found is not None:
+        cache = fmt.open_cache(found)
         cache.verify(checksums=False)
-        log(f"cache hit: {cache_dir} ({cache.manifest['num_positions']} positions; the teacher was not run)")
-        return CacheResult(cache_dir, True, cache.manifest)
+        legacy = "; written before datasets were fingerprinted by their rows" if found != cache_dir else ""
+        log(f"cache hit: {found} ({cache.manifest['num_positions']} positions; the teacher was not run{legacy})")
+        return CacheResult(found, True, cache.manifest)
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +143,29 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
     finally:
         for lock in locks:
             lock.close()
+
+
+def _legacy_cache(root: Path | ObjectPath, request: dict, dataset: Dataset) -> Path | None:
+    """A cache of this same request written before datasets were fingerprinted by their rows: its manifest has
+    no ``fingerprint_of``, and its key hashes the dataset's files (names and bytes) instead. The files are hashed
+    only when such a cache matches the rest of the request. Local cache folders only."""
+    if not isinstance(root, Path) or not root.is_dir():
+        return None
+    rest = {k: v for k, v in request.items() if k != "dataset_fingerprint"}
+    files = None
+    for manifest_path in sorted(root.glob(f"*/{fmt.MANIFEST}")):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            old = manifest["request"]
+            written_by_rows = "fingerprint_of" in manifest["dataset"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a cache this can read; `pipeline caches list` names what is wrong with it
+        if written_by_rows or {k: v for k, v in old.items() if k != "dataset_fingerprint"} != rest:
+            continue
+        files = files or dataset.file_fingerprint()
+        if manifest_path.parent.name == fmt.cache_key(old) and old["dataset_fingerprint"] == files:
+            return manifest_path.parent
+    return None
 
 
 def _lock(cache_dir: Path | ObjectPath, worker: int, workers: int, wait: float) -> list:

@@ -234,18 +234,23 @@ def test_renamed_copy_of_a_dataset_is_a_cache_hit_and_trains(classifier_setup, t
     assert train_student.run(config, progress=False, log=lambda m: None)["epochs"] == 1
 
 
+def _as_legacy_cache(path: Path, data: Path) -> Path:
+    """Rewrite a fresh cache as one written before row fingerprints: the files' fingerprint in its request and
+    manifest, no marker, no manifest checksum, and the key (its folder's name) hashing that request."""
+    manifest = json.loads((path / fmt.MANIFEST).read_text())
+    del manifest["dataset"]["fingerprint_of"], manifest[fmt.MANIFEST_CHECKSUM]
+    manifest["dataset"]["fingerprint"] = manifest["request"]["dataset_fingerprint"] = Dataset(data).file_fingerprint()
+    manifest["key"] = fmt.cache_key(manifest["request"])
+    (path / fmt.MANIFEST).write_text(json.dumps(manifest))
+    return path.rename(path.parent / manifest["key"])
+
+
 def test_cache_from_before_row_fingerprints_still_pairs_with_its_dataset(classifier_setup, tmp_path) -> None:
     # Manifests written before this change carry the fingerprint of the files' names and bytes, and no marker.
     result = _cache(classifier_setup["teacher"], classifier_setup["data"], classifier_setup["cache_dir"])
-    # Such a manifest also predates manifest checksums, and its key hashes the file fingerprint.
-    manifest = json.loads((result.path / fmt.MANIFEST).read_text())
-    del manifest["dataset"]["fingerprint_of"], manifest[fmt.MANIFEST_CHECKSUM]
-    old_fingerprint = Dataset(classifier_setup["data"]).file_fingerprint()
-    manifest["dataset"]["fingerprint"] = manifest["request"]["dataset_fingerprint"] = old_fingerprint
-    manifest["key"] = fmt.cache_key(manifest["request"])
-    (result.path / fmt.MANIFEST).write_text(json.dumps(manifest))
+    path = _as_legacy_cache(result.path, classifier_setup["data"])
     config = TrainStudentConfig(
-        data=str(classifier_setup["data"]), cache=[str(result.path)], out=str(tmp_path / "run"),
+        data=str(classifier_setup["data"]), cache=[str(path)], out=str(tmp_path / "run"),
         student="mlp:hidden=8", epochs=1, export_onnx=False,
     )  # fmt: skip
     assert train_student.run(config, progress=False, log=lambda m: None)["epochs"] == 1
@@ -253,6 +258,27 @@ def test_cache_from_before_row_fingerprints_still_pairs_with_its_dataset(classif
     teachers.write_vectors(other, classifier_setup["x"][::-1].copy(), np.arange(300) % 10)
     with pytest.raises(CacheError, match="built from another dataset"):
         train_student.run(dataclasses.replace(config, data=str(other), overwrite=True), progress=False)
+
+
+def test_a_cache_from_before_row_fingerprints_is_still_a_hit(classifier_setup, tmp_path, monkeypatch) -> None:
+    s = classifier_setup
+    old = _as_legacy_cache(_cache(s["teacher"], s["data"], s["cache_dir"]).path, s["data"])
+    other_t = _cache(s["teacher"], s["data"], s["cache_dir"], temperature=2.0).path  # a row-fingerprint cache too
+    monkeypatch.setattr(cache_teacher, "Teacher", None)  # a hit must not build a session
+    logged = []
+    again = cache_teacher.run(
+        CacheTeacherConfig(teacher=str(s["teacher"]), data=str(s["data"]), cache_dir=str(s["cache_dir"]), top_k=4),
+        progress=False,
+        log=logged.append,
+    )
+    assert again.hit and again.path == old and "before datasets were fingerprinted by their rows" in logged[-1]
+    assert _cache(s["teacher"], s["data"], s["cache_dir"], temperature=2.0).path == other_t
+    # The same file name with other rows is not that cache: the request runs the teacher.
+    changed = tmp_path / "changed" / s["data"].name
+    changed.parent.mkdir()
+    teachers.write_vectors(changed, s["x"][::-1].copy(), np.arange(300) % 10)
+    with pytest.raises(TypeError):  # Teacher is None: the run got as far as loading the teacher
+        _cache(s["teacher"], changed, s["cache_dir"])
 
 
 # -- labels: "label" or the Hugging Face "labels", read through one name -------------------------------------
