@@ -158,12 +158,13 @@ def _legacy_cache(root: Path | ObjectPath, request: dict, dataset: Dataset) -> P
             manifest = json.loads(manifest_path.read_text())
             old = manifest["request"]
             written_by_rows = "fingerprint_of" in manifest["dataset"]
-        except (OSError, ValueError, KeyError, TypeError):
+            same_rest = {k: v for k, v in old.items() if k != "dataset_fingerprint"} == rest
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not a cache this can read; `pipeline caches list` names what is wrong with it
-        if written_by_rows or {k: v for k, v in old.items() if k != "dataset_fingerprint"} != rest:
+        if written_by_rows or not same_rest:
             continue
         files = files or dataset.file_fingerprint()
-        if manifest_path.parent.name == fmt.cache_key(old) and old["dataset_fingerprint"] == files:
+        if manifest_path.parent.name == fmt.cache_key(old) and old.get("dataset_fingerprint") == files:
             return manifest_path.parent
     return None
 
