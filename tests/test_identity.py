@@ -281,6 +281,17 @@ def test_a_cache_from_before_row_fingerprints_is_still_a_hit(classifier_setup, t
         _cache(s["teacher"], changed, s["cache_dir"])
 
 
+def test_unreadable_manifests_beside_a_request_do_not_stop_it(classifier_setup) -> None:
+    """The search for caches from before row fingerprints reads every manifest in the cache folder; what it cannot
+    read as one (edited, truncated, another tool's) it passes over."""
+    root = classifier_setup["cache_dir"]
+    for name, text in (("a", "[1, 2]"), ("b", '{"request": [1], "dataset": {}}'), ("c", "{"), ("d", '{"dataset": []}')):
+        (root / name).mkdir(parents=True)
+        (root / name / fmt.MANIFEST).write_text(text)
+    result = _cache(classifier_setup["teacher"], classifier_setup["data"], root)
+    assert not result.hit and (result.path / fmt.MANIFEST).is_file()
+
+
 # -- labels: "label" or the Hugging Face "labels", read through one name -------------------------------------
 
 
