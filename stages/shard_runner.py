@@ -248,6 +248,7 @@ class ShardRunner:
             entropy, kl = _kernel_statistics(flat, rows, T, top_ids[:n], tail, kept)
             self.probe_stats["kl"] += kl.tolist()
             self.probe_stats["entropy"] += entropy.tolist()
+            self.probe_stats["tail"] += tail.tolist()
             self._probe_encoding(ids.astype(np.int32), logp, tail, valid)
         else:
             for at, z in _dense_blocks(flat, rows):
@@ -255,8 +256,6 @@ class ShardRunner:
                 self.probe_stats["tail"] += (1 - covered.sum(-1).float()).tolist()
                 self.probe_stats["entropy"] += targets.entropy(z, T).tolist()
         self.probe_stats["top1"] += np.exp(top_logp[:, 0]).tolist()
-        if drawn is None:
-            self.probe_stats["tail"] += tail.tolist()
         self.probe_left -= n
 
     def _probe_encoding(self, ids: np.ndarray, logp: np.ndarray, tail: np.ndarray, valid: np.ndarray | None) -> None:

@@ -184,13 +184,11 @@ def test_a_teacher_handed_its_bytes_without_the_parsed_graph_still_changes_the_g
 
 def test_the_old_postprocess_name_torch_still_runs_on_the_host(classifier_setup) -> None:
     """Scripts written before the host kernel say --postprocess torch; it means host, the same cache and key."""
-    args = ["--teacher", str(classifier_setup["teacher"]), "--data", str(classifier_setup["data"]), "--top-k", "3"]
-    args += ["--cache-dir", str(classifier_setup["cache_dir"]), "--quiet"]
-    old = CliRunner().invoke(main, ["cache-teacher", *args, "--postprocess", "torch"])
+    old = _invoke(classifier_setup, "--top-k", "3", "--postprocess", "torch")
     assert old.exit_code == 0, old.output
     manifest = json.loads((Path(old.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).read_text())
     assert manifest["postprocess"] == ["host"]
-    new = CliRunner().invoke(main, ["cache-teacher", *args, "--postprocess", "host"])
+    new = _invoke(classifier_setup, "--top-k", "3", "--postprocess", "host")
     assert "cache hit" in new.stderr and new.stdout == old.stdout
 
 

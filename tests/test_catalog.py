@@ -21,29 +21,19 @@ from stages.config import CacheTeacherConfig, TrainStudentConfig
 from tests import teachers
 
 
+def _cache(teacher, data, root, **options) -> cache_teacher.CacheResult:
+    config = CacheTeacherConfig(teacher=str(teacher), data=str(data), cache_dir=str(root), **options)
+    return cache_teacher.run(config, progress=False, log=lambda m: None)
+
+
 @pytest.fixture
 def world(classifier_setup: dict, tmp_path: Path) -> dict:
     """Two teachers' caches of one dataset (k = V in 3 shards; k = 3 < V), a KD run and a from-scratch run."""
     s = classifier_setup
     root, runs = s["cache_dir"], tmp_path / "runs"
-    full = cache_teacher.run(
-        CacheTeacherConfig(
-            teacher=str(s["teacher"]),
-            data=str(s["data"]),
-            top_k=10,
-            temperature=2.0,
-            cache_dir=str(root),
-            shard_size=128,
-        ),
-        progress=False,
-        log=lambda m: None,
-    )
+    full = _cache(s["teacher"], s["data"], root, top_k=10, temperature=2.0, shard_size=128)
     other = teachers.make_classifier(tmp_path / "clf2.onnx", seed=1)
-    top3 = cache_teacher.run(
-        CacheTeacherConfig(teacher=str(tmp_path / "clf2.onnx"), data=str(s["data"]), top_k=3, cache_dir=str(root)),
-        progress=False,
-        log=lambda m: None,
-    )
+    top3 = _cache(tmp_path / "clf2.onnx", s["data"], root, top_k=3)
     common = dict(
         data=str(s["data"]), epochs=1, export_onnx=False, cache_dir=str(root), eval_data=str(s["data"]), student="mlp"
     )
@@ -84,19 +74,7 @@ def test_caches_list_shows_each_cache_with_its_runs(world):
 
 def test_caches_list_says_what_each_position_holds(world):
     """k, encoding and top-p in the listing's words, and as columns of the catalog for SQL."""
-    compact = cache_teacher.run(
-        CacheTeacherConfig(
-            teacher=str(world["teacher"]),
-            data=str(world["data"]),
-            top_k=6,
-            top_p=0.8,
-            min_k=2,
-            encoding="int8",
-            cache_dir=str(world["root"]),
-        ),
-        progress=False,
-        log=lambda m: None,
-    )
+    compact = _cache(world["teacher"], world["data"], world["root"], top_k=6, top_p=0.8, min_k=2, encoding="int8")
     rows = {r["key"]: r for r in json.loads(cli(world, "caches", "list", "--format", "json").output)}
     assert rows[compact.path.name]["targets"] == "top-6 top-p 0.8 (at least 2), int8 log-probs"
     assert rows[world["top3"].path.name]["targets"] == "top-3"

@@ -171,21 +171,22 @@ def _padded_targets(seed: int, n: int = 7, v: int = 12, k: int = 6, t: float = 1
 
 
 def _dense_reference(targets_: SoftTargets, student: Tensor, t: float, renormalize: bool = False) -> Tensor:
-    """Mean KL by hand in float64, row by row: the kept ids exact, every other id in one tail bucket."""
-    total = 0.0
+    """Mean KL by hand in float64, row by row: the kept ids exact, every other id in one tail bucket. One
+    differentiable expression, so autograd through it gives the reference gradient too."""
     log_q_all = torch.log_softmax(student.double() / t, -1)
+    terms = []
     for r in range(student.shape[0]):
         keep = targets_.valid[r]
         ids, log_p = targets_.ids[r][keep], targets_.logp[r][keep].double()
         log_q = log_q_all[r, ids]
         if renormalize:
             log_p, log_q = log_p.log_softmax(-1), log_q.log_softmax(-1)
-            total += float((log_p.exp() * (log_p - log_q)).sum())
-            continue
-        tail = 1 - log_p.exp().sum()
-        q_tail = 1 - log_q.exp().sum()
-        total += float((log_p.exp() * (log_p - log_q)).sum() + tail * (tail.log() - q_tail.log()))
-    return torch.tensor(total / student.shape[0], dtype=torch.float64)
+            terms.append((log_p.exp() * (log_p - log_q)).sum())
+        else:
+            tail = 1 - log_p.exp().sum()
+            q_tail = 1 - log_q.exp().sum()
+            terms.append((log_p.exp() * (log_p - log_q)).sum() + tail * (tail.log() - q_tail.log()))
+    return torch.stack(terms).mean()
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
@@ -201,26 +202,8 @@ def test_kd_loss_on_a_top_p_batch_equals_the_dense_reference(renormalize: bool) 
     assert torch.isfinite(student.grad).all()
     # Gradient by hand: the dense reference differentiated by autograd in float64 agrees.
     ref_student = student.detach().clone().requires_grad_(True)
-    _dense_reference_grad(teacher, ref_student, renormalize).backward()
+    _dense_reference(teacher, ref_student, 1.0, renormalize).backward()
     torch.testing.assert_close(student.grad, ref_student.grad, rtol=1e-8, atol=1e-10)
-
-
-def _dense_reference_grad(targets_: SoftTargets, student: Tensor, renormalize: bool) -> Tensor:
-    """The reference as one differentiable expression (the same math as _dense_reference)."""
-    log_q_all = torch.log_softmax(student, -1)
-    terms = []
-    for r in range(student.shape[0]):
-        keep = targets_.valid[r]
-        ids, log_p = targets_.ids[r][keep], targets_.logp[r][keep].double()
-        log_q = log_q_all[r, ids]
-        if renormalize:
-            log_p, log_q = log_p.log_softmax(-1), log_q.log_softmax(-1)
-            terms.append((log_p.exp() * (log_p - log_q)).sum())
-        else:
-            tail = 1 - log_p.exp().sum()
-            q_tail = 1 - log_q.exp().sum()
-            terms.append((log_p.exp() * (log_p - log_q)).sum() + tail * (tail.log() - q_tail.log()))
-    return torch.stack(terms).mean()
 
 
 def test_padding_is_carried_through_index_to_and_retemper() -> None:
@@ -260,9 +243,14 @@ def test_soft_targets_refuse_a_valid_mask_of_another_shape() -> None:
 
 
 # ---- end to end: cache-teacher --top-p, every reader ----------------------------------------------------
-def _cache(runner: CliRunner, setup: dict, *flags: str) -> str:
+def _invoke(setup: dict, *flags: str, runner: CliRunner | None = None):
+    """``pipeline cache-teacher`` on the setup's teacher, data and cache folder, plus ``flags``."""
     args = ["cache-teacher", "--teacher", str(setup["teacher"]), "--data", str(setup["data"])]
-    got = runner.invoke(main, [*args, "--cache-dir", str(setup["cache_dir"]), "--top-k", str(K), "--quiet", *flags])
+    return (runner or CliRunner()).invoke(main, [*args, "--cache-dir", str(setup["cache_dir"]), *flags])
+
+
+def _cache(runner: CliRunner, setup: dict, *flags: str) -> str:
+    got = _invoke(setup, "--top-k", str(K), "--quiet", *flags, runner=runner)
     assert got.exit_code == 0, got.output
     return Path(got.stdout.splitlines()[-1]).name
 
@@ -466,24 +454,13 @@ def test_a_row_longer_than_top_k_is_refused_on_decode(top_p_caches: dict) -> Non
     ],
 )
 def test_bad_top_p_options_are_one_line_errors(token_setup: dict, flags: list[str], message: str) -> None:
-    args = ["cache-teacher", "--teacher", str(token_setup["teacher"]), "--data", str(token_setup["data"])]
-    got = CliRunner().invoke(main, [*args, "--cache-dir", str(token_setup["cache_dir"]), "--top-k", str(K), *flags])
+    got = _invoke(token_setup, "--top-k", str(K), *flags)
     assert got.exit_code == 1 and message in got.output, got.output
     assert "Traceback" not in got.output and not token_setup["cache_dir"].exists()
 
 
 def test_min_k_above_the_automatic_top_k_is_refused(classifier_setup: dict) -> None:
-    s = classifier_setup
-    args = [
-        "cache-teacher",
-        "--teacher",
-        str(s["teacher"]),
-        "--data",
-        str(s["data"]),
-        "--cache-dir",
-        str(s["cache_dir"]),
-    ]
-    got = CliRunner().invoke(main, [*args, "--top-p", "0.5", "--min-k", "12"])
+    got = _invoke(classifier_setup, "--top-p", "0.5", "--min-k", "12")
     assert got.exit_code == 1 and "min_k 12 is more than the 10 ids --top-k 0 chose" in got.output, got.output
 
 
