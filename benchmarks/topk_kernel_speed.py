@@ -6,9 +6,13 @@ Three passes over the same rows, interleaved ``--rounds`` times, each the best o
 - read: a plain vectorised sum of every row, the least any pass over the logits can cost;
 - scan: the kernel's one loop per row (group maxima and the log-partition's sum, ``_scan_row``);
 - kernel: ``topk_log_probs`` whole (the scan, the threshold, the candidates, their sort, the float64 log-probs).
-Printed: microseconds per position and the kernel's ratio to the read.
+Printed: microseconds per position and the kernel's ratio to the read. ``--logits`` picks the rows: normal
+(N(0, 3^2), distinct values), quantised (the same rounded to steps of 1/2, as a teacher with quantised output
+gives: many ties at the top-k's edge), constant (every logit equal, the most ties there can be) and masked (all
+but the first 1,000 ids at -inf, a restricted vocabulary: fewer finite groups than k, ties at -inf).
 
     python benchmarks/topk_kernel_speed.py                    # V = 50,257 and 262,144, k = 32
+    python benchmarks/topk_kernel_speed.py --vocab 50257 --logits normal quantised constant masked
 """
 
 from __future__ import annotations
@@ -49,8 +53,19 @@ def _best(run, repeats: int) -> float:
     return min(times)
 
 
-def measure(vocab: int, positions: int, k: int, rounds: int, repeats: int) -> dict[str, list[float]]:
+def logits(kind: str, positions: int, vocab: int) -> np.ndarray:
     z = (np.random.default_rng(0).standard_normal((positions, vocab)) * 3).astype(np.float32)
+    if kind == "quantised":
+        z = np.round(z * 2) / 2
+    elif kind == "constant":
+        z[:] = 1.0
+    elif kind == "masked":
+        z[:, 1000:] = -np.inf
+    return z
+
+
+def measure(z: np.ndarray, k: int, rounds: int, repeats: int) -> dict[str, list[float]]:
+    positions = len(z)
     rows = np.arange(positions)
     out = np.empty(positions)
     passes = {
@@ -71,6 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, nargs="+", default=[50257, 262144])
     p.add_argument("--mib", type=int, default=264, help="MiB of logits per batch (rows = MiB / (4 V))")
+    p.add_argument("--logits", nargs="+", default=["normal"], choices=["normal", "quantised", "constant", "masked"])
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
@@ -79,16 +95,20 @@ def main() -> None:
         f"threads: {topk_kernel._threads()}; us per position, median of {args.rounds} rounds (each best of "
         f"{args.repeats})"
     )
-    print(f"{'V':>8} {'rows':>6} {'read':>7} {'scan':>7} {'kernel':>7} {'kernel / read':>14}  per-round kernel / read")
+    print(
+        f"{'V':>8} {'logits':>10} {'rows':>6} {'read':>7} {'scan':>7} {'kernel':>7} {'kernel / read':>14}  "
+        "per-round kernel / read"
+    )
     for vocab in args.vocab:
         positions = max(8, (args.mib << 20) // (4 * vocab))
-        seen = measure(vocab, positions, args.top_k, args.rounds, args.repeats)
-        med = {name: float(np.median(v)) for name, v in seen.items()}
-        per_round = ", ".join(f"{k / r:.2f}" for k, r in zip(seen["kernel"], seen["read"]))
-        print(
-            f"{vocab:>8} {positions:>6} {med['read']:>7.2f} {med['scan']:>7.2f} {med['kernel']:>7.2f} "
-            f"{med['kernel'] / med['read']:>14.2f}  {per_round}"
-        )
+        for kind in args.logits:
+            seen = measure(logits(kind, positions, vocab), args.top_k, args.rounds, args.repeats)
+            med = {name: float(np.median(v)) for name, v in seen.items()}
+            per_round = ", ".join(f"{k / r:.2f}" for k, r in zip(seen["kernel"], seen["read"]))
+            print(
+                f"{vocab:>8} {kind:>10} {positions:>6} {med['read']:>7.2f} {med['scan']:>7.2f} {med['kernel']:>7.2f} "
+                f"{med['kernel'] / med['read']:>14.2f}  {per_round}"
+            )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ Here each row is read from memory once: one loop takes the maxima of its groups 
 the same time, their exponentials against the maximum of the logits before them; when a chunk raises the row's
 maximum, the sum so far is rescaled, as in an online softmax (``_scan_row``). A threshold that at least k group
 maxima reach bounds the top-k from below (those maxima are logits), so the top-k is chosen among the few groups
-that reach it, re-read from cache. Exponentials use ``exp(x) = 2^n * 2^f`` with a polynomial for ``2^f``, which
-the compiler vectorises (libm's ``exp`` does not vectorise here); its relative error is 2.2e-7 at most, and the
-sum is kept in float64, so logZ is within float32 rounding of a float64 reference (tests/test_topk_kernel.py).
+that reach it, re-read from cache; where many maxima reach it (ties), only the first k of the logits tied at
+the top-k's edge are taken, so a constant row costs about what any other does. Exponentials use
+``exp(x) = 2^n * 2^f`` with a polynomial for ``2^f``, which the compiler vectorises (libm's ``exp`` does not
+vectorise here); its relative error is 2.2e-7 at most, and the sum is kept in float64, so logZ is within float32
+rounding of a float64 reference (tests/test_topk_kernel.py).
 
 Ties between equal logits go to the lower id (torch's ``topk`` leaves their order unspecified). A row with a
 NaN or +inf logit gets a NaN log-partition, which the caller reports.
@@ -228,6 +230,47 @@ def _threshold(gmax, k, m):
 
 
 @njit(inline="always", fastmath=_FAST)
+def _candidates(row, gmax, thr, cand_v, cand_i):
+    """The logits >= thr (values and ids, ascending ids) into cand_v/cand_i, from the groups whose maximum
+    reaches thr; how many."""
+    v = row.shape[0]
+    n = 0
+    for g in range(gmax.shape[0]):
+        if gmax[g] >= thr:
+            for j in range(g * _GROUP, min(g * _GROUP + _GROUP, v)):
+                if row[j] >= thr:
+                    cand_v[n] = row[j]
+                    cand_i[n] = j
+                    n += 1
+    return n
+
+
+@njit(inline="always", fastmath=_FAST)
+def _tied_candidates(row, gmax, thr, k, cand_v, cand_i):
+    """_candidates when many group maxima reach thr, which ties do (a constant row, quantised or masked logits):
+    thr is raised to the least of those maxima (the same maxima reach it, and it is a logit), and of the logits
+    equal to it only the first k are taken, the most the top-k can hold (ties go to the lower id). A constant
+    row then gives k candidates, not V to sort."""
+    t = np.float32(np.inf)
+    for g in range(gmax.shape[0]):
+        x = gmax[g]
+        t = x if x >= thr and x < t else t
+    v = row.shape[0]
+    n = ties = 0
+    for g in range(gmax.shape[0]):
+        if gmax[g] > t or (gmax[g] == t and ties < k):  # a group whose maximum is t adds only ties
+            for j in range(g * _GROUP, min(g * _GROUP + _GROUP, v)):
+                x = row[j]
+                tie = x == t
+                if x > t or (tie and ties < k):
+                    cand_v[n] = x
+                    cand_i[n] = j
+                    n += 1
+                    ties += tie
+    return n
+
+
+@njit(inline="always", fastmath=_FAST)
 def _group_max_exp(group, ref, scale):
     """Over _GROUP logits, read once: their maximum and sum(2^((group - ref) * scale)) in float32. Both in one loop,
     so the exponentials are computed while the next logits stream in from memory (a 50,257-logit row from DRAM in
@@ -314,14 +357,10 @@ def _topk_rows(z, rows, k, scale, ids, vals, maxes, sums):
         maxes[i] = m
         sums[i] = total
         thr = np.float32(-np.inf) if k >= groups else _threshold(gmax, k, m)
-        n = 0
-        for g in range(groups):
-            if gmax[g] >= thr:
-                for j in range(g * _GROUP, min(g * _GROUP + _GROUP, v)):
-                    if row[j] >= thr:
-                        cand_v[n] = row[j]
-                        cand_i[n] = j
-                        n += 1
+        if _count_at_least(gmax, thr) > 2 * k:
+            n = _tied_candidates(row, gmax, thr, k, cand_v, cand_i)
+        else:
+            n = _candidates(row, gmax, thr, cand_v, cand_i)
         order = np.argsort(-cand_v[:n], kind="mergesort")  # stable: equal logits keep ascending ids
         for t in range(k):
             if t < n:

@@ -87,6 +87,34 @@ def test_ties_go_to_the_lower_id_and_a_constant_row_works() -> None:
     np.testing.assert_allclose(logz[0], np.log(300), rtol=1e-6)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    v=st.integers(1, 6000),
+    levels=st.sampled_from([1, 2, 5, 40, 1000]),
+    masked=st.floats(0.0, 0.99),
+    k=st.integers(1, 64),
+    t=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**31),
+)
+def test_ties_at_the_edge_of_the_top_k(v, levels, masked, k, t, seed) -> None:
+    """Logits with few distinct values (a constant row, quantised output) and part of the vocabulary at -inf:
+    many group maxima reach the threshold, and only the first k logits tied at it are candidates; the top-k
+    is still the lowest ids among equals, as the float64 reference orders them."""
+    rng = np.random.default_rng(seed)
+    z = rng.integers(0, levels, (3, v)).astype(np.float32) * np.float32(0.5)
+    z[rng.random((3, v)) < masked] = -np.inf
+    z[:, rng.integers(0, v)] = 0.0  # one finite logit at least
+    k = min(k, v)
+    ids, logp, logz = topk_kernel.topk_log_probs(z, np.arange(3), k, t)
+    ref_ids, ref_logp, ref_logz = _reference(z, k, t)
+    finite = np.isfinite(ref_logp)
+    np.testing.assert_array_equal(ids[finite], ref_ids[finite])
+    assert np.isneginf(logp[~finite]).all()
+    np.testing.assert_array_less(np.abs(logz - ref_logz), 2e-6 * np.maximum(1.0, np.abs(ref_logz)))
+    error = np.abs(logp[finite] - ref_logp[finite])
+    np.testing.assert_array_less(error, 4e-6 * np.maximum(1.0, np.abs(ref_logp[finite])) + 1e-5)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_positive_infinity_gives_a_nan_log_partition(bad) -> None:
     z = _logits(np.random.default_rng(2), 3, 500, 1.0)
