@@ -8,7 +8,10 @@ position take at k = 8, 32, 64?
 Method:
 - bare: one ORT session built by ``stages.teacher.Teacher`` (the pipeline's own session options and threads),
   run over the pipeline's own batches (shard by shard, length-grouped, padded per batch, made by
-  ``ShardRunner._batches``), timing only ``session.run`` returning the full ``[batch, seq, V]`` logits.
+  ``ShardRunner._batches``), timing only ``session.run`` returning the full ``[batch, seq, V]`` logits. A fresh
+  session each round, timed from its first call, as the pipeline's shard loop runs on a fresh session from its
+  first call: both pay ONNX Runtime's warm-up (the first call sizes its memory arena), which is printed. (Until
+  2026-11-30 the bare session was warmed by one untimed call and the pipeline's was not: ~1.5 % against it.)
 - bare end to end: what a user's own script pays for the same logits, a fresh ``onnxruntime.InferenceSession``
   from the file, ``session.run`` over the same batches and the session's release; the pipeline's end-to-end
   time is compared with it.
@@ -197,21 +200,30 @@ def pipeline_batches(teacher: Teacher, config: CacheTeacherConfig) -> list[tuple
 
 
 def time_bare(teacher: Teacher, batches: list[tuple[dict, int]]) -> dict:
-    """Seconds inside ``session.run`` for the full logits, over all batches."""
-    seconds = 0.0
+    """Seconds inside ``session.run`` for the full logits, over all batches (and the first call's alone)."""
+    calls = []
     for feeds, _ in batches:
         t = time.perf_counter()
         teacher.session.run([teacher.info.logits_output], feeds)
-        seconds += time.perf_counter() - t
-    positions = sum(n for _, n in batches)
-    return {"positions": positions, "seconds": seconds, "positions_per_second": positions / seconds}
+        calls.append(time.perf_counter() - t)
+    positions, seconds = sum(n for _, n in batches), sum(calls)
+    return {
+        "positions": positions,
+        "seconds": seconds,
+        "positions_per_second": positions / seconds,
+        "first_call_seconds": calls[0],
+    }
 
 
-def time_bare_warm(path: Path, threads: int, batches: list[tuple[dict, int]]) -> dict:
-    """``time_bare`` on a fresh ``Teacher`` session warmed by one call (its arena sized), released after."""
+def time_bare_fresh(path: Path, threads: int, batches: list[tuple[dict, int]]) -> dict:
+    """``time_bare`` on a fresh ``Teacher`` session, released after: from its first call, as the pipeline's shard
+    loop starts on its own fresh session. That call sizes ONNX Runtime's memory arena (its pages are touched
+    for the first time); the same batch run once more after the loop tells what the warm-up cost."""
     teacher = Teacher(path, device="cpu", threads=threads)
+    out = time_bare(teacher, batches)
+    t = time.perf_counter()
     teacher.session.run([teacher.info.logits_output], batches[0][0])
-    return time_bare(teacher, batches)
+    return out | {"warm_up_seconds": out["first_call_seconds"] - (time.perf_counter() - t)}
 
 
 def time_bare_end_to_end(path: Path, threads: int, batches: list[tuple[dict, int]]) -> dict:
@@ -346,6 +358,8 @@ def summarise(rounds: list[dict], ks: list[int]) -> dict:
     bare_e2e = [r["bare_end_to_end"]["positions_per_second"] for r in rounds]
     out = {
         "bare_positions_per_second": {"median": _median(bare), "rounds": bare},
+        "bare_warm_up_seconds": _median([r["bare"]["warm_up_seconds"] for r in rounds]),
+        "bare_seconds": _median([r["bare"]["seconds"] for r in rounds]),
         "bare_end_to_end_positions_per_second": {"median": _median(bare_e2e), "rounds": bare_e2e},
         "k": {},
     }
@@ -397,6 +411,10 @@ def print_report(result: dict) -> None:
             f"{'' if name.endswith('end_to_end_positions_per_second') else chr(10)}{label}: median "
             f"{s[name]['median']:.0f} positions/s (rounds: {', '.join(f'{v:.0f}' for v in s[name]['rounds'])})"
         )
+    print(
+        f"bare ORT's first call took {s['bare_warm_up_seconds']:.3f} s more than the same batch once warm "
+        f"({s['bare_warm_up_seconds'] / s['bare_seconds']:.1%} of its loop; medians): the warm-up both loops pay"
+    )
     print(
         "\nratio = pipeline end to end / bare session.run; e2e ratio = pipeline end to end / bare end to end; "
         "steady = the pipeline's shard loop / bare session.run"
@@ -592,7 +610,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         entry = {"pipeline": {}, "pipeline_first": pipeline_first}
         for side in ("pipeline", "bare") if pipeline_first else ("bare", "pipeline"):
             if side == "bare":
-                entry["bare"] = time_bare_warm(teacher_path, args.threads, batches)
+                entry["bare"] = time_bare_fresh(teacher_path, args.threads, batches)
                 entry["bare_end_to_end"] = time_bare_end_to_end(teacher_path, args.threads, batches)
             else:
                 for k in args.top_k:
