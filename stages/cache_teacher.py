@@ -30,7 +30,7 @@ from stages.dataset import Dataset
 from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
 from stages.export_teacher import read_card
 from stages.formats import config_format, get_format
-from stages.shard_runner import ShardRunner
+from stages.shard_runner import ShardRunner, can_generate
 from stages.storage import ObjectPath
 from stages.teacher import CLASSIFIER, CUDA_PROVIDER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
 
@@ -98,11 +98,7 @@ def _run(config, progress: bool, log, group, worker: int, workers: int) -> Cache
                 f"min_k {config.min_k} is more than the {config.top_k} ids --top-k 0 chose for this teacher; "
                 f"give --top-k >= {config.min_k} or a smaller --min-k"
             )
-    missing = [
-        i.name
-        for i in info.inputs
-        if i.name not in dataset.columns and i.name not in ("attention_mask", "token_type_ids")
-    ]
+    missing = [i.name for i in info.inputs if i.name not in dataset.columns and not can_generate(i.name)]
     if missing:
         raise DatasetError(
             f"the teacher needs input(s) {missing} but dataset {config.data} has columns {dataset.columns}; "

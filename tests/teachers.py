@@ -116,6 +116,73 @@ def token_forward(w: dict, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (embed + ctx) @ w["head"], embed
 
 
+def make_cached_decoder(path: Path, vocab: int = 50, heads: int = 2, head_dim: int = 4, seed: int = 0) -> dict:
+    """A decoder as Hugging Face exports one with its key/value cache: input_ids, attention_mask, position_ids
+    [B, S], past_key_values.0.key/value [batch, heads, past_sequence_length, head_dim], use_cache_branch [1] ->
+    logits [B, S, V], present.0.key/value. The logits depend on the positions (a learnt position embedding), and
+    shift by 100 if use_cache_branch is true and by 1000 per cached past position: a plain forward pass over the
+    sequence needs positions 0.. and an empty cache with the branch off."""
+    rng = np.random.default_rng(seed)
+    dim = heads * head_dim
+    w = {
+        "emb": rng.normal(0, 1, (vocab, dim)).astype(np.float32),
+        "pos_emb": rng.normal(0, 1, (64, dim)).astype(np.float32),
+        "head": rng.normal(0, 2 / np.sqrt(dim), (dim, vocab)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["embed"]),
+        helper.make_node("Gather", ["pos_emb", "position_ids"], ["pe"]),
+        helper.make_node("Add", ["embed", "pe"], ["h"]),
+        helper.make_node("Reshape", ["h", "split_heads"], ["h4"]),
+        helper.make_node("Transpose", ["h4"], ["k_new"], perm=[0, 2, 1, 3]),
+        helper.make_node("Concat", ["past_key_values.0.key", "k_new"], ["present.0.key"], axis=2),
+        helper.make_node("Concat", ["past_key_values.0.value", "k_new"], ["present.0.value"], axis=2),
+        helper.make_node("MatMul", ["h", "head"], ["plain"]),
+        helper.make_node("Where", ["use_cache_branch", "hundred", "zero"], ["branch"]),
+        helper.make_node("Shape", ["past_key_values.0.key"], ["past_shape"]),
+        helper.make_node("Gather", ["past_shape", "two"], ["past_len"]),
+        helper.make_node("Cast", ["past_len"], ["past_lenf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["past_lenf", "thousand"], ["past_shift"]),
+        helper.make_node("Add", ["plain", "branch"], ["with_branch"]),
+        helper.make_node("Add", ["with_branch", "past_shift"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [
+        numpy_helper.from_array(np.array([0, 0, heads, head_dim], np.int64), "split_heads"),
+        numpy_helper.from_array(np.array([100.0], np.float32), "hundred"),
+        numpy_helper.from_array(np.array([0.0], np.float32), "zero"),
+        numpy_helper.from_array(np.array(2, np.int64), "two"),
+        numpy_helper.from_array(np.array(1000.0, np.float32), "thousand"),
+    ]
+    past = ["batch_size", heads, "past_sequence_length", head_dim]
+    total = ["batch_size", heads, "total_sequence_length", head_dim]
+    graph = helper.make_graph(
+        nodes,
+        "cached_decoder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_length"]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, past),
+            helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, past),
+            helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab]),
+            helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, total),
+            helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, total),
+        ],
+        inits,
+    )
+    _save(graph, path)
+    return w
+
+
+def cached_decoder_forward(w: dict, ids: np.ndarray) -> np.ndarray:
+    """One unpadded sequence [S] -> logits [S, V] of the plain forward pass (positions 0.., no cache)."""
+    return (w["emb"][ids] + w["pos_emb"][np.arange(len(ids))]) @ w["head"]
+
+
 def make_sequence_classifier(path: Path, vocab: int = 50, dim: int = 8, classes: int = 3, seed: int = 0) -> dict:
     """input_ids, attention_mask [B, S] -> masked mean of embeddings -> logits [B, C] (padding must be masked)."""
     rng = np.random.default_rng(seed)

@@ -362,3 +362,40 @@ def test_sequence_classifier_over_unpadded_token_inputs(tmp_path) -> None:
     assert table.column("id").to_pylist() == list(range(30)) and set(table.column("position").to_pylist()) == {0}
     _check_rows(table, np.stack([teachers.sequence_classifier_forward(weights, s) for s in seqs]), 3, 1.0)
     assert result.manifest["teacher"]["kind"] == "classifier"
+
+
+def test_a_decoder_exported_with_its_cache_needs_only_input_ids(tmp_path) -> None:
+    """A decoder exported as Hugging Face's tools export one (position_ids, a key/value cache, use_cache_branch)
+    runs on a dataset of input_ids alone: positions 0.. per sequence, an empty cache, the branch off, so the
+    cached targets are those of the plain forward pass (the teacher's logits shift if any of the three is wrong)."""
+    weights = teachers.make_cached_decoder(tmp_path / "decoder.onnx")
+    seqs = teachers.random_sequences(20, 50, max_len=30, seed=5)
+    data = teachers.write_sequences(tmp_path / "seqs.parquet", seqs)
+    config = CacheTeacherConfig(
+        teacher=str(tmp_path / "decoder.onnx"), data=str(data), cache_dir=str(tmp_path / "c"), top_k=5, batch_size=6
+    )
+    table = _read(cache_teacher.run(config, progress=False, log=lambda m: None).path)
+    _check_rows(table, np.concatenate([teachers.cached_decoder_forward(weights, s) for s in seqs]), 5, 1.0)
+
+
+def test_generated_inputs_for_a_batch() -> None:
+    from stages.teacher import TeacherInput
+
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    made = {
+        name: shard_runner.generated_input(TeacherInput(name, dtype, shape), mask)
+        for name, dtype, shape in [
+            ("position_ids", np.int64, ("batch", "seq")),
+            ("past_key_values.3.value", np.float16, ("batch_size", 4, "past_sequence_length", 16)),
+            ("past.0", np.float32, (2, "batch", 12, "past_seq", 64)),  # GPT-2's older export: key and value stacked
+            ("use_cache_branch", np.bool_, (1,)),
+            ("token_type_ids", np.int32, ("batch", "seq")),
+        ]
+    }
+    np.testing.assert_array_equal(made["position_ids"], [[0, 1, 2, 0], [0, 1, 0, 0]])
+    assert (
+        made["past_key_values.3.value"].shape == (2, 4, 0, 16) and made["past_key_values.3.value"].dtype == np.float16
+    )
+    assert made["past.0"].shape == (2, 2, 12, 0, 64)
+    assert made["use_cache_branch"].tolist() == [False]
+    assert made["token_type_ids"].dtype == np.int32 and not made["token_type_ids"].any()
