@@ -128,7 +128,7 @@ def cache_teacher(config_file, quiet, **options) -> None:
 @errors_to_click
 def inspect_teacher(model, show_all) -> None:
     """Show a teacher's inputs, outputs, kind, and the tensors that --hidden can cache."""
-    from stages.teacher import inspect, tensor_names
+    from stages.teacher import can_generate, inspect, tensor_names
 
     info, proto, _ = inspect(model)
     click.echo(f"teacher   {model}  sha256 {info.sha256[:12]}")
@@ -136,7 +136,8 @@ def inspect_teacher(model, show_all) -> None:
         click.echo(f"data      {f.location}  {f.bytes} bytes  sha256 {f.sha256[:12]}")
     click.echo(f"kind      {info.kind}  classes/vocabulary {info.num_classes}")
     for i in info.inputs:
-        click.echo(f"input     {i.name}  {i.dtype.__name__}  {list(i.shape)}")
+        made = "  (made by cache-teacher when the dataset has no such column)" if can_generate(i.name) else ""
+        click.echo(f"input     {i.name}  {i.dtype.__name__}  {list(i.shape)}{made}")
     for o in proto.graph.output:
         click.echo(f"output    {o.name}")
     names = tensor_names(proto)

@@ -30,9 +30,18 @@ from stages.dataset import Dataset
 from stages.errors import CacheError, ConfigError, DatasetError, TeacherError
 from stages.export_teacher import read_card
 from stages.formats import config_format, get_format
-from stages.shard_runner import ShardRunner, can_generate
+from stages.shard_runner import ShardRunner
 from stages.storage import ObjectPath
-from stages.teacher import CLASSIFIER, CUDA_PROVIDER, TOKEN, Teacher, TeacherInfo, check_hidden, inspect
+from stages.teacher import (
+    CLASSIFIER,
+    CUDA_PROVIDER,
+    TOKEN,
+    Teacher,
+    TeacherInfo,
+    can_generate,
+    check_hidden,
+    inspect,
+)
 
 _DEFAULT_SHARD = {CLASSIFIER: 16_384, TOKEN: 512}  # examples per shard: the unit of resume
 _AUTO_K = 32  # top_k when none is given and the vocabulary is large or unknown

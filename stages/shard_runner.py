@@ -16,7 +16,7 @@ from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
 from stages.formats import by_id, config_format, fixed_list
-from stages.teacher import CLASSIFIER, Teacher
+from stages.teacher import CLASSIFIER, Teacher, generated_input
 
 # Sampled draws (and logits that are not float32, for the kernel) copy their rows in blocks, so memory does not
 # grow with batch x V; smaller blocks pay torch's per-call overhead (2x the CPU time at 4 MiB than at 16 MiB).
@@ -336,38 +336,6 @@ class ShardRunner:
         for h in self.teacher.info.hidden:
             columns[fmt.HIDDEN_PREFIX + h] = fixed_list(out[fmt.HIDDEN_PREFIX + h], out[fmt.HIDDEN_PREFIX + h].shape[1])
         return pa.table(columns, schema=self.schema)
-
-
-def is_past(name: str) -> bool:
-    """A key/value-cache input of a decoder exported with its cache (``past_key_values.0.key``, ``past.0``)."""
-    return name.startswith(("past_key_values", "past.", "past_"))
-
-
-def can_generate(name: str) -> bool:
-    """Whether the pipeline makes this token-teacher input when the dataset has no column for it."""
-    return name in ("attention_mask", "token_type_ids", "position_ids", "use_cache_branch") or is_past(name)
-
-
-def generated_input(inp, mask: np.ndarray) -> np.ndarray:
-    """A token teacher's input the dataset does not hold, for a batch whose real tokens ``mask`` [B, S] marks.
-
-    attention_mask: the mask; token_type_ids: zeros; position_ids: each token's index among its row's real
-    tokens (padding gets 0); a decoder exported with its key/value cache: an empty cache (the first dynamic axis
-    the batch, every other dynamic axis 0: the past length) and ``use_cache_branch`` false, so the logits are
-    those of a plain forward pass over the whole sequence.
-    """
-    batch, width = mask.shape
-    if inp.name == "attention_mask":
-        return mask.astype(inp.dtype)
-    if inp.name == "token_type_ids":
-        return np.zeros((batch, width), dtype=inp.dtype)
-    if inp.name == "position_ids":
-        return np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(inp.dtype)
-    if inp.name == "use_cache_branch":
-        return np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in inp.shape], dtype=inp.dtype)
-    dynamic = [i for i, d in enumerate(inp.shape) if not (isinstance(d, int) and d > 0)]
-    shape = [d if i not in dynamic else (batch if i == dynamic[0] else 0) for i, d in enumerate(inp.shape)]
-    return np.zeros(shape, dtype=inp.dtype)
 
 
 def _dense_blocks(flat: torch.Tensor, rows: torch.Tensor):

@@ -145,6 +145,38 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple:
     return tuple(dims)
 
 
+def is_past(name: str) -> bool:
+    """A key/value-cache input of a decoder exported with its cache (``past_key_values.0.key``, ``past.0``)."""
+    return name.startswith(("past_key_values", "past.", "past_"))
+
+
+def can_generate(name: str) -> bool:
+    """Whether the pipeline makes this token-teacher input when the dataset has no column for it."""
+    return name in ("attention_mask", "token_type_ids", "position_ids", "use_cache_branch") or is_past(name)
+
+
+def generated_input(inp: TeacherInput, mask: np.ndarray) -> np.ndarray:
+    """A token teacher's input the dataset does not hold, for a batch whose real tokens ``mask`` [B, S] marks.
+
+    attention_mask: the mask; token_type_ids: zeros; position_ids: each token's index among its row's real
+    tokens (padding gets 0); a decoder exported with its key/value cache: an empty cache (the first dynamic axis
+    the batch, every other dynamic axis 0: the past length) and ``use_cache_branch`` false, so the logits are
+    those of a plain forward pass over the whole sequence.
+    """
+    batch, width = mask.shape
+    if inp.name == "attention_mask":
+        return mask.astype(inp.dtype)
+    if inp.name == "token_type_ids":
+        return np.zeros((batch, width), dtype=inp.dtype)
+    if inp.name == "position_ids":
+        return np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(inp.dtype)
+    if inp.name == "use_cache_branch":
+        return np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in inp.shape], dtype=inp.dtype)
+    dynamic = [i for i, d in enumerate(inp.shape) if not (isinstance(d, int) and d > 0)]
+    shape = [d if i not in dynamic else (batch if i == dynamic[0] else 0) for i, d in enumerate(inp.shape)]
+    return np.zeros(shape, dtype=inp.dtype)
+
+
 def tensor_names(model: onnx.ModelProto) -> list[str]:
     """Every tensor a node produces, in graph order: the candidates for ``--hidden``."""
     return [o for node in model.graph.node for o in node.output if o]

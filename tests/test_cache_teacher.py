@@ -376,14 +376,23 @@ def test_a_decoder_exported_with_its_cache_needs_only_input_ids(tmp_path) -> Non
     )
     table = _read(cache_teacher.run(config, progress=False, log=lambda m: None).path)
     _check_rows(table, np.concatenate([teachers.cached_decoder_forward(weights, s) for s in seqs]), 5, 1.0)
+    shown = CliRunner().invoke(main, ["inspect-teacher", str(tmp_path / "decoder.onnx")])
+    made = {line.split()[1] for line in shown.output.splitlines() if line.endswith("has no such column)")}
+    assert shown.exit_code == 0 and made == {
+        "attention_mask",
+        "position_ids",
+        "past_key_values.0.key",
+        "past_key_values.0.value",
+        "use_cache_branch",
+    }
 
 
 def test_generated_inputs_for_a_batch() -> None:
-    from stages.teacher import TeacherInput
+    from stages.teacher import TeacherInput, generated_input
 
     mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
     made = {
-        name: shard_runner.generated_input(TeacherInput(name, dtype, shape), mask)
+        name: generated_input(TeacherInput(name, dtype, shape), mask)
         for name, dtype, shape in [
             ("position_ids", np.int64, ("batch", "seq")),
             ("past_key_values.3.value", np.float16, ("batch_size", 4, "past_sequence_length", 16)),
