@@ -431,6 +431,8 @@ class Catalog:
 
     def sql(self, query: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         """Run SQL over the views: (column names, rows). A DuckDB error comes back as its own message."""
+        if not query.strip():
+            raise PipelineError('the SQL is empty: give a query, e.g. "SELECT * FROM caches"')
         try:
             result = self.con.execute(query, params or [])
         except duckdb.Error as exc:
@@ -498,11 +500,16 @@ class Catalog:
 
 
 # -- cleaning ----------------------------------------------------------------------------------------------
+def _written_by_cache_teacher(entry: CacheEntry) -> bool:
+    """Named like a key and holding a file only cache-teacher writes: a directory we may delete."""
+    return bool(_KEY_NAME.match(entry.key)) and any(
+        (entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, fmt.REQUEST)
+    )
+
+
 def remove_cache(entry: CacheEntry) -> None:
     """Delete one cache directory, unless a cache-teacher process is writing it right now."""
-    if not _KEY_NAME.match(entry.key) or not any(
-        (entry.path / n).exists() for n in (fmt.MANIFEST, fmt.JOURNAL, fmt.REQUEST)
-    ):
+    if not _written_by_cache_teacher(entry):
         raise CacheError(
             f"{entry.path} does not look like a cache directory (no manifest, journal or request); not removing it"
         )
@@ -524,6 +531,9 @@ def collect_garbage(catalog: Catalog, dry_run: bool) -> list[tuple[CacheEntry, s
             continue
         if not _KEY_NAME.match(entry.key):
             done.append((entry, "skipped: not named like a cache key"))
+            continue
+        if not _written_by_cache_teacher(entry):
+            done.append((entry, f"skipped: holds no {fmt.REQUEST} or journal, so cache-teacher did not write it"))
             continue
         lock = fmt.try_lock(entry.path, create=not dry_run)
         if lock is None:

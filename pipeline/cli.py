@@ -241,7 +241,11 @@ def train_student(config_file, quiet, **options) -> None:
             raise click.UsageError(f"--weights {options['weights']!r}: give comma-separated numbers, e.g. 1,2") from exc
     if options["resume"] and not config_file and options["out"]:
         saved = Path(options["out"]) / run_dir.CONFIG
-        config_file = str(saved) if saved.is_file() else None  # no saved run: train-student says so below
+        if not saved.is_file():
+            raise click.ClickException(
+                f"--resume: {options['out']} holds no run to resume (no {run_dir.CONFIG}); drop --resume to start one"
+            )
+        config_file = str(saved)
     config = load_config(TrainStudentConfig, config_file, options)
     stage.run(config, progress=not quiet, log=log)
     click.echo(config.out)

@@ -74,6 +74,11 @@ class _Boundary(click.Group):
             raise
         except PipelineError as exc:
             raise click.ClickException(str(exc)) from exc
+        except BrokenPipeError:
+            # The reader of stdout left early (`| head`): stop quietly, as a command killed by SIGPIPE would.
+            # stdout goes to /dev/null so the interpreter's last flush cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + 13)
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise

@@ -288,18 +288,15 @@ def write_report(catalog: Catalog, runs: list[RunEntry], out: Path) -> Path:
         "",
         "## Runs",
         "",
-        "| run | method | student | α | T | epochs | train cache(s) | " + " | ".join(finals) + " |",
+        "| " + " | ".join(["run", "method", "student", "α", "T", "epochs", "train cache(s)", *finals]) + " |",
         "|---" * (7 + len(finals)) + "|",
     ]
     for r in runs:
         c = r.config["config"]
         method = c.get("method") if c.get("alpha") else "scratch (α=0)"
-        lines.append(
-            f"| {r.name} | {method} | `{c.get('student')}` | {c.get('alpha')} | {_fmt(r.metrics.get('temperature'))} | "
-            f"{r.metrics.get('epochs')} | {', '.join(r.cache_keys) or '—'} | "
-            + " | ".join(_fmt(r.metrics.get(m)) for m in finals)
-            + " |"
-        )
+        cells = [r.name, method, f"`{c.get('student')}`", c.get("alpha"), _fmt(r.metrics.get("temperature"))]
+        cells += [r.metrics.get("epochs"), ", ".join(r.cache_keys) or "—", *(_fmt(r.metrics.get(m)) for m in finals)]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     plot_learning_curves(runs, out / "learning_curves.png")
     lines += [
         "",

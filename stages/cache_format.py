@@ -211,7 +211,8 @@ class Cache:
             path = self.shard_path(shard)
             if not path.is_file():
                 raise CacheError(
-                    f"cache {self.path}: shard {shard['file']} is missing. Re-run cache-teacher to rebuild it."
+                    f"cache {self.path}: shard {shard['file']} is missing. Remove the cache (pipeline caches rm "
+                    f"{self.path.name}) and run its cache-teacher command again to rebuild it."
                 )
             self._check_shard(shard, self.parquet_file(shard))
             if checksums and sha256_file(path) != shard["sha256"]:
@@ -285,11 +286,17 @@ def export_plain(cache: Cache, out: Path) -> int:
 
 def resolve_cache(ref: str, root: str | Path | ObjectPath) -> Path | ObjectPath:
     """A cache named by path or URI, by key, or by a unique prefix of a key under ``root``."""
+    if not ref.strip():
+        raise CacheError("the cache reference is empty: give a cache directory, a key or a key prefix")
     as_path = storage.location(ref)
     if as_path.is_dir():
         return as_path
     root = storage.location(root)
-    matches = sorted(p for p in root.glob(ref + "*") if p.is_dir()) if root.is_dir() and ref else []
+    # A key prefix is a plain name, matched literally (no glob): a path that is not a directory matches nothing.
+    plain = "/" not in ref and ref not in (".", "..")
+    matches = (
+        sorted(p for p in root.iterdir() if p.name.startswith(ref) and p.is_dir()) if plain and root.is_dir() else []
+    )
     if not matches:
         raise CacheError(
             f"no cache matches '{ref}': not a directory, and no key under {root} starts with it. "
@@ -309,6 +316,12 @@ def open_cache(path: str | Path | ObjectPath) -> Cache:
     if not path.is_dir():
         raise CacheError(f"cache not found: {path}")
     manifest_path = path / MANIFEST
+    if not manifest_path.is_file() and not (path / REQUEST).is_file():
+        raise CacheError(
+            f"{path} holds no cache (neither {MANIFEST} nor {REQUEST}), or one whose cache-teacher stopped before "
+            "it began: give a cache's directory, key or key prefix (`pipeline caches list`), or run that "
+            "cache-teacher command again"
+        )
     if not manifest_path.is_file():
         raise CacheError(
             f"cache {path} is incomplete (no {MANIFEST}): its run was interrupted or failed. "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ LR_SCHEDULES = ("constant", "cosine")
 TARGET_FORMATS = tuple(FORMATS)
 ENSEMBLE_MODES = ("prob", "logit")  # mix probabilities, or average logits
 HIDDEN_LOSSES = ("mse", "cosine")
+T_MIN, T_MAX = 1e-3, 1e3  # temperatures accepted: outside, float32 logits / T overflow or flatten to uniform
 PRECISIONS = ("fp32", "bf16", "fp16")
 DIST_TIMEOUT = 1800.0  # torchrun: long enough for the slowest rank's last shard or epoch, short of a hang
 
@@ -81,8 +83,11 @@ class CacheTeacherConfig:
             out.append("data: required (a Parquet file or directory)")
         if self.top_k < 0:
             out.append(f"top_k: {self.top_k} must be >= 1 (or 0 for all classes up to 32)")
-        if not self.temperature > 0:
-            out.append(f"temperature: {self.temperature} must be > 0 (T divides the logits)")
+        if not T_MIN <= self.temperature <= T_MAX:
+            out.append(
+                f"temperature: {self.temperature} must be in [{T_MIN:g}, {T_MAX:g}] (T divides the logits; "
+                "beyond that range float32 logits overflow or every distribution is flat)"
+            )
         if self.batch_size < 1:
             out.append(f"batch_size: {self.batch_size} must be >= 1")
         if self.logits_budget_mb < 1:
@@ -254,8 +259,10 @@ class TrainStudentConfig:
             out.append(f"method: {self.method!r} must be one of {METHODS}")
         if not 0 <= self.alpha <= 1:
             out.append(f"alpha: {self.alpha} must be in [0, 1] (weight of the distillation term)")
-        if self.temperature < 0 or self.temperature != self.temperature:
-            out.append(f"temperature: {self.temperature} must be > 0 (or 0 for the cache's own T)")
+        if not (self.temperature == 0 or T_MIN <= self.temperature <= T_MAX):
+            out.append(
+                f"temperature: {self.temperature} must be in [{T_MIN:g}, {T_MAX:g}] (or 0 for the cache's own T)"
+            )
         if self.alpha > 0 and not self.cache:
             out.append(f"cache: alpha {self.alpha} > 0 needs at least one --cache (alpha 0 trains from scratch)")
         if self.method == "kd" and len(self.cache) > 1:
@@ -264,8 +271,13 @@ class TrainStudentConfig:
             )
         if self.method == "ensemble" and self.weights and len(self.weights) != len(self.cache):
             out.append(f"weights: {len(self.weights)} weights for {len(self.cache)} caches; give one per cache")
-        if any(w <= 0 for w in self.weights):
-            out.append(f"weights: {self.weights} must all be > 0")
+        if not all(0 < w < math.inf for w in self.weights):
+            out.append(f"weights: {self.weights} must all be finite and > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            out.append(f"weight_decay: {self.weight_decay} must be finite and >= 0")
+        for split in ("eval", "test"):
+            if getattr(self, f"{split}_cache") and not getattr(self, f"{split}_data"):
+                out.append(f"{split}_cache: given without --{split}-data, the dataset it is a cache of")
         if self.ensemble_mode not in ENSEMBLE_MODES:
             out.append(f"ensemble_mode: {self.ensemble_mode!r} must be one of {ENSEMBLE_MODES}")
         if self.hidden_loss not in HIDDEN_LOSSES:
@@ -280,8 +292,8 @@ class TrainStudentConfig:
             )
         if self.top_k < 0:
             out.append(f"top_k: {self.top_k} must be >= 1 (or 0 for every cached id)")
-        if not self.lr > 0:
-            out.append(f"lr: {self.lr} must be > 0")
+        if not 0 < self.lr < math.inf:
+            out.append(f"lr: {self.lr} must be finite and > 0")
         if self.device not in DEVICES:
             out.append(f"device: {self.device!r} must be one of {DEVICES}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -266,6 +266,9 @@ def sha256_file(path: Path | ObjectPath) -> str:
     return h.hexdigest()
 
 
+_LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
+
+
 def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray | list[np.ndarray]:
     """A list column as one dense array [rows, ...] when every row has the same shape, else a list of arrays.
 
@@ -279,6 +282,14 @@ def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray
         pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)
     ):
         return column.to_numpy(zero_copy_only=False)
+    values = column
+    while any(is_list(values.type) for is_list in _LIST_TYPES):
+        values = values.flatten()
+    if values.null_count:
+        raise DatasetError(
+            f"column '{name}' has {values.null_count} null value(s) inside its rows; inputs must be complete "
+            "(fill or drop those rows)"
+        )
     rows = column.to_pylist() if _depth(column.type) > 1 else None
     if rows is not None:
         try:

@@ -27,3 +27,7 @@ class StorageError(PipelineError):
 
 class DistributedError(PipelineError):
     """A torchrun rank (or a launcher-free worker) failed, vanished or timed out, or the launch is inconsistent."""
+
+
+class TrainingError(PipelineError):
+    """Training went wrong in a way the user can fix (a loss that is no longer a number)."""

@@ -93,10 +93,11 @@ def check_out(path: Path, overwrite: bool, resume: bool) -> bool:
         raise ConfigError(f"run directory {path} is being trained by another process right now; wait or stop it")
     if resume and not (used and is_run(path)):
         raise ConfigError(f"--resume: {path} holds no run to resume; drop --resume to start one there")
+    if used and not is_run(path):
+        also = " (--overwrite replaces runs only, never other files)" if overwrite else ""
+        raise ConfigError(f"{path} exists and holds files that are not a run (no {CONFIG}){also}; choose another --out")
     if not used or overwrite:
         return False
-    if not is_run(path):
-        raise ConfigError(f"run directory {path} exists and is not empty; choose another --out or pass --overwrite")
     if status(path) == COMPLETE:
         raise ConfigError(
             f"run directory {path} holds a finished run; choose another --out, or pass --overwrite to replace it"

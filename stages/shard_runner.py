@@ -16,7 +16,13 @@ from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
 from stages.formats import by_id, config_format, fixed_list
-from stages.teacher import CLASSIFIER, Teacher, generated_input
+from stages.teacher import CLASSIFIER, Teacher, generated_input, is_past
+
+
+def _static(dim) -> bool:
+    """A graph dimension fixed to a number (not a name, not unknown)."""
+    return isinstance(dim, int) and dim > 0
+
 
 # Sampled draws (and logits that are not float32, for the kernel) copy their rows in blocks, so memory does not
 # grow with batch x V; smaller blocks pay torch's per-call overhead (2x the CPU time at 4 MiB than at 16 MiB).
@@ -34,6 +40,16 @@ class ShardRunner:
         self.num_classes: int | None = teacher.info.num_classes
         self.hidden_shapes: dict[str, list[int]] = {}
         self.probe_left = config.probe_positions
+        # A graph exported without a dynamic batch axis takes exactly that many rows a call: batches are that
+        # size, and a last, shorter one is filled up with copies of its last row whose outputs are dropped.
+        batched = [i for i in teacher.info.inputs if i.shape and i.name != "use_cache_branch" and not is_past(i.name)]
+        fixed = {i.shape[0] for i in batched if _static(i.shape[0])}
+        self.fixed_batch: int | None = fixed.pop() if len(fixed) == 1 else None
+        self._fill = {i.name for i in batched if i.shape[0] == self.fixed_batch}
+        self.batch_size = self.fixed_batch or config.batch_size
+        # Without an attention_mask input the teacher sees padding as tokens (a bidirectional or pooling
+        # teacher's outputs then change with the batch): such teachers get batches of equal length only.
+        self.equal_lengths = "attention_mask" not in teacher.input_names
         self.probe_stats: dict[str, list[float]] = {
             k: [] for k in ("kl", "entropy", "top1", "tail", "enc_kl", "enc_dlogp")
         }
@@ -48,10 +64,14 @@ class ShardRunner:
         ids = table.column(ID_COLUMN).combine_chunks()
         arrays = {c: column_to_array(table.column(c), c) for c in self.columns[1:]}
         pieces: list[tuple[np.ndarray, dict]] = []  # (example indices, outputs) per batch
+        self._check_inputs(arrays, ids)
         for batch_idx, feeds, mask in self._batches(arrays, len(ids)):
             # No name holds the outputs past their batch: ORT's arena then reuses the logits' buffer for the
             # next call instead of allocating a second one (the bare session's own peak).
-            outs = self.teacher.run(feeds, dense_logits=self.probe_left > 0)
+            if self.fixed_batch and len(batch_idx) < self.fixed_batch:
+                outs = self._run_padded(feeds, len(batch_idx))
+            else:
+                outs = self.teacher.run(feeds, dense_logits=self.probe_left > 0)
             pieces.append((batch_idx, self._postprocess(outs, mask, ids, batch_idx)))
             del outs
             bar.update(len(batch_idx))
@@ -73,7 +93,7 @@ class ShardRunner:
         A batch holds at most batch_size rows and, padding included, at most _positions_per_call() positions
         (at least one row). Batches are made lazily, after the previous one was post-processed.
         """
-        bs = self.config.batch_size
+        bs = self.batch_size
         inputs = {i.name: i for i in self.teacher.info.inputs}
         ragged = any(isinstance(arrays[name], list) for name in arrays)
         if self.kind == CLASSIFIER and not ragged and all(name in arrays for name in inputs):
@@ -98,6 +118,8 @@ class ShardRunner:
             # Ascending lengths: c rows take c x (length of the c-th) positions, which grows with c.
             widths = lengths[order[lo : lo + bs]]
             fits = np.arange(1, len(widths) + 1) * widths <= self._positions_per_call()
+            if self.equal_lengths:
+                fits &= widths == widths[0]
             idx = np.sort(order[lo : lo + max(1, int(fits.sum()))])
             lo += len(idx)
             width = int(lengths[idx].max())
@@ -114,6 +136,67 @@ class ShardRunner:
                 else:
                     feeds[name] = generated_input(inp, mask)
             yield idx, feeds, (mask.astype(bool) if self.kind != CLASSIFIER else None)
+
+    def _run_padded(self, feeds: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        """A last batch of ``rows`` < the teacher's fixed batch: filled up with copies of its last row; the
+        outputs of the copies are dropped."""
+        fill = self.fixed_batch - rows
+        full = {
+            name: np.concatenate([a, np.repeat(a[-1:], fill, axis=0)]) if name in self._fill else a
+            for name, a in feeds.items()
+        }
+        return [o[:rows] for o in self.teacher.run(full, dense_logits=self.probe_left > 0)]
+
+    def _check_inputs(self, arrays: dict, ids: pa.Array) -> None:
+        """Refuse what the teacher would take without complaint and get wrong: rows of another length than a
+        fixed axis, fractional values for an integer input, negative token ids, an attention mask that does not
+        match its tokens."""
+
+        def row(i: int) -> str:
+            return f"row {self.start + i} (id {ids[i].as_py()!r})"
+
+        for inp in self.teacher.info.inputs:
+            column = arrays.get(inp.name)
+            if column is None:
+                continue
+            if isinstance(column, list):
+                lengths = [len(r) for r in column]
+            else:  # one length for all; a classifier's dense rows get _fixed's own check of their whole shape
+                lengths = [column.shape[1]] * len(column) if column.ndim == 2 and self.kind != CLASSIFIER else []
+            if len(inp.shape) == 2 and _static(inp.shape[1]) and any(n != inp.shape[1] for n in lengths):
+                bad = next(i for i, n in enumerate(lengths) if n != inp.shape[1])
+                raise DatasetError(
+                    f"{row(bad)}: column '{inp.name}' holds {lengths[bad]} values, but the teacher's input "
+                    f"'{inp.name}' is {list(inp.shape)}; give every row {inp.shape[1]} values, or re-export the "
+                    "teacher with that axis dynamic"
+                )
+            flat = np.concatenate([np.ravel(r) for r in column]) if isinstance(column, list) else column
+            if not np.issubdtype(inp.dtype, np.integer) or not np.issubdtype(flat.dtype, np.number):
+                continue
+            if np.issubdtype(flat.dtype, np.floating) and not (np.isfinite(flat) & (flat == np.round(flat))).all():
+                bad = flat[~(np.isfinite(flat) & (flat == np.round(flat)))][0]
+                raise DatasetError(
+                    f"column '{inp.name}' holds {bad!r}, but the teacher's input '{inp.name}' takes whole numbers "
+                    f"({np.dtype(inp.dtype).name}); store integers (an integer column)"
+                )
+            if inp.name == "input_ids" and flat.size and flat.min() < 0:
+                raise DatasetError(
+                    f"column 'input_ids' holds the negative token id {flat.min()!r}; token ids are >= 0 (the "
+                    "pipeline pads and masks sequences itself: store each one unpadded)"
+                )
+        mask, tokens = arrays.get("attention_mask"), arrays.get("input_ids")
+        if mask is None or tokens is None:
+            return
+        for i in range(len(tokens)):
+            m = np.ravel(mask[i])
+            real = int(m.sum()) if np.isin(m, (0, 1)).all() else -1
+            if len(m) != len(tokens[i]) or real < 1 or not m[:real].all():
+                raise DatasetError(
+                    f"{row(i)}: its attention_mask {m[:12].tolist()}{'...' if len(m) > 12 else ''} is not "
+                    f"{len(tokens[i])} values of 1s then 0s (at least one 1) for its {len(tokens[i])} tokens; the "
+                    "cache numbers the real tokens 0, 1, ... from the left. Store sequences unpadded and without "
+                    "an attention_mask column (the pipeline pads and masks them itself), or right-padded"
+                )
 
     @staticmethod
     def _fixed(column, idx: np.ndarray, inp) -> np.ndarray:
@@ -151,6 +234,13 @@ class ShardRunner:
         k, temperature = 1 if sampled else self.config.top_k, float(self.config.temperature)
         n_main, n_hidden = (3 if self.teacher.topk_in_graph else 1), len(self.teacher.info.hidden)
         main, hidden, extra = outs[:n_main], outs[n_main : n_main + n_hidden], outs[n_main + n_hidden :]
+        if mask is not None and main[0].shape[:2] != mask.shape:
+            raise TeacherError(
+                f"the teacher's output '{self.teacher.info.logits_output}' came out {list(main[0].shape)} for "
+                f"{mask.shape[0]} sequence(s) of {mask.shape[1]} tokens: token-level logits must be [batch, seq, "
+                "vocab] over the input tokens. A classifier: export its logits as [batch, classes]; or choose "
+                "another output with --logits-output"
+            )
         keep = None if mask is None else mask.reshape(-1)
         # [B, S, ...] per-position outputs -> the real positions' rows.
         select = (lambda a: a.reshape(-1, *a.shape[2:])[keep]) if keep is not None else (lambda a: a)
@@ -191,8 +281,13 @@ class ShardRunner:
         else:
             vocab = flat.shape[-1]
             if k > vocab:
+                unseen = (
+                    " (its graph does not fix that axis, so --top-k 0 could not see it and took 32)"
+                    if self.teacher.info.num_classes is None
+                    else ""
+                )
                 raise TeacherError(
-                    f"top_k {k} is larger than the teacher's vocabulary of {vocab}; use --top-k <= {vocab}"
+                    f"top_k {k} is larger than the teacher's vocabulary of {vocab}{unseen}; use --top-k <= {vocab}"
                 )
             # One read of each real position's logits (topk_kernel): padding rows are skipped, nothing is copied.
             top_ids, logp, logz = _kernel_topk(flat, real, k, temperature)

@@ -279,9 +279,14 @@ def _build_custom(
         inspect.signature(builder).bind(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"student builder {target!r} cannot take arguments {sorted(kwargs)}: {exc}") from exc
-    model = builder(**kwargs)
+    try:
+        model = builder(**kwargs)
+    except Exception as exc:  # the user's code: name it, not us
+        raise ConfigError(f"student builder {target!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"student builder {target!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"student builder {target!r} returned a module with no trainable parameters")
     device = next(model.parameters(), torch.empty(0)).device
     if vocab_size is not None:
         ids = torch.zeros(2, 4, dtype=torch.long, device=device)
@@ -305,13 +310,15 @@ def _build_custom(
     model.train(was_training)
     out = _as_output(raw, target)
     width = out.logits.shape[-1]
-    if out.logits.shape[0] != 2 or not (width == num_outputs or (wider_outputs and width > num_outputs)):
+    rank_ok = out.logits.dim() == 2 or (vocab_size is not None and out.logits.dim() == 3)  # vectors: [B, C]
+    if not rank_ok or out.logits.shape[0] != 2 or not (width == num_outputs or (wider_outputs and width > num_outputs)):
         wider = (
             " (a padded vocabulary: pass --truncate-vocab to train on its first logits)" if width > num_outputs else ""
         )
         raise ConfigError(
             f"student {target!r} returned logits of shape {tuple(out.logits.shape)} for a batch of 2; expected "
-            f"[2, {num_outputs}] or [2, S, {num_outputs}] (num_outputs last){wider}"
+            f"[2, {num_outputs}]{'' if vocab_size is None else f' or [2, S, {num_outputs}]'} (num_outputs last)"
+            f"{wider}"
         )
     num_layers = getattr(model, "num_layers", len(out.hidden))
     if num_layers != len(out.hidden):
@@ -339,6 +346,12 @@ def _import_builder(target: str) -> Callable[..., Any]:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import student module {module_name!r} (from {target!r}): {exc}") from exc
+    except ConfigError:
+        raise
+    except Exception as exc:  # the module's own code failed while it was imported
+        raise ConfigError(
+            f"student module {module_name!r} (from {target!r}) raised {type(exc).__name__} while importing: {exc}"
+        ) from exc
     builder = getattr(module, function, None)
     if not callable(builder):
         raise ConfigError(f"student module {module_name!r} has no function {function!r}")

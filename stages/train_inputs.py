@@ -231,6 +231,11 @@ class Inputs:
     def layer_map(self, layers: int) -> list[tuple[int, str]]:
         """(student layer, teacher hidden name) pairs, in student-layer order, for a student of ``layers`` layers."""
         available = sorted(self.caches[0].hidden)
+        if layers == 0:
+            raise ConfigError(
+                f"--method progressive: student {self.config.student!r} returns no hidden states to match the "
+                "teacher's; its forward must return (logits, [hidden, ...]) or a StudentOutput with them"
+            )
         if self.config.layer_map:
             pairs = []
             for item in self.config.layer_map.split(","):
@@ -241,6 +246,9 @@ class Inputs:
                         f"and hidden one of {available}"
                     )
                 pairs.append((int(left), right.strip()))
+            repeated = sorted({layer for layer, _ in pairs if [p[0] for p in pairs].count(layer) > 1})
+            if repeated:
+                raise ConfigError(f"layer_map names student layer(s) {repeated} more than once; give each once")
             return sorted(pairs)
         if len(available) > layers:
             available = available[-layers:]
@@ -286,6 +294,11 @@ class Inputs:
         if caches and not caches[0].format.exact_logp:
             raise CacheError(
                 f"cache {caches[0].key} of {data_path} holds sampled targets; agreement and KL need a top-k cache of it"
+            )
+        if caches and caches[0].num_classes != self.num_outputs:
+            raise CacheError(
+                f"cache {caches[0].key} of {data_path} is of a teacher with {caches[0].num_classes} classes, but the "
+                f"student predicts {self.num_outputs}; give a cache of the training teacher over {data_path}"
             )
         return self.loader(data, caches, shuffle=False, top_k=0)  # held-out KL over every cached id
 

@@ -8,6 +8,7 @@ the final files: weights, the transformers folder, the ONNX export, metrics.json
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ _NOT_COMPARED += ("export_onnx", "cache_dir")  # cache_dir only resolves the cac
 _NOT_COMPARED += ("dist_timeout",)
 
 
+NO_TEST_FIGURES = "no test figures (--test-data, with labels or a --test-cache, gives them)"
+
+
 class RunOutputs:
     """The run directory of one process. Rank 0 alone (``main``) checks, locks, writes and resumes it."""
 
@@ -37,6 +41,7 @@ class RunOutputs:
         self.lock: run_dir.RunLock | None = None
         self._staging: tempfile.TemporaryDirectory | None = None  # where a run bound for an object store trains
         self.rows: run_dir.MetricsLog | None = None  # metrics.csv (and TensorBoard), open from ``start`` on
+        self.new = False  # this process started the run in self.out (not resumed it)
 
     def open(self) -> tuple[bool, bool]:
         """(resuming, replacing) --out. A run on an object store trains in a local staging directory (self.out)
@@ -60,6 +65,11 @@ class RunOutputs:
                 "so there is nothing to resume; train to a local --out to resume runs"
             )
         replace = self.target.exists() and any(self.target.iterdir())
+        if replace and not (self.target / run_dir.CONFIG).is_file():
+            raise ConfigError(
+                f"{self.target} holds files that are not a run (no {run_dir.CONFIG}); --overwrite replaces runs "
+                "only: choose another --out"
+            )
         if replace and not c.overwrite:
             raise ConfigError(
                 f"run directory {self.target} exists and is not empty; choose another --out or pass --overwrite"
@@ -133,6 +143,7 @@ class RunOutputs:
         state = checkpoint.load_last(self.out) if resuming else None
         if not resuming:
             run_dir.write_config(self.out, record)
+            self.new = True
         kept = run_dir.read_rows(self.out)[: state["rows"]] if state else []  # those logged up to the checkpoint
         self.rows = run_dir.MetricsLog(self.out, kept, tensorboard=self.config.tensorboard)
         return state
@@ -154,7 +165,13 @@ class RunOutputs:
         if self._staging is not None:  # the run is complete: upload it, metrics.json last
             storage.upload_tree(self.out, self.target, last=run_dir.METRICS, skip=(run_dir.LOCK,))
         figures = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("test_"))
-        log(f"run saved to {self.target}: {figures or 'no test figures (give --eval-data or --test-data)'}")
+        log(f"run saved to {self.target}: {figures or NO_TEST_FIGURES}")
+
+    def discard(self) -> None:
+        """Remove the run this process started and refused before its first step (closed first): nothing was
+        trained, so nothing is lost, and the same --out takes the corrected command without --overwrite."""
+        if self.main and self.new and isinstance(self.target, Path) and run_dir.is_run(self.out):
+            shutil.rmtree(self.out, ignore_errors=True)
 
     def close(self) -> None:
         """Let go of the run directory (also after a failure: the run is then interrupted, and resumable)."""

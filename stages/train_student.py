@@ -17,6 +17,7 @@ import torch
 
 from stages import distributed
 from stages.config import TrainStudentConfig
+from stages.errors import PipelineError
 from stages.trainer import Trainer
 
 
@@ -30,13 +31,19 @@ def run(config: TrainStudentConfig, progress: bool = True, log=print) -> dict:
     cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     group = distributed.init(config.dist_timeout, backend="nccl" if cuda else "gloo")
     trainer = Trainer(config, progress and (group is None or group.main), log, group)
+    refused_untrained = False
     try:
         distributed.together(group, "setup", trainer.setup)
         with group.collective("training") if group is not None else nullcontext():
             trainer.follow_rank_zero()
             trainer.train()
         metrics = distributed.together(group, "saving the run", trainer.save)
+    except PipelineError:
+        refused_untrained = trainer.step == 0  # a check that fails at the first batch leaves no run behind
+        raise
     finally:
         trainer.close()
+        if refused_untrained:
+            trainer.outputs.discard()
     distributed.close(group)
     return metrics

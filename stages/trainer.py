@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from stages import checkpoint, distributed, run_dir
 from stages.config import TrainStudentConfig
-from stages.errors import ConfigError
+from stages.errors import ConfigError, TrainingError
 from stages.evaluate import evaluate, flatten
 from stages.loader import StreamingLoader
 from stages.losses import EnsembleKDLoss, KDLoss, cross_entropy_only
@@ -146,6 +146,17 @@ class Trainer:
         """Setup and per-epoch lines: shown with the progress bar, left out by --quiet (the summary line stays)."""
         if self.progress:
             self.log(message)
+
+    def _check_finite(self, parts: dict[str, float], epoch: int) -> None:
+        """Stop at the first NaN or infinite loss: what trains from there is not a student (fp16 excepted: its
+        gradient scaler skips such steps itself)."""
+        bad = {k: v for k, v in parts.items() if not math.isfinite(v)}
+        if bad and self.config.precision != "fp16":
+            raise TrainingError(
+                f"the training loss became {', '.join(f'{k} = {v}' for k, v in bad.items())} at step {self.step + 1} "
+                f"(epoch {epoch}); lower --lr, check --temperature and the student's outputs. The run stops here, "
+                "unfinished"
+            )
 
     def _check_ranks(self) -> None:
         if self.group is None:
@@ -296,6 +307,7 @@ class Trainer:
             scaler.scale(out.total * weight / group).backward()
             done += 1
             if weight:
+                self._check_finite(out.parts, epoch)
                 self.meter.add(out.parts, len(batch.ids), self._positions(batch))
             if done % c.grad_accum and done < batches:
                 continue

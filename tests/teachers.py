@@ -45,19 +45,38 @@ def classifier_weights(features: int, width: int, classes: int, seed: int = 0) -
     }
 
 
-def make_classifier(path: Path, features: int = 8, width: int = 16, classes: int = 10, seed: int = 0) -> dict:
-    """x [B, F] -> relu(x @ w1) named 'hidden' -> @ w2 -> logits [B, C]."""
+def make_classifier(
+    path: Path,
+    features: int = 8,
+    width: int = 16,
+    classes: int = 10,
+    seed: int = 0,
+    *,
+    batch: str | int = "batch",
+    logits_shape: list | None = None,
+) -> dict:
+    """x [B, F] -> relu(x @ w1) named 'hidden' -> @ w2 -> logits [B, C].
+
+    ``batch``: a number fixes the batch axis, as an export without a dynamic batch axis does. ``logits_shape``:
+    what the graph declares for its logits instead of [batch, classes]; of rank 3, the logits get an axis of 1
+    in the middle ([B, 1, C], a classifier exported with a squeezable axis)."""
     w = classifier_weights(features, width, classes, seed)
+    shape = logits_shape or [batch, classes]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["pre"]),
+        helper.make_node("Relu", ["pre"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "w2"], ["logits" if len(shape) == 2 else "flat"]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    if len(shape) == 3:
+        nodes.append(helper.make_node("Unsqueeze", ["flat", "middle"], ["logits"]))
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "middle"))
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["pre"]),
-            helper.make_node("Relu", ["pre"], ["hidden"]),
-            helper.make_node("MatMul", ["hidden", "w2"], ["logits"]),
-        ],
+        nodes,
         "classifier",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        [numpy_helper.from_array(v, k) for k, v in w.items()],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)],
+        inits,
     )
     _save(graph, path)
     return w
@@ -214,6 +233,29 @@ def make_sequence_classifier(path: Path, vocab: int = 50, dim: int = 8, classes:
         ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
+    )
+    _save(graph, path)
+    return w
+
+
+def make_unmasked_pooler(path: Path, vocab: int = 50, dim: int = 8, classes: int = 4, seed: int = 0) -> dict:
+    """input_ids [B, S] alone -> the mean of the embeddings over all S -> logits [B, C]. With no attention_mask
+    input it cannot tell padding from tokens: a padded row's logits differ from the row run alone."""
+    rng = np.random.default_rng(seed)
+    w = {
+        "emb": rng.normal(0, 1, (vocab, dim)).astype(np.float32),
+        "head": rng.normal(0, 1, (dim, classes)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "input_ids"], ["embed"]),
+            helper.make_node("ReduceMean", ["embed"], ["pooled"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "head"], ["logits"]),
+        ],
+        "unmasked_pooler",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(v, k) for k, v in w.items()],
     )
     _save(graph, path)
     return w

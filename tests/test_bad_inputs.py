@@ -210,7 +210,149 @@ def unknown_config_key(base, tmp):
     return ["train-student", "--config", tmp / "run.toml", "--out", tmp / "run"], ["unknown key 'learning_rate'"]
 
 
+def _cache_teacher(tmp, teacher, data, *extra) -> list:
+    return ["cache-teacher", "--teacher", teacher, "--data", data, "--cache-dir", tmp / "c", "--quiet", *extra]
+
+
+def _token_rows(tmp, rows: dict) -> Path:
+    """A token dataset from {column: [row lists]} (ids 0..n-1)."""
+    n = len(next(iter(rows.values())))
+    pq.write_table(pa.table({"id": np.arange(n)} | rows), tmp / "rows.parquet")
+    return tmp / "rows.parquet"
+
+
+def ragged_feature_rows(base, tmp):
+    table = pq.read_table(base["vec"]).to_pydict()
+    table["x"][3] = table["x"][3][:5]  # a classifier's feature vector cannot be padded: the teacher would see zeros
+    pq.write_table(pa.table(table), tmp / "ragged.parquet")
+    return _cache_teacher(tmp, base["clf"], tmp / "ragged.parquet"), ["row 3", "holds 5 values", "'x' is ['batch', 8]"]
+
+
+def null_inside_a_feature_row(base, tmp):
+    table = pq.read_table(base["vec"]).to_pydict()
+    table["x"][2][4] = None
+    pq.write_table(pa.table(table), tmp / "null.parquet")
+    return _cache_teacher(tmp, base["clf"], tmp / "null.parquet"), ["column 'x'", "1 null value(s) inside its rows"]
+
+
+def classifier_logits_with_an_axis_of_one(base, tmp):
+    teachers.make_classifier(tmp / "b1c.onnx", classes=CLASSES, logits_shape=["batch", 1, CLASSES])
+    return _cache_teacher(tmp, tmp / "b1c.onnx", base["vec"]), ["came out [", ", 1, 10]", "[batch, classes]"]
+
+
+def negative_token_id(base, tmp):
+    data = _token_rows(tmp, {"input_ids": [[3, 4, 5], [1, -1]]})
+    return _cache_teacher(tmp, base["tok"], data), ["negative token id", "-1"]
+
+
+def fractional_token_ids(base, tmp):
+    data = _token_rows(tmp, {"input_ids": [[3.0, 4.0], [1.5, 2.0]]})
+    return _cache_teacher(tmp, base["tok"], data), ["column 'input_ids' holds", "1.5", "whole numbers"]
+
+
+def attention_mask_of_another_length(base, tmp):
+    data = _token_rows(tmp, {"input_ids": [[3, 4, 5], [1, 2]], "attention_mask": [[1, 1], [1, 1]]})
+    return _cache_teacher(tmp, base["tok"], data), ["row 0 (id 0)", "attention_mask [1, 1]", "3 tokens"]
+
+
+def left_padded_attention_mask(base, tmp):
+    data = _token_rows(tmp, {"input_ids": [[3, 4, 5], [0, 0, 2]], "attention_mask": [[1, 1, 1], [0, 0, 1]]})
+    return _cache_teacher(tmp, base["tok"], data), ["row 1 (id 1)", "1s then 0s", "unpadded"]
+
+
+def infinite_temperature(base, tmp):
+    return _cache_teacher(tmp, base["clf"], base["vec"], "--temperature", "inf"), ["temperature: inf", "[0.001, 1000]"]
+
+
+def default_top_k_on_a_small_dynamic_vocabulary(base, tmp):
+    teachers.make_classifier(tmp / "dyn.onnx", classes=5, logits_shape=["batch", "classes"])
+    return _cache_teacher(tmp, tmp / "dyn.onnx", base["vec"]), ["vocabulary of 5", "--top-k 0", "--top-k <= 5"]
+
+
+def _student_file(tmp: Path) -> Path:
+    """Students of a user's own module: one whose builder raises, one that predicts NaN."""
+    (tmp / "students.py").write_text(
+        "import torch\n"
+        "def raises(num_outputs, input_dim):\n"
+        "    raise RuntimeError('boom in my builder')\n"
+        "class NaNs(torch.nn.Module):\n"
+        "    def __init__(self, input_dim, num_outputs):\n"
+        "        super().__init__()\n"
+        "        self.linear = torch.nn.Linear(input_dim, num_outputs)\n"
+        "    def forward(self, batch):\n"
+        "        out = self.linear(batch['x'])\n"
+        "        return out * float('nan') if self.training else out\n"
+        "def nans(num_outputs, input_dim):\n"
+        "    return NaNs(input_dim, num_outputs)\n"
+    )
+    return tmp / "students.py"
+
+
+def absolute_path_of_a_missing_cache(base, tmp):
+    missing = tmp / "no" / "such" / "cache"
+    args = ["--cache", missing, "--cache-dir", base["caches"]]
+    return _train(tmp, base["vec"], *args), [f"no cache matches '{missing}'"]
+
+
+def glob_characters_as_a_cache_key(base, tmp):
+    return ["caches", "show", "**", "--cache-dir", base["caches"]], ["no cache matches '**'"]
+
+
+def empty_sql(base, tmp):
+    return ["query", "  ", "--cache-dir", base["caches"], "--runs-dir", tmp / "runs"], ["the SQL is empty"]
+
+
+def infinite_ensemble_weight(base, tmp):
+    caches = ["--cache", base["vec_cache"], "--cache", base["vec_cache"], "--method", "ensemble"]
+    return _train(tmp, base["vec"], *caches, "--weights", "inf,1"), ["weights: [inf, 1.0]", "finite"]
+
+
+def negative_weight_decay(base, tmp):
+    return _train(tmp, base["vec"], "--alpha", "0", "--weight-decay", "-1"), ["weight_decay: -1.0"]
+
+
+def student_builder_that_raises(base, tmp):
+    student = f"{_student_file(tmp)}:raises"
+    return _train(tmp, base["vec"], "--alpha", "0", "--student", student), ["raised RuntimeError: boom in my builder"]
+
+
+def student_whose_loss_is_nan(base, tmp):
+    student = f"{_student_file(tmp)}:nans"
+    args = ["--cache", base["vec_cache"], "--student", student]
+    return _train(tmp, base["vec"], *args), ["loss became", "nan", "step 1"]
+
+
+def eval_cache_of_a_teacher_with_other_classes(base, tmp):
+    teachers.make_classifier(tmp / "five.onnx", classes=5)
+    five = _ok("cache-teacher", "--teacher", tmp / "five.onnx", "--data", base["vec"], *_at({"caches": tmp / "c5"}))
+    args = ["--cache", base["vec_cache"], "--eval-data", base["vec"], "--eval-cache", five]
+    return _train(tmp, base["vec"], *args), ["teacher with 5 classes", "the student predicts 10"]
+
+
+def resume_of_a_directory_that_is_not_a_run(base, tmp):
+    (tmp / "run").mkdir()
+    return ["train-student", "--resume", "--out", tmp / "run"], ["holds no run to resume"]
+
+
 CASES: list[Callable] = [
+    absolute_path_of_a_missing_cache,
+    glob_characters_as_a_cache_key,
+    empty_sql,
+    infinite_ensemble_weight,
+    negative_weight_decay,
+    student_builder_that_raises,
+    student_whose_loss_is_nan,
+    eval_cache_of_a_teacher_with_other_classes,
+    resume_of_a_directory_that_is_not_a_run,
+    ragged_feature_rows,
+    null_inside_a_feature_row,
+    classifier_logits_with_an_axis_of_one,
+    negative_token_id,
+    fractional_token_ids,
+    attention_mask_of_another_length,
+    left_padded_attention_mask,
+    infinite_temperature,
+    default_top_k_on_a_small_dynamic_vocabulary,
     not_onnx,
     missing_external_data,
     missing_dataset,
@@ -246,7 +388,8 @@ def test_bad_input_is_one_named_error(case, base, tmp_path) -> None:
     assert [line for line in result.output.splitlines() if line.startswith("Error: ")], result.output
     for word in words:
         assert word in result.output, (word, result.output)
-    assert not (tmp_path / "run" / "metrics.json").exists()
+    # A refused train-student leaves no run: the same --out takes the corrected command.
+    assert not (tmp_path / "run" / "config.json").exists()
     assert not list((tmp_path / "c").glob("*/" + fmt.MANIFEST)), "a refused cache-teacher leaves no manifest"
 
 
@@ -280,3 +423,21 @@ def test_disk_full_while_caching_names_what_was_kept(base, tmp_path, monkeypatch
     resumed = _invoke(*args, "--shard-size", "20", "--quiet")
     assert resumed.exit_code == 0, resumed.output
     assert (Path(resumed.stdout.strip().splitlines()[-1]) / fmt.MANIFEST).is_file()
+
+
+def test_overwrite_replaces_runs_only(base, tmp_path) -> None:
+    """--overwrite never deletes what is not a run: a cache root, or a folder holding the training data."""
+    shutil.copytree(base["caches"], tmp_path / "caches")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(base["vec"], folder / "vec.parquet")
+    for out, data in ((tmp_path / "caches", base["vec"]), (folder, folder / "vec.parquet")):
+        before = sorted(p.name for p in out.iterdir())
+        args = ["train-student", "--data", data, "--alpha", "0", "--epochs", "1", "--out", out, "--overwrite"]
+        result = _invoke(*args)
+        assert result.exit_code == 1 and "not a run (no config.json)" in result.output, result.output
+        assert sorted(p.name for p in out.iterdir()) == before
+    run = tmp_path / "run"
+    assert _invoke(*_train(tmp_path, base["vec"], "--alpha", "0")).exit_code == 0
+    again = _invoke(*_train(tmp_path, base["vec"], "--alpha", "0", "--overwrite"))
+    assert again.exit_code == 0 and (run / "metrics.json").is_file(), again.output

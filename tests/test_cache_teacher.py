@@ -279,7 +279,7 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
     _assert_fails(_invoke(s, teacher=tmp_path / "junk.onnx"), "not an ONNX model", cache_root=root)
     _assert_fails(_invoke(s, data=tmp_path / "missing.parquet"), "dataset not found", cache_root=root)
     _assert_fails(_invoke(s, "--top-k", "11"), "larger than", "10", cache_root=root)
-    _assert_fails(_invoke(s, "--temperature", "0"), "temperature", "must be > 0", cache_root=root)
+    _assert_fails(_invoke(s, "--temperature", "0"), "temperature", "must be in [0.001, 1000]", cache_root=root)
     _assert_fails(_invoke(s, "--temperature", "-2"), "temperature", cache_root=root)
     _assert_fails(
         _invoke(s, "--hidden", "no_such_tensor"), "no_such_tensor", "not in the teacher graph", cache_root=root
@@ -408,3 +408,46 @@ def test_generated_inputs_for_a_batch() -> None:
     assert made["past.0"].shape == (2, 2, 12, 0, 64)
     assert made["use_cache_branch"].tolist() == [False]
     assert made["token_type_ids"].dtype == np.int32 and not made["token_type_ids"].any()
+
+
+def test_a_teacher_without_an_attention_mask_never_sees_padding(tmp_path) -> None:
+    """A pooling teacher with input_ids alone counts padding as tokens: the pipeline batches such a teacher's
+    sequences by equal length, so each row's targets are those of the row run alone, at any batch size."""
+    weights = teachers.make_unmasked_pooler(tmp_path / "pooler.onnx")
+    seqs = teachers.random_sequences(30, 50, min_len=1, max_len=9, seed=3)
+    data = teachers.write_sequences(tmp_path / "seqs.parquet", seqs)
+    expected = np.stack([teachers.sequence_classifier_forward(weights, s) for s in seqs])
+    for batch in (64, 1):
+        config = CacheTeacherConfig(
+            teacher=str(tmp_path / "pooler.onnx"),
+            data=str(data),
+            cache_dir=str(tmp_path / f"c{batch}"),
+            top_k=4,
+            batch_size=batch,
+        )
+        _check_rows(_read(cache_teacher.run(config, progress=False, log=lambda m: None).path), expected, 4, 1.0)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_a_teacher_with_a_fixed_batch_axis(tmp_path, batch) -> None:
+    """An export without a dynamic batch axis takes exactly that many rows: 30 rows in batches of 7 (the last
+    filled up with copies, their outputs dropped), or one at a time, whatever --batch-size says."""
+    weights = teachers.make_classifier(tmp_path / "fixed.onnx", batch=batch)
+    x = np.random.default_rng(4).normal(size=(30, 8)).astype(np.float32)
+    data = teachers.write_vectors(tmp_path / "x.parquet", x)
+    config = CacheTeacherConfig(
+        teacher=str(tmp_path / "fixed.onnx"), data=str(data), cache_dir=str(tmp_path / "c"), top_k=3, batch_size=64
+    )
+    table = _read(cache_teacher.run(config, progress=False, log=lambda m: None).path)
+    assert table.num_rows == 30
+    _check_rows(table, teachers.classifier_forward(weights, x)[0], 3, 1.0)
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """`pipeline ... | head -1`: the reader leaves early; the command stops as SIGPIPE would stop it, no error."""
+    teachers.make_classifier(tmp_path / "m.onnx")
+    command = [sys.executable, "-m", "pipeline", "inspect-teacher", str(tmp_path / "m.onnx"), "--all"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # closed before the command writes a line: its first write fails
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and stderr == "", stderr

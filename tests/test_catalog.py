@@ -180,10 +180,13 @@ def test_rm_removes_one_cache_only_when_confirmed(world):
 
 
 def test_gc_removes_leftovers_but_not_complete_or_locked_caches(world):
-    stale, busy = world["root"] / ("1" * 16), world["root"] / ("2" * 16)
+    stale, busy, foreign = world["root"] / ("1" * 16), world["root"] / ("2" * 16), world["root"] / ("3" * 16)
     for d in (stale, busy):
         d.mkdir()
+        (d / "request.json").write_text("{}")  # cache-teacher's first file
         (d / "shard-00000.parquet").write_bytes(b"partial")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("named like a key, but not a cache")
     with open(busy / ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a live cache-teacher holds it
         dry = cli(world, "caches", "gc", "--dry-run")
@@ -192,9 +195,11 @@ def test_gc_removes_leftovers_but_not_complete_or_locked_caches(world):
         done = cli(world, "caches", "gc")
     assert done.exit_code == 0, done.output
     assert not stale.exists() and busy.is_dir() and "holds its lock" in done.output
+    assert (foreign / "notes.txt").is_file() and "cache-teacher did not write it" in done.output
     assert world["full"].path.is_dir() and world["top3"].path.is_dir()
     released = cli(world, "caches", "gc")  # the writer is gone: its leftover goes too
     assert "removed" in released.output and not busy.exists()
+    shutil.rmtree(foreign)
     assert "nothing to collect" in cli(world, "caches", "gc").output
 
 

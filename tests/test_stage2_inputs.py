@@ -21,6 +21,7 @@ from pipeline import cli_base
 from pipeline.cli import main
 from stages import train_student
 from stages.students import build_student
+from stages.train_outputs import NO_TEST_FIGURES
 from tests import teachers
 
 ROWS, CLASSES = 120, 6
@@ -371,7 +372,7 @@ def test_quiet_prints_only_the_summary_and_the_run_directory(tmp_path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [str(out)]
-    assert result.stderr.splitlines() == [f"run saved to {out}: no test figures (give --eval-data or --test-data)"]
+    assert result.stderr.splitlines() == [f"run saved to {out}: {NO_TEST_FIGURES}"]
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 4, "the epochs ran; they were not printed"
 
     loud = _cli(

@@ -310,6 +310,9 @@ def test_bad_inputs(classifier_setup, tmp_path) -> None:
     s = classifier_setup
     cache = _cache(s, top_k=3)
     _fails(_invoke(s, tmp_path, "--cache", "ffffffffffff"), "no cache matches 'ffffffffffff'")
+    _fails(_invoke(s, tmp_path, "--cache", ""), "the cache reference is empty")
+    (tmp_path / "not-a-cache").mkdir()
+    _fails(_invoke(s, tmp_path, "--cache", str(tmp_path / "not-a-cache")), "holds no cache", "request.json")
     _fails(_invoke(s, tmp_path, "--cache", str(cache), "--alpha", "1.5"), "alpha: 1.5")
     _fails(_invoke(s, tmp_path, "--cache", str(cache), "--temperature", "-1"), "temperature: -1")
     _fails(_invoke(s, tmp_path, "--cache", str(cache), "--method", "progressive"), "holds none", "--hidden")
@@ -365,7 +368,13 @@ def test_existing_run_directory_is_not_overwritten_silently(classifier_setup, tm
     result = CliRunner().invoke(
         main, ["train-student", "--data", str(classifier_setup["data"]), "--alpha", "0", "--out", str(out), "--quiet"]
     )
-    _fails(result, "exists and is not empty", "--overwrite")
+    _fails(result, "holds files that are not a run", "choose another --out")
+    assert (out / "metrics.json").read_text() == "{}"
+    (out / "config.json").write_text('{"config": {}}')  # a finished run of this pipeline
+    again = CliRunner().invoke(
+        main, ["train-student", "--data", str(classifier_setup["data"]), "--alpha", "0", "--out", str(out), "--quiet"]
+    )
+    _fails(again, "holds a finished run", "--overwrite")
     assert (out / "metrics.json").read_text() == "{}"
 
 
@@ -392,6 +401,7 @@ def test_failed_setup_with_overwrite_keeps_the_old_run(classifier_setup, tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.json").write_text('{"test_accuracy": 0.5}')
+    (out / "config.json").write_text('{"config": {}}')
     result = CliRunner().invoke(
         main,
         [

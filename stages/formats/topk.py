@@ -278,8 +278,9 @@ _ASCENDING_IDS_SQL = "[list_sum(topk_gaps[1:j]) FOR j IN range(1, len(topk_gaps)
 
 
 class TopKFp16(TopK):
-    """Log-probs as float16 (|error| <= 2^-11 |log p|; written PLAIN: DuckDB cannot read BYTE_STREAM_SPLIT
-    float16), ids ascending as gaps with their log-probs in the same order; decoding sorts by log-prob (ties by id).
+    """Log-probs as float16 (|error| <= 2^-11 |log p|, 3 * 2^-11 for an id that rounds level with the top-1 and
+    is stored a step below it; written PLAIN: DuckDB cannot read BYTE_STREAM_SPLIT float16), ids ascending as gaps
+    with their log-probs in the same order; decoding sorts by log-prob (ties by id), the argmax first.
     """
 
     encoding = "fp16"
@@ -288,7 +289,11 @@ class TopKFp16(TopK):
     parquet_options = GAP_OPTIONS
 
     def pack(self, ids: np.ndarray, logp: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        gaps, values = to_gaps(ids, logp.astype(np.float16), valid)
+        values = logp.astype(np.float16)
+        # The top-1 alone keeps its value: an id that rounds level with it (or above) is stored one float16 step
+        # below, so readers, which sort by value and then by id, still put the teacher's argmax first.
+        values[:, 1:] = np.minimum(values[:, 1:], np.nextafter(values[:, :1], np.float16(-np.inf)))
+        gaps, values = to_gaps(ids, values, valid)
         return {"topk_gaps": gaps, "topk_logp": values}
 
     def unpack(
@@ -321,7 +326,9 @@ class TopKInt8(TopK):
     resolution where the probability mass is (the KL an error costs scales with p_i), and few distinct codes
     compress well. Decoding takes u_i = max(1 - c_i / INT8_LEVELS, 1 / (2 INT8_LEVELS)), p_i proportional to u_i^2,
     rescaled so the top-k sums to 1 - tail_mass (the tail stays exact); the top-1's code is 0, so p_1 need not be
-    stored: |sqrt(p_i / p_1) decoded - exact| <= 1 / (2 INT8_LEVELS).
+    stored: |sqrt(p_i / p_1) decoded - exact| <= 1 / (2 INT8_LEVELS). Code 0 is the top-1's alone (another id
+    that would round to 0 gets 1, so within 1 / INT8_LEVELS): the teacher's argmax stays first however close
+    the runner-up.
     Ids are stored in ascending order as gaps from the previous one (small numbers: BYTE_STREAM_SPLIT and zstd
     level 19 shrink them), their codes in the same order; decoding sorts by code, ties by id, so readers get ids
     by descending decoded probability (ids of equal code have equal decoded probability).
@@ -334,7 +341,9 @@ class TopKInt8(TopK):
 
     def pack(self, ids: np.ndarray, logp: np.ndarray, valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
         root = np.exp((logp.astype(np.float64) - logp[:, :1]) / 2)  # sqrt(p_i / p_1) in [0, 1]
-        gaps, codes = to_gaps(ids, np.rint((1 - root) * INT8_LEVELS).astype(np.uint8), valid)
+        codes = np.rint((1 - root) * INT8_LEVELS).astype(np.uint8)
+        codes[:, 1:] = np.maximum(codes[:, 1:], 1)  # code 0 is the top-1's alone: readers put the argmax first
+        gaps, codes = to_gaps(ids, codes, valid)
         return {"topk_gaps": gaps, "topk_q": codes}
 
     def unpack(
