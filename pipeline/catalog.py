@@ -219,8 +219,9 @@ def _key_of(ref: str, keys: set[str]) -> str | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def scan_runs(root: Path | ObjectPath, cache_keys: set[str]) -> list[RunEntry]:
-    """Every directory under ``root`` holding a run's config.json (not looking inside a run for more runs)."""
+def scan_runs(root: Path | ObjectPath, cache_keys: set[str], unreadable: list[str] | None = None) -> list[RunEntry]:
+    """Every directory under ``root`` holding a run's config.json (not looking inside a run for more runs).
+    ``unreadable`` collects, one line each, the run directories left out because their files cannot be read."""
     runs: list[RunEntry] = []
     if not root.is_dir():
         return runs
@@ -232,8 +233,10 @@ def scan_runs(root: Path | ObjectPath, cache_keys: set[str]) -> list[RunEntry]:
         try:
             saved = run_dir.read_config(path)
             metrics = run_dir.read_metrics(path)
-        except (PipelineError, ValueError):
-            continue  # not a run this pipeline wrote: leave it out
+        except (PipelineError, ValueError) as exc:
+            if unreadable is not None:  # not a run this pipeline wrote, or one damaged since: left out, and said
+                unreadable.append(f"{path}: {str(exc).splitlines()[0][:200]}")
+            continue
         config = saved["config"]
         trained = [c["key"] for c in saved.get("caches", []) if isinstance(c, dict) and "key" in c]
         name = path.relative_to(root).as_posix() if path != root else path.name
@@ -351,7 +354,8 @@ class Catalog:
                 root.check_bucket()  # a mistyped bucket is an error, not an empty catalog
         self.caches = scan_caches(self.cache_root)
         keys = {c.key for c in self.caches}
-        self.runs = scan_runs(self.runs_root, keys)
+        self.unreadable_runs: list[str] = []
+        self.runs = scan_runs(self.runs_root, keys, self.unreadable_runs)
         self.con = duckdb.connect()
         uses = [(r.name, k, "train") for r in self.runs for k in r.cache_keys]
         uses += [(r.name, r.eval_cache_key, "eval") for r in self.runs if r.eval_cache_key]

@@ -357,6 +357,8 @@ def runs() -> None:
 def runs_list(cache_dir, runs_dir, out_format) -> None:
     """One row per run: status (complete / running / interrupted) and last step, configuration, final test metrics."""
     catalog = Catalog(cache_dir, runs_dir)
+    for line in catalog.unreadable_runs:
+        log(f"note: left out {line}")
     if not catalog.runs:
         log(
             f"no runs under {catalog.runs_root} "

@@ -233,6 +233,10 @@ def test_run_without_metrics_and_unknown_run(world):
     assert report.exit_code == 1 and "has no metrics.json" in report.output and "--resume" in report.output
     unknown = cli(world, "runs", "compare", "nope")
     assert unknown.exit_code == 1 and "no run 'nope'" in unknown.output
+    (unfinished / "config.json").write_text("{oops")  # damaged: left out of the views, and said so
+    listed = cli(world, "runs", "list", "--format", "csv")
+    assert listed.exit_code == 0 and "exp/unfinished" not in listed.stdout
+    assert f"note: left out {unfinished}: {unfinished / 'config.json'} cannot be read" in listed.stderr
 
 
 def test_query_joins_two_teachers_positions_and_reports_sql_errors(world):
