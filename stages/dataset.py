@@ -278,9 +278,7 @@ def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray
         column = column.combine_chunks()
     if column.null_count:
         raise DatasetError(f"column '{name}' has {column.null_count} null rows; inputs must be present in every row")
-    if not (
-        pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)
-    ):
+    if not any(is_list(column.type) for is_list in _LIST_TYPES):
         return column.to_numpy(zero_copy_only=False)
     values = column
     while any(is_list(values.type) for is_list in _LIST_TYPES):

@@ -170,8 +170,10 @@ class ShardRunner:
                     f"'{inp.name}' is {list(inp.shape)}; give every row {inp.shape[1]} values, or re-export the "
                     "teacher with that axis dynamic"
                 )
+            if not np.issubdtype(inp.dtype, np.integer):
+                continue
             flat = np.concatenate([np.ravel(r) for r in column]) if isinstance(column, list) else column
-            if not np.issubdtype(inp.dtype, np.integer) or not np.issubdtype(flat.dtype, np.number):
+            if not np.issubdtype(flat.dtype, np.number):
                 continue
             if np.issubdtype(flat.dtype, np.floating) and not (np.isfinite(flat) & (flat == np.round(flat))).all():
                 bad = flat[~(np.isfinite(flat) & (flat == np.round(flat)))][0]
@@ -282,7 +284,7 @@ class ShardRunner:
             vocab = flat.shape[-1]
             if k > vocab:
                 unseen = (
-                    " (its graph does not fix that axis, so --top-k 0 could not see it and took 32)"
+                    " (its graph leaves that axis dynamic: it showed only now, at the first batch)"
                     if self.teacher.info.num_classes is None
                     else ""
                 )
