@@ -6,7 +6,8 @@ prefix of the exact log-probabilities is itself an exact top-k cache (log-probs 
 vocabulary; the tail is recomputed as 1 - sum p). Each encoding then writes those positions as one shard with
 the cache's own writer (``stages.cache_format.write_shard``: zstd, the same options), which gives bytes per
 position; its decoded log-probs feed the training loss (``stages.losses.KDLoss``, alpha = 1, T = the cache's)
-against the same student logits, and the relative error is |loss(decoded) - loss(fp32)| / loss(fp32).
+against the same student logits, and the relative error is |loss(decoded) - loss(fp32)| / loss(fp32). *argmax not
+first*: positions whose decoded first id is not the teacher's top-1.
 
 Top-p rows (``--top-p``): with the largest k as the maximum and min_k = 1, each position keeps the smallest prefix
 of its exact top-k whose probability reaches P (``stages.targets.top_p_lengths``), the tail recomputed over the
@@ -119,6 +120,7 @@ def measure(base: dict, logits: torch.Tensor, ks: list[int], workdir: Path) -> l
                     "relative_kd_error": abs(value - reference) / reference,
                     "encoding_kl_mean": float((p * (aligned - by_id(decoded_ids, decoded))).sum(1).mean()),
                     "max_abs_dlogp": float(np.abs(by_id(decoded_ids, decoded) - aligned).max()),
+                    "argmax_displaced": int((decoded_ids[:, 0] != ids[:, 0]).sum()),
                 }
             )
     return results
@@ -169,6 +171,7 @@ def measure_top_p(base: dict, logits: torch.Tensor, k: int, ps: list[float], ref
                     "relative_kd_error": abs(value - reference) / reference,
                     "encoding_kl_mean": float((p_exact * diff).sum(1).mean()),
                     "max_abs_dlogp": float(np.abs(diff).max()),
+                    "argmax_displaced": int((decoded["ids"][:, 0] != out["ids"][:, 0]).sum()),
                 }
             )
     return results
@@ -197,15 +200,15 @@ def main() -> None:
     print(f"{len(base['id'])} positions of cache {args.cache}, V = {base['num_classes']}, T = {base['temperature']:g}")
     print(
         "| k | top-p | mean ids kept | encoding | bytes/position | KD loss | relative KD-loss error "
-        "(vs fp32 top-k) | mean KL(exact‖decoded) | max abs Δlog p |"
+        "(vs fp32 top-k) | mean KL(exact‖decoded) | max abs Δlog p | argmax not first |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         top_p = "-" if r["top_p"] == 1.0 else f"{r['top_p']:g}"
         print(
             f"| {r['k']} | {top_p} | {r['mean_kept']:.1f} | {r['encoding']} | {r['bytes_per_position']:.1f} | "
             f"{r['kd_loss']:.5f} | {r['relative_kd_error']:.2e} | {r['encoding_kl_mean']:.2e} | "
-            f"{r['max_abs_dlogp']:.2e} |"
+            f"{r['max_abs_dlogp']:.2e} | {r['argmax_displaced']} |"
         )
     if args.json:
         args.json.write_text(json.dumps({"positions": len(base["id"]), "results": results}, indent=2) + "\n")
