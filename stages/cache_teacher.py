@@ -228,6 +228,8 @@ def _fill(
     config_record = to_dict(config) | paths | {"num_workers": 1, "worker_index": 0}
     record = {"key": key, "request": request, "shard_size": config.shard_size or _DEFAULT_SHARD[info.kind]}
     shard_size = fmt.claim_json(record | {"config": config_record}, cache_dir / fmt.REQUEST)["shard_size"]
+    if config.shard_size and config.shard_size != shard_size:
+        log(f"note: --shard-size {config.shard_size} ignored: this cache was started with {shard_size} (shards tile)")
     num_shards = max(1, -(-dataset.num_rows // shard_size))
     mine = list(range(worker, num_shards, workers))  # the deal: shard s belongs to worker s % W
     # A shard or manifest torn by a crash is never complete; one worker of several clears only its own shards'.

@@ -24,6 +24,10 @@ def _static(dim) -> bool:
     return isinstance(dim, int) and dim > 0
 
 
+# A log-partition beyond this is no teacher's: float32 logits that large lose every digit of their differences
+# (at 3e38 two logits 1e38 apart sum to probability 2), so the cache would hold wrong probabilities.
+_HUGE_LOGZ = 1e30
+
 # Sampled draws (and logits that are not float32, for the kernel) copy their rows in blocks, so memory does not
 # grow with batch x V; smaller blocks pay torch's per-call overhead (2x the CPU time at 4 MiB than at 16 MiB).
 _DENSE_BLOCK_BYTES = 16 << 20
@@ -302,6 +306,13 @@ class ShardRunner:
         bad = ~np.isfinite(logz) | np.isnan(full_k[1]).any(-1)
         if bad.any():
             raise TeacherError(self._nonfinite_message(bad, mask, ids, idx))
+        huge = np.abs(logz) > _HUGE_LOGZ
+        if huge.any():
+            raise TeacherError(
+                self._nonfinite_message(
+                    huge, mask, ids, idx, f"logits / T beyond {_HUGE_LOGZ:g}, where float32 no longer resolves them"
+                )
+            )
         if not sampled:
             if valid is not None:
                 result["kept"] = valid.sum(-1)
@@ -394,14 +405,16 @@ class ShardRunner:
         return summary
 
     @staticmethod
-    def _nonfinite_message(bad: np.ndarray, mask, ids: pa.Array, idx: np.ndarray) -> str:
+    def _nonfinite_message(
+        bad: np.ndarray, mask, ids: pa.Array, idx: np.ndarray, what: str = "NaN or infinite logits"
+    ) -> str:
         first = int(np.flatnonzero(bad)[0])
         if mask is not None:
             example = int(np.repeat(np.arange(len(idx)), mask.sum(1))[first])
         else:
             example = first
         return (
-            f"the teacher produced NaN or infinite logits for id {ids[int(idx[example])].as_py()} "
+            f"the teacher produced {what} for id {ids[int(idx[example])].as_py()} "
             f"({int(bad.sum())} position(s) in this batch). "
             "Check the model and its input values; nothing was cached for this shard."
         )

@@ -337,7 +337,7 @@ class Teacher:
         # ORT's idle workers spin after each run by default, on the cores the host kernel needs next: without the
         # spin the kernel took 0.67x the time and the teacher's own runs no longer (V = 50,257, 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors reach the user through the exception each raises, once
         # The session is built from bytes (the graph we hashed, or its modified copy), so ORT cannot know where
         # the model lives; external-data locations are relative to the model's folder, whatever the cwd.
         options.add_session_config_entry(
@@ -372,4 +372,10 @@ class Teacher:
             return self.session.run(names, feeds)
         except Exception as exc:  # ORT's shape/type failures; name the teacher and the inputs
             shapes = {k: (v.shape, str(v.dtype)) for k, v in feeds.items()}
-            raise TeacherError(f"teacher failed on inputs {shapes}: {exc}") from exc
+            text = str(exc).strip()
+            if "input_ids" in feeds and "out of" in text and "bound" in text:  # Gather past the embedding table
+                text += (
+                    f" (the largest token id in this batch is {int(feeds['input_ids'].max())}: token ids must be "
+                    "below the teacher's vocabulary size; was the data tokenised with the teacher's tokenizer?)"
+                )
+            raise TeacherError(f"teacher failed on inputs {shapes}: {text}") from exc

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -245,6 +246,11 @@ def negative_token_id(base, tmp):
     return _cache_teacher(tmp, base["tok"], data), ["negative token id", "-1"]
 
 
+def token_id_beyond_the_vocabulary(base, tmp):
+    data = _token_rows(tmp, {"input_ids": [[3, 4, 5], [1, 60]]})  # the teacher's vocabulary is 50
+    return _cache_teacher(tmp, base["tok"], data), ["largest token id in this batch is 60", "teacher's tokenizer"]
+
+
 def fractional_token_ids(base, tmp):
     data = _token_rows(tmp, {"input_ids": [[3.0, 4.0], [1.5, 2.0]]})
     return _cache_teacher(tmp, base["tok"], data), ["column 'input_ids' holds", "1.5", "whole numbers"]
@@ -335,7 +341,32 @@ def resume_of_a_directory_that_is_not_a_run(base, tmp):
     return ["train-student", "--resume", "--out", tmp / "run"], ["holds no run to resume"]
 
 
+def logits_too_large_for_float32(base, tmp):
+    """Logits near float32's maximum: finite, but 1e38 apart they sum to probability 2 (no teacher gives them)."""
+    scale = onnx.numpy_helper.from_array(np.array([3e38, 3e38, 2e38], np.float32), "scale")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+            onnx.helper.make_node("Mul", ["s", "zero"], ["z"]),
+            onnx.helper.make_node("Add", ["z", "scale"], ["logits"]),
+        ],
+        "huge",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 3])],
+        [
+            scale,
+            onnx.numpy_helper.from_array(np.array([1], np.int64), "axes"),
+            onnx.numpy_helper.from_array(np.array(0, np.float32), "zero"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", teachers.OPSET)])
+    model.ir_version = teachers.IR_VERSION
+    onnx.save(model, tmp / "huge.onnx")
+    return _cache_teacher(tmp, tmp / "huge.onnx", base["vec"]), ["logits / T beyond 1e+30", "id 0"]
+
+
 CASES: list[Callable] = [
+    logits_too_large_for_float32,
     absolute_path_of_a_missing_cache,
     glob_characters_as_a_cache_key,
     empty_sql,
@@ -349,6 +380,7 @@ CASES: list[Callable] = [
     null_inside_a_feature_row,
     classifier_logits_with_an_axis_of_one,
     negative_token_id,
+    token_id_beyond_the_vocabulary,
     fractional_token_ids,
     attention_mask_of_another_length,
     left_padded_attention_mask,

@@ -349,6 +349,22 @@ def test_a_cache_being_written_is_refused_while_its_lock_is_held(classifier_setu
     assert not _run(classifier_setup, top_k=2).hit  # the lock released: it completes from the journal
 
 
+def test_a_resume_keeps_the_first_shard_size_and_says_so(classifier_setup) -> None:
+    first = _run(classifier_setup, top_k=2, shard_size=64)
+    (first.path / fmt.MANIFEST).unlink()  # interrupted before its manifest: the next run resumes it
+    said = []
+    config = CacheTeacherConfig(
+        teacher=str(classifier_setup["teacher"]),
+        data=str(classifier_setup["data"]),
+        cache_dir=str(classifier_setup["cache_dir"]),
+        top_k=2,
+        shard_size=32,
+    )
+    resumed = cache_teacher.run(config, progress=False, log=said.append)
+    assert resumed.path == first.path and len(resumed.manifest["shards"]) == len(first.manifest["shards"])
+    assert any("--shard-size 32 ignored: this cache was started with 64" in line for line in said), said
+
+
 def test_sequence_classifier_over_unpadded_token_inputs(tmp_path) -> None:
     # A sentence classifier (e.g. MiniLM + head): ragged token inputs are padded per batch, one row per example.
     weights = teachers.make_sequence_classifier(tmp_path / "seqclf.onnx")
