@@ -269,6 +269,10 @@ class TrainStudentConfig:
             out.append(
                 f"cache: {len(self.cache)} caches given with --method kd; use --method ensemble for several teachers"
             )
+        if self.method != "ensemble" and self.weights:
+            out.append(f"weights: given with --method {self.method}; they weigh the caches of --method ensemble")
+        if self.method != "progressive" and self.layer_map:
+            out.append(f"layer_map: given with --method {self.method}; only --method progressive uses it")
         if self.method == "ensemble" and self.weights and len(self.weights) != len(self.cache):
             out.append(f"weights: {len(self.weights)} weights for {len(self.cache)} caches; give one per cache")
         if not all(0 < w < math.inf for w in self.weights):

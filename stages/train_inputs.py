@@ -49,6 +49,12 @@ class Inputs:
         self.num_outputs = self.caches[0].num_classes if self.caches else self._count_outputs()
         if not self.token_level:
             self.check_label_range(self.data)
+        cached_at = sorted({cache.temperature for cache in self.caches})
+        if not c.temperature and len(cached_at) > 1:
+            raise ConfigError(
+                f"the caches were made at different temperatures {cached_at}, so there is no one cache T to train "
+                "at: give --temperature"
+            )
         self.temperature = c.temperature or (self.caches[0].temperature if self.caches else 1.0)
 
     def open_cache(self, ref: str, data: Dataset) -> fmt.Cache:

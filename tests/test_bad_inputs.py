@@ -336,6 +336,21 @@ def eval_cache_of_a_teacher_with_other_classes(base, tmp):
     return _train(tmp, base["vec"], *args), ["teacher with 5 classes", "the student predicts 10"]
 
 
+def weights_without_an_ensemble(base, tmp):
+    return _train(tmp, base["vec"], "--cache", base["vec_cache"], "--weights", "2"), ["weights: given with --method kd"]
+
+
+def layer_map_without_progressive(base, tmp):
+    args = ["--cache", base["vec_cache"], "--layer-map", "0=hidden"]
+    return _train(tmp, base["vec"], *args), ["layer_map: given with --method kd"]
+
+
+def ensemble_of_caches_at_other_temperatures(base, tmp):
+    hot = _ok("cache-teacher", "--teacher", base["clf"], "--data", base["vec"], "--temperature", "2", *_at(base))
+    args = ["--cache", base["vec_cache"], "--cache", hot, "--method", "ensemble"]
+    return _train(tmp, base["vec"], *args), ["different temperatures [1.0, 2.0]", "give --temperature"]
+
+
 def resume_of_a_directory_that_is_not_a_run(base, tmp):
     (tmp / "run").mkdir()
     return ["train-student", "--resume", "--out", tmp / "run"], ["holds no run to resume"]
@@ -376,6 +391,9 @@ CASES: list[Callable] = [
     student_whose_loss_is_nan,
     eval_cache_of_a_teacher_with_other_classes,
     resume_of_a_directory_that_is_not_a_run,
+    weights_without_an_ensemble,
+    layer_map_without_progressive,
+    ensemble_of_caches_at_other_temperatures,
     ragged_feature_rows,
     null_inside_a_feature_row,
     classifier_logits_with_an_axis_of_one,
