@@ -103,6 +103,8 @@ def test_caches_list_says_why_a_cache_is_unreadable_or_short_of_shards(world):
     assert "unreadable" in line and "manifest.json was changed after" in line
     verify = cli(world, "caches", "verify", world["full"].path.name).output
     assert full["problem"] in verify  # the same words as verify's, which goes on to the fix
+    missing = cli(world, "caches", "verify", world["top3"].path.name).output
+    assert f"shard-00000.parquet is missing. Remove the cache (pipeline caches rm {world['top3'].path.name})" in missing
 
 
 def test_caches_show_statistics_agree_with_the_shards_and_the_probe(world):

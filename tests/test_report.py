@@ -102,6 +102,8 @@ def test_report_without_labels_or_caches_explains_what_it_skipped(classifier_set
     result = _report(s, runs, tmp_path / "a", "teacher-only")
     assert result.exit_code == 0, result.output
     page = (tmp_path / "a" / "report.md").read_text()
+    table = page[page.index("| run |") :].split("\n\n")[0].splitlines()  # no final metrics: 7 columns
+    assert {line.count("|") for line in table} == {8}, table
     assert "Reliability diagram skipped" in page and "has no label column" in page
     assert not (tmp_path / "a" / "reliability.png").exists()
     assert "all 300 positions have tail mass 0" not in page  # said on the plot, not the page
