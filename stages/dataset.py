@@ -266,9 +266,6 @@ def sha256_file(path: Path | ObjectPath) -> str:
     return h.hexdigest()
 
 
-_LIST_TYPES = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list)
-
-
 def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray | list[np.ndarray]:
     """A list column as one dense array [rows, ...] when every row has the same shape, else a list of arrays.
 
@@ -278,17 +275,18 @@ def column_to_array(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray
         column = column.combine_chunks()
     if column.null_count:
         raise DatasetError(f"column '{name}' has {column.null_count} null rows; inputs must be present in every row")
-    if not any(is_list(column.type) for is_list in _LIST_TYPES):
+    depth = _depth(column.type)
+    if not depth:
         return column.to_numpy(zero_copy_only=False)
     values = column
-    while any(is_list(values.type) for is_list in _LIST_TYPES):
+    for _ in range(depth):
         values = values.flatten()
     if values.null_count:
         raise DatasetError(
             f"column '{name}' has {values.null_count} null value(s) inside its rows; inputs must be complete "
             "(fill or drop those rows)"
         )
-    rows = column.to_pylist() if _depth(column.type) > 1 else None
+    rows = column.to_pylist() if depth > 1 else None
     if rows is not None:
         try:
             arrays = [np.asarray(r) for r in rows]

@@ -93,9 +93,8 @@ def check_out(path: Path, overwrite: bool, resume: bool) -> bool:
         raise ConfigError(f"run directory {path} is being trained by another process right now; wait or stop it")
     if resume and not (used and is_run(path)):
         raise ConfigError(f"--resume: {path} holds no run to resume; drop --resume to start one there")
-    if used and not is_run(path):
-        also = " (--overwrite replaces runs only, never other files)" if overwrite else ""
-        raise ConfigError(f"{path} exists and holds files that are not a run (no {CONFIG}){also}; choose another --out")
+    if used:
+        check_is_run(path, overwrite)
     if not used or overwrite:
         return False
     if status(path) == COMPLETE:
@@ -103,6 +102,13 @@ def check_out(path: Path, overwrite: bool, resume: bool) -> bool:
             f"run directory {path} holds a finished run; choose another --out, or pass --overwrite to replace it"
         )
     return True
+
+
+def check_is_run(path, overwrite: bool) -> None:
+    """Refuse a non-empty --out (local or on an object store) that holds no run: --overwrite never replaces it."""
+    if not is_run(path):
+        also = " (--overwrite replaces runs only, never other files)" if overwrite else ""
+        raise ConfigError(f"{path} exists and holds files that are not a run (no {CONFIG}){also}; choose another --out")
 
 
 def check_same_run(path: Path, config: dict, ignore: tuple[str, ...]) -> None:

@@ -16,13 +16,7 @@ from stages.config import CacheTeacherConfig
 from stages.dataset import ID_COLUMN, Dataset, column_to_array, concat_ranges
 from stages.errors import DatasetError, TeacherError
 from stages.formats import by_id, config_format, fixed_list
-from stages.teacher import CLASSIFIER, Teacher, generated_input, is_past
-
-
-def _static(dim) -> bool:
-    """A graph dimension fixed to a number (not a name, not unknown)."""
-    return isinstance(dim, int) and dim > 0
-
+from stages.teacher import CLASSIFIER, Teacher, generated_input, is_past, is_static
 
 # A log-partition beyond this is no teacher's: float32 logits that large lose every digit of their differences
 # (at 3e38 two logits 1e38 apart sum to probability 2), so the cache would hold wrong probabilities.
@@ -47,7 +41,7 @@ class ShardRunner:
         # A graph exported without a dynamic batch axis takes exactly that many rows a call: batches are that
         # size, and a last, shorter one is filled up with copies of its last row whose outputs are dropped.
         batched = [i for i in teacher.info.inputs if i.shape and i.name != "use_cache_branch" and not is_past(i.name)]
-        fixed = {i.shape[0] for i in batched if _static(i.shape[0])}
+        fixed = {i.shape[0] for i in batched if is_static(i.shape[0])}
         self.fixed_batch: int | None = fixed.pop() if len(fixed) == 1 else None
         self._fill = {i.name for i in batched if i.shape[0] == self.fixed_batch}
         self.batch_size = self.fixed_batch or config.batch_size
@@ -163,14 +157,12 @@ class ShardRunner:
             column = arrays.get(inp.name)
             if column is None:
                 continue
-            if isinstance(column, list):
-                lengths = [len(r) for r in column]
-            else:  # one length for all; a classifier's dense rows get _fixed's own check of their whole shape
-                lengths = [column.shape[1]] * len(column) if column.ndim == 2 and self.kind != CLASSIFIER else []
-            if len(inp.shape) == 2 and _static(inp.shape[1]) and any(n != inp.shape[1] for n in lengths):
-                bad = next(i for i, n in enumerate(lengths) if n != inp.shape[1])
+            fixed = inp.shape[1] if len(inp.shape) == 2 and is_static(inp.shape[1]) else None
+            wrong = self._first_of_other_length(column, fixed) if fixed else None
+            if wrong is not None:
+                bad, length = wrong
                 raise DatasetError(
-                    f"{row(bad)}: column '{inp.name}' holds {lengths[bad]} values, but the teacher's input "
+                    f"{row(bad)}: column '{inp.name}' holds {length} values, but the teacher's input "
                     f"'{inp.name}' is {list(inp.shape)}; give every row {inp.shape[1]} values, or re-export the "
                     "teacher with that axis dynamic"
                 )
@@ -179,8 +171,9 @@ class ShardRunner:
             flat = np.concatenate([np.ravel(r) for r in column]) if isinstance(column, list) else column
             if not np.issubdtype(flat.dtype, np.number):
                 continue
-            if np.issubdtype(flat.dtype, np.floating) and not (np.isfinite(flat) & (flat == np.round(flat))).all():
-                bad = flat[~(np.isfinite(flat) & (flat == np.round(flat)))][0]
+            whole = np.isfinite(flat) & (flat == np.round(flat)) if np.issubdtype(flat.dtype, np.floating) else None
+            if whole is not None and not whole.all():
+                bad = flat[~whole][0]
                 raise DatasetError(
                     f"column '{inp.name}' holds {bad!r}, but the teacher's input '{inp.name}' takes whole numbers "
                     f"({np.dtype(inp.dtype).name}); store integers (an integer column)"
@@ -204,6 +197,15 @@ class ShardRunner:
                     "an attention_mask column (the pipeline pads and masks them itself), or right-padded"
                 )
 
+    def _first_of_other_length(self, column, width: int) -> tuple[int, int] | None:
+        """(row, its length) of the first row of ``column`` whose length is not ``width``; None when all have it."""
+        if isinstance(column, list):
+            return next(((i, len(r)) for i, r in enumerate(column) if len(r) != width), None)
+        # One length for all rows; a classifier's dense rows get _fixed's own check of their whole shape.
+        if column.ndim == 2 and self.kind != CLASSIFIER and len(column) and column.shape[1] != width:
+            return 0, column.shape[1]
+        return None
+
     @staticmethod
     def _fixed(column, idx: np.ndarray, inp) -> np.ndarray:
         if isinstance(column, list):
@@ -216,7 +218,7 @@ class ShardRunner:
             batch = np.stack([column[i] for i in idx])
         else:
             batch = column[idx]
-        expected = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape[1:])
+        expected = tuple(d if is_static(d) else None for d in inp.shape[1:])
         got = batch.shape[1:]
         if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got)):
             raise DatasetError(

@@ -145,6 +145,11 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple:
     return tuple(dims)
 
 
+def is_static(dim) -> bool:
+    """A graph dimension fixed to a number (not a name, not unknown)."""
+    return isinstance(dim, int) and dim > 0
+
+
 def is_past(name: str) -> bool:
     """A key/value-cache input of a decoder exported with its cache (``past_key_values.0.key``, ``past.0``)."""
     return name.startswith(("past_key_values", "past.", "past_"))
@@ -171,8 +176,8 @@ def generated_input(inp: TeacherInput, mask: np.ndarray) -> np.ndarray:
     if inp.name == "position_ids":
         return np.where(mask > 0, np.cumsum(mask, axis=1) - 1, 0).astype(inp.dtype)
     if inp.name == "use_cache_branch":
-        return np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in inp.shape], dtype=inp.dtype)
-    dynamic = [i for i, d in enumerate(inp.shape) if not (isinstance(d, int) and d > 0)]
+        return np.zeros([d if is_static(d) else 1 for d in inp.shape], dtype=inp.dtype)
+    dynamic = [i for i, d in enumerate(inp.shape) if not is_static(d)]
     shape = [d if i not in dynamic else (batch if i == dynamic[0] else 0) for i, d in enumerate(inp.shape)]
     return np.zeros(shape, dtype=inp.dtype)
 

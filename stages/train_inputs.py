@@ -252,7 +252,8 @@ class Inputs:
                         f"and hidden one of {available}"
                     )
                 pairs.append((int(left), right.strip()))
-            repeated = sorted({layer for layer, _ in pairs if [p[0] for p in pairs].count(layer) > 1})
+            layers_named = [layer for layer, _ in pairs]
+            repeated = sorted({layer for layer in layers_named if layers_named.count(layer) > 1})
             if repeated:
                 raise ConfigError(f"layer_map names student layer(s) {repeated} more than once; give each once")
             return sorted(pairs)

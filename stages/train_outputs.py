@@ -65,11 +65,8 @@ class RunOutputs:
                 "so there is nothing to resume; train to a local --out to resume runs"
             )
         replace = self.target.exists() and any(self.target.iterdir())
-        if replace and not (self.target / run_dir.CONFIG).is_file():
-            raise ConfigError(
-                f"{self.target} holds files that are not a run (no {run_dir.CONFIG}); --overwrite replaces runs "
-                "only: choose another --out"
-            )
+        if replace:
+            run_dir.check_is_run(self.target, c.overwrite)
         if replace and not c.overwrite:
             raise ConfigError(
                 f"run directory {self.target} exists and is not empty; choose another --out or pass --overwrite"

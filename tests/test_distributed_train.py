@@ -99,7 +99,7 @@ def test_a_failure_on_one_rank_fails_every_rank(kd_setup) -> None:
     (s["tmp"] / "taken" / "notes.txt").write_text("someone else's")  # only rank 0 looks at --out
     failed = _torchrun(_options(s, s["tmp"] / "taken", batch_size=32))
     assert failed.returncode != 0
-    assert "run directory" in failed.stderr and "exists and is not empty" in failed.stderr
+    assert "taken exists and holds files that are not a run" in failed.stderr
     assert "rank 0 failed in setup, so every rank stops" in failed.stderr
     assert (s["tmp"] / "taken" / "notes.txt").read_text() == "someone else's"
 
