@@ -173,14 +173,14 @@ class ShardRunner:
                 continue
             whole = np.isfinite(flat) & (flat == np.round(flat)) if np.issubdtype(flat.dtype, np.floating) else None
             if whole is not None and not whole.all():
-                bad = flat[~whole][0]
+                bad = flat[~whole][0].item()
                 raise DatasetError(
                     f"column '{inp.name}' holds {bad!r}, but the teacher's input '{inp.name}' takes whole numbers "
                     f"({np.dtype(inp.dtype).name}); store integers (an integer column)"
                 )
             if inp.name == "input_ids" and flat.size and flat.min() < 0:
                 raise DatasetError(
-                    f"column 'input_ids' holds the negative token id {flat.min()!r}; token ids are >= 0 (the "
+                    f"column 'input_ids' holds the negative token id {flat.min().item()}; token ids are >= 0 (the "
                     "pipeline pads and masks sequences itself: store each one unpadded)"
                 )
         mask, tokens = arrays.get("attention_mask"), arrays.get("input_ids")
